@@ -1,0 +1,171 @@
+"""Typed, frozen compile options (no option dicts), built by the CLI from flags or a TOML file."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from edgeq.errors import OptionError
+
+RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+@dataclass(frozen=True)
+class TensorOverride:
+    """One entry of ONNX Runtime's TensorQuantOverrides: how one tensor is quantized."""
+
+    dtype: str | None = None            # int8/uint8/int16/uint16/int4/uint4
+    symmetric: bool | None = None
+    scale: float | None = None          # with zero_point: fixed quantization parameters
+    zero_point: int | None = None
+    rmin: float | None = None           # range override
+    rmax: float | None = None
+    axis: int | None = None
+
+
+_ORT_QUANT_TYPES = {"QInt8": "int8", "QUInt8": "uint8", "QInt16": "int16", "QUInt16": "uint16",
+                    "QInt4": "int4", "QUInt4": "uint4"}
+
+
+@dataclass(frozen=True)
+class PrecisionOverrides:
+    """Which ops stay high precision, by name, regex or op type, plus per-tensor overrides."""
+
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_regex: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    tensors: tuple[tuple[str, TensorOverride], ...] = ()
+
+    def excludes(self, op_name: str, op_type: str) -> str | None:
+        """The reason an op is excluded, or None."""
+        if op_name in self.exclude_nodes:
+            return "excluded by name"
+        if op_type in self.exclude_op_types:
+            return f"op type {op_type} excluded"
+        for pattern in self.exclude_regex:
+            if re.search(pattern, op_name):
+                return f"name matches /{pattern}/"
+        return None
+
+    def tensor(self, name: str) -> TensorOverride | None:
+        return dict(self.tensors).get(name)
+
+    @staticmethod
+    def read_nodes_to_exclude(path: Path) -> tuple[str, ...]:
+        """ORT's `nodes_to_exclude`: a JSON list of node names, or one name a line."""
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return tuple(line.strip() for line in text.splitlines() if line.strip())
+        if isinstance(data, dict):
+            data = data.get("nodes_to_exclude", [])
+        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+            raise OptionError(f"{path}: expected a JSON list of node names")
+        return tuple(data)
+
+    @staticmethod
+    def read_tensor_overrides(path: Path) -> tuple[tuple[str, TensorOverride], ...]:
+        """ORT's TensorQuantOverrides JSON: {tensor: [{quant_type, symmetric, scale, ...}]}."""
+        try:
+            data = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
+            raise OptionError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict) and "TensorQuantOverrides" in data:
+            data = data["TensorQuantOverrides"]
+        if not isinstance(data, dict):
+            raise OptionError(f"{path}: expected an object mapping tensor names to override lists")
+        out = []
+        for tensor, entries in sorted(data.items()):
+            entry = entries[0] if isinstance(entries, list) and entries else entries
+            if not isinstance(entry, dict):
+                raise OptionError(f"{path}: override of {tensor!r} must be an object or a list of objects")
+            quant_type = entry.get("quant_type")
+            if quant_type is not None and quant_type not in _ORT_QUANT_TYPES:
+                raise OptionError(f"{path}: {tensor!r} has unknown quant_type {quant_type!r}",
+                                  fix=f"use one of {', '.join(_ORT_QUANT_TYPES)}")
+            out.append((tensor, TensorOverride(
+                dtype=_ORT_QUANT_TYPES.get(quant_type) if quant_type else None,
+                symmetric=entry.get("symmetric"),
+                scale=_scalar(entry.get("scale")), zero_point=_scalar(entry.get("zero_point"), int),
+                rmin=_scalar(entry.get("rmin")), rmax=_scalar(entry.get("rmax")), axis=entry.get("axis"))))
+        return tuple(out)
+
+
+def _scalar(value, kind=float):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise OptionError("per-channel scale/zero_point overrides are not supported; give one value")
+        value = value[0]
+    return kind(value)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise OptionError(f"cannot read {path}: {err.strerror}") from None
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    method: RangeMethod = "percentile"
+    percentile: float = 99.999
+    max_samples: int | None = None
+    holdout: int = 2                     # samples set aside to verify the compiled model
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    weights: Literal["int8", "int4"] | None = None          # None: the target's default
+    group: int | None = None                                # block size for int4 (and int8 if set)
+    activations: Literal["int8", "int16", "float"] | None = None
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    overrides: PrecisionOverrides = field(default_factory=PrecisionOverrides)
+    keep_high: int = 0                   # keep the K most sensitive quantized ops high
+    accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
+    quantize_embeddings: bool = True
+    verify: bool = True
+    threads: int = 0                     # ORT intra-op threads for calibration/verification (0: default)
+
+    def __post_init__(self) -> None:
+        if self.weights not in (None, "int8", "int4"):
+            raise OptionError(f"--weights must be int8 or int4, not {self.weights!r}")
+        if self.activations not in (None, "int8", "int16", "float"):
+            raise OptionError(f"--activations must be int8, int16 or float, not {self.activations!r}")
+        if self.group is not None and (self.group < 16 or self.group & (self.group - 1)):
+            raise OptionError(f"--group must be a power of two >= 16, not {self.group}")
+        if self.keep_high < 0:
+            raise OptionError("--keep-high must be >= 0")
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides) -> "CompileOptions":
+        """Options from a TOML file ([compile], [calibration], [precision] tables), then flags."""
+        try:
+            data = tomllib.loads(_read_text(path))
+        except tomllib.TOMLDecodeError as err:
+            raise OptionError(f"{path}: invalid TOML: {err}") from None
+        calib = _typed(CalibrationOptions, data.get("calibration", {}), path)
+        precision = data.get("precision", {})
+        prec = PrecisionOverrides(
+            exclude_nodes=tuple(precision.get("exclude_nodes", ())),
+            exclude_regex=tuple(precision.get("exclude_regex", ())),
+            exclude_op_types=tuple(precision.get("exclude_op_types", ())))
+        base = _typed(cls, {k: v for k, v in data.get("compile", {}).items()}, path,
+                      calibration=calib, overrides=prec)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _typed(cls, table: dict, path: Path, **extra):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise OptionError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    return cls(**table, **extra)

@@ -1,0 +1,204 @@
+"""Transformer structure found by patterns, not by node names.
+
+`find_roles(graph)` labels ops with the role of the block they belong to: LayerNorm (fused
+`LayerNormalization` or decomposed ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div), RMSNorm
+(decomposed Pow/ReduceMean/Add/Sqrt/(Div|Reciprocal)/Mul), softmax, GELU (Erf or Tanh
+formula), SiLU (x*Sigmoid(x)), residual adds, linear layers and activation x activation
+matmuls. It is an analysis: it never mutates the graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from edgeq.ir import Graph, Op, Value
+
+# Ops that only move or reshape data: quantization passes through them unchanged.
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather",
+                           "Identity", "Expand"})
+
+
+class Role(str, Enum):
+    LAYER_NORM = "LayerNorm"
+    RMS_NORM = "RMSNorm"
+    SOFTMAX = "Softmax"
+    GELU = "GELU"
+    SILU = "SiLU"
+    RESIDUAL_ADD = "ResidualAdd"
+    LINEAR = "Linear"
+    ATTENTION_MATMUL = "AttentionMatMul"
+    EMBEDDING = "Embedding"
+
+
+@dataclass
+class Roles:
+    """op -> role, and the blocks found (each a list of ops) per role."""
+
+    of_op: dict[Op, Role] = field(default_factory=dict)
+    blocks: dict[Role, list[list[Op]]] = field(default_factory=lambda: defaultdict(list))
+
+    def role(self, op: Op) -> Role | None:
+        return self.of_op.get(op)
+
+    def add(self, role: Role, ops: list[Op]) -> None:
+        fresh = [op for op in ops if op not in self.of_op]
+        if not fresh:
+            return
+        for op in fresh:
+            self.of_op[op] = role
+        self.blocks[role].append(fresh)
+
+    def counts(self) -> dict[str, int]:
+        return {role.value: len(blocks) for role, blocks in self.blocks.items()}
+
+
+def find_roles(graph: Graph) -> Roles:
+    roles = Roles()
+    order = graph.topo_order()
+    for op in order:
+        if op.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"):
+            roles.add(Role.LAYER_NORM if op.op_type != "SimplifiedLayerNormalization" else Role.RMS_NORM, [op])
+        elif op.op_type == "RMSNormalization":
+            roles.add(Role.RMS_NORM, [op])
+        elif op.op_type == "ReduceMean":
+            _match_norm(graph, op, roles)
+    for op in order:
+        if op.op_type == "Softmax":
+            roles.add(Role.SOFTMAX, [op])
+        elif op.op_type == "Erf":
+            _match_gelu_erf(graph, op, roles)
+        elif op.op_type == "Sigmoid":
+            _match_silu(graph, op, roles)
+        elif op.op_type == "Gelu":
+            roles.add(Role.GELU, [op])
+    for op in order:
+        if op.op_type in ("MatMul", "Gemm"):
+            ins = graph.inputs_of(op)
+            if graph.is_const(ins[1]) or (len(ins) > 1 and _is_const_chain(graph, ins[1])):
+                roles.add(Role.LINEAR, [op])
+            elif not graph.is_const(ins[0]):
+                roles.add(Role.ATTENTION_MATMUL, [op])
+        elif op.op_type == "Gather" and graph.is_const(graph.inputs_of(op)[0]):
+            roles.add(Role.EMBEDDING, [op])
+        elif op.op_type == "Add" and op not in roles.of_op and _is_residual(graph, op):
+            roles.add(Role.RESIDUAL_ADD, [op])
+    return roles
+
+
+def _single_consumer(graph: Graph, value: Value | None, op_type: str) -> Op | None:
+    if value is None:
+        return None
+    readers = graph.consumers(value)
+    return next((r for r in readers if r.op_type == op_type), None)
+
+
+def _out(graph: Graph, op: Op) -> Value:
+    return graph.outputs_of(op)[0]
+
+
+def _match_norm(graph: Graph, reduce: Op, roles: Roles) -> None:
+    """LayerNorm: x -> ReduceMean -> Sub(x, mean) -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Div.
+    RMSNorm:   x -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Div(1, .)|Reciprocal -> Mul(x, .)."""
+    x = graph.inputs_of(reduce)[0]
+    producer = graph.producer(x) if x is not None else None
+    if producer is not None and producer.op_type == "Pow":
+        _match_rms(graph, producer, reduce, roles)
+        return
+    sub = _single_consumer(graph, _out(graph, reduce), "Sub")
+    pow_ = _single_consumer(graph, _out(graph, sub), "Pow") if sub else None
+    mean2 = _single_consumer(graph, _out(graph, pow_), "ReduceMean") if pow_ else None
+    add = _single_consumer(graph, _out(graph, mean2), "Add") if mean2 else None
+    sqrt = _single_consumer(graph, _out(graph, add), "Sqrt") if add else None
+    div = _single_consumer(graph, _out(graph, sqrt), "Div") if sqrt else None
+    if div is None:
+        return
+    ops = [reduce, sub, pow_, mean2, add, sqrt, div]
+    ops += _affine_tail(graph, div)
+    roles.add(Role.LAYER_NORM, ops)
+
+
+def _match_rms(graph: Graph, pow_: Op, reduce: Op, roles: Roles) -> None:
+    add = _single_consumer(graph, _out(graph, reduce), "Add")
+    sqrt = _single_consumer(graph, _out(graph, add), "Sqrt") if add else None
+    inv = None
+    if sqrt is not None:
+        inv = _single_consumer(graph, _out(graph, sqrt), "Reciprocal") or _single_consumer(
+            graph, _out(graph, sqrt), "Div")
+    else:  # x * Rsqrt-free form: Add -> Reciprocal(Sqrt) absent; try Pow(-0.5)
+        inv = _single_consumer(graph, _out(graph, add), "Pow") if add else None
+    if inv is None:
+        return
+    ops = [pow_, reduce, add] + ([sqrt] if sqrt else []) + [inv]
+    scale = _single_consumer(graph, _out(graph, inv), "Mul")
+    if inv.op_type == "Div" and graph.inputs_of(inv)[0] is not None and not graph.is_const(graph.inputs_of(inv)[0]):
+        scale = None  # Div(x, sqrt) form: the Div itself normalises
+    if scale is not None:
+        ops.append(scale)
+        ops += _affine_tail(graph, scale)
+    else:
+        ops += _affine_tail(graph, inv)
+    roles.add(Role.RMS_NORM, ops)
+
+
+def _affine_tail(graph: Graph, op: Op) -> list[Op]:
+    """The gamma Mul and beta Add following a normalisation, when their operands are constant."""
+    tail = []
+    current = op
+    for op_type in ("Mul", "Add"):
+        nxt = _single_consumer(graph, _out(graph, current), op_type)
+        if nxt is None or not any(graph.is_const(v) for v in graph.inputs_of(nxt)):
+            break
+        tail.append(nxt)
+        current = nxt
+    return tail
+
+
+def _match_gelu_erf(graph: Graph, erf: Op, roles: Roles) -> None:
+    """x * 0.5 * (1 + Erf(x / sqrt 2)) in the orders exporters produce."""
+    ops = [erf]
+    div = graph.producer(graph.inputs_of(erf)[0])
+    if div is not None and div.op_type in ("Div", "Mul"):
+        ops.insert(0, div)
+    add = _single_consumer(graph, _out(graph, erf), "Add")
+    if add is None:
+        return
+    ops.append(add)
+    current = add
+    for _ in range(2):
+        mul = _single_consumer(graph, _out(graph, current), "Mul")
+        if mul is None:
+            break
+        ops.append(mul)
+        current = mul
+    roles.add(Role.GELU, ops)
+
+
+def _match_silu(graph: Graph, sigmoid: Op, roles: Roles) -> None:
+    x = graph.inputs_of(sigmoid)[0]
+    mul = _single_consumer(graph, _out(graph, sigmoid), "Mul")
+    if mul is not None and x in graph.inputs_of(mul):
+        roles.add(Role.SILU, [sigmoid, mul])
+
+
+def _is_const_chain(graph: Graph, value: Value | None) -> bool:
+    """A weight reached through data movement (e.g. Transpose of an initializer)."""
+    while value is not None and not graph.is_const(value):
+        producer = graph.producer(value)
+        if producer is None or producer.op_type not in DATA_MOVEMENT:
+            return False
+        value = graph.inputs_of(producer)[0]
+    return value is not None
+
+
+def _is_residual(graph: Graph, add: Op) -> bool:
+    """An Add of two activations where one operand skips over a block (its producer is
+    further up than the other's): the residual stream of a transformer."""
+    ins = graph.inputs_of(add)
+    if len(ins) != 2 or any(v is None or graph.is_const(v) for v in ins):
+        return False
+    a, b = (graph.producer(v) for v in ins)
+    if a is None or b is None:
+        return True
+    return a.op_type != b.op_type or a.op_type in ("Add", "LayerNormalization", "Mul")

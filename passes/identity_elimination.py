@@ -1,0 +1,53 @@
+"""Remove Identity ops (and inference-time Dropout) by rewiring their readers."""
+
+from __future__ import annotations
+
+from edgeq.ir import Graph, Op
+from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.registry import register_pass
+
+
+@register_pass
+class IdentityElimination(Pass):
+    name = "identity-elimination"
+    description = "remove Identity ops and inference-mode Dropout"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        removed = 0
+        for op in graph.topo_order():
+            if self._removable(graph, op) and self._bypass(graph, op):
+                removed += 1
+        return PassResult(graph, removed > 0, {"ops_removed": removed})
+
+    @staticmethod
+    def _removable(graph: Graph, op: Op) -> bool:
+        if op.domain:
+            return False
+        outputs = [v for v in graph.outputs_of(op) if v is not None]
+        if op.op_type == "Identity":
+            return len(outputs) == 1
+        # Dropout is the identity at inference unless training_mode is set or the mask is read.
+        if op.op_type == "Dropout":
+            ins = graph.inputs_of(op)
+            training = ins[2] if len(ins) > 2 else None
+            return len(outputs) == 1 and graph.outputs_of(op)[0] is outputs[0] and training is None
+        return False
+
+    @staticmethod
+    def _bypass(graph: Graph, op: Op) -> bool:
+        source = graph.inputs_of(op)[0]
+        result = graph.outputs_of(op)[0]
+        if graph.is_graph_output(result):
+            if graph.is_graph_output(source) or source in graph.inputs or source.const is not None or source.outer:
+                return False  # the output name must survive and the source can't take it over
+            # The source takes over the output's name so the graph's interface is unchanged.
+            graph.remove_op(op, remove_outputs=False)
+            graph.replace_all_uses(result, source)
+            graph.remove_value(result)
+            graph.rename_value(source, result.name)
+            if result.type is not None:
+                source.type = result.type
+            return True
+        graph.replace_all_uses(result, source)
+        graph.remove_op(op)
+        return True

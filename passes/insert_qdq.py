@@ -1,0 +1,233 @@
+"""Insert QuantizeLinear/DequantizeLinear as ONNX Runtime fuses them into integer kernels.
+
+- Activations: one Q per (source tensor, spec) right after the source; data movement between
+  the source and the quantized op (Reshape, Transpose, ...) is replayed on the integer tensor,
+  so quantization is shared, not repeated; a DQ sits directly before the op (DQ -> MatMul).
+- Weights: stored as integer initializers (no float copy left) with DQ before the op, per
+  tensor, per channel or per block (int4 blocks along K become MatMulNBits in ORT).
+- Embedding tables: Gather on the integer table, then DQ per hidden channel.
+- Gemm/Conv biases: int32 with scale s_x * s_w.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from edgeq.errors import CalibrationError
+from edgeq.ir import Graph, Op, Value
+from edgeq.options import PrecisionOverrides
+from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.quant_math import qparams, quantize_weight
+from edgeq.quant_plan import OpPlan, QuantPlan, quant_source
+from edgeq.registry import register_pass
+from edgeq.targets.base import Granularity, QSpec
+
+CALIBRATION = "calibrate"
+
+
+@register_pass
+class InsertQDQ(Pass):
+    name = "insert-qdq"
+    description = "insert QuantizeLinear/DequantizeLinear pairs and integer weights per the plan"
+
+    def __init__(self, overrides: PrecisionOverrides | None = None):
+        self.overrides = overrides or PrecisionOverrides()
+
+    @classmethod
+    def from_options(cls, options, target) -> "InsertQDQ":
+        return cls(options.overrides)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        ranges = ctx.artifacts.get(CALIBRATION, {})
+        emitter = _Emitter(graph, ranges, self.overrides)
+        for op_plan in plan.ops:
+            emitter.quantize_op(op_plan)
+        if emitter.needs_opset21:
+            _raise_opset(graph, 21)
+        stats = {"activation_quantizers": len(emitter.q_cache), "weights_quantized": emitter.weights,
+                 "weight_bytes_before": emitter.bytes_before, "weight_bytes_after": emitter.bytes_after}
+        return PassResult(graph, bool(plan.ops), stats)
+
+
+def _raise_opset(graph: Graph, version: int) -> None:
+    imports = graph.model.opset_imports
+    key = "" if "" in imports or "ai.onnx" not in imports else "ai.onnx"
+    imports[key] = max(imports.get(key, version), version)
+    graph.model.ir_version = max(graph.model.ir_version, 10)
+
+
+class _Emitter:
+    def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]], overrides: PrecisionOverrides):
+        self.graph = graph
+        self.ranges = ranges
+        self.overrides = overrides
+        self.q_cache: dict[tuple[str, QSpec], tuple[Value, Value, Value]] = {}
+        self.moved_cache: dict[tuple[int, int], Value] = {}
+        self.dq_cache: dict[tuple[int, QSpec], Value] = {}
+        self.weight_cache: dict[tuple[str, QSpec, int], tuple[Value, np.ndarray]] = {}
+        self.needs_opset21 = False
+        self.weights = 0
+        self.bytes_before = 0
+        self.bytes_after = 0
+
+    # ---- ops ---------------------------------------------------------------------------
+    def quantize_op(self, plan: OpPlan) -> None:
+        graph, op = self.graph, plan.op
+        ins = graph.inputs_of(op)
+        weight_scales: dict[int, np.ndarray] = {}
+        act_scales: dict[int, np.ndarray] = {}
+        for slot, spec in plan.activations.items():
+            dq, scale = self.activation(ins[slot], spec, op)
+            graph.set_input(op, slot, dq)
+            act_scales[slot] = scale
+        for slot, spec in plan.weights.items():
+            if op.op_type == "Gather":
+                self.embedding(op, ins[slot], spec)
+                continue
+            channel_axis, k_axis = _weight_axes(op, len(graph.constant(ins[slot]).dims))
+            dq, scale = self.weight(ins[slot], spec, channel_axis, k_axis, op)
+            graph.set_input(op, slot, dq)
+            weight_scales[slot] = scale
+        if plan.bias is not None and 0 in act_scales and 1 in weight_scales:
+            self.bias(op, ins[2], act_scales[0] * weight_scales[1])
+
+    def activation(self, value: Value, spec: QSpec, reader: Op) -> tuple[Value, np.ndarray]:
+        graph = self.graph
+        source, chain = quant_source(graph, value)
+        spec, lo_hi = self._activation_spec(source, spec)
+        key = (source.name, spec)
+        if key not in self.q_cache:
+            scale, zero = qparams(*lo_hi, spec)
+            self._note_dtype(spec)
+            s = graph.add_constant(f"{source.name}_scale", scale)
+            z = graph.add_constant(f"{source.name}_zero_point", zero)
+            producer = graph.producer(source)
+            q_op = graph.add_op("QuantizeLinear", [source, s, z], [f"{source.name}_quantized"],
+                                after=producer, before=None if producer else reader)
+            q_value = graph.outputs_of(q_op)[0]
+            q_value.set_type(spec.elem_type, source.shape)
+            self.q_cache[key] = (q_value, s, z)
+        current, s, z = self.q_cache[key]
+        for mover in chain:  # replay data movement on the integer tensor, once per mover
+            memo = (id(mover), id(current))
+            if memo not in self.moved_cache:
+                others = graph.inputs_of(mover)[1:]
+                clone = graph.add_op(mover.op_type, [current, *others], [f"{graph.outputs_of(mover)[0].name}_q"],
+                                     domain=mover.domain, after=mover)
+                clone.attributes = dict(mover.attributes)
+                out = graph.outputs_of(clone)[0]
+                out.set_type(spec.elem_type, graph.outputs_of(mover)[0].shape)
+                self.moved_cache[memo] = out
+            current = self.moved_cache[memo]
+        dq_key = (id(current), spec)
+        if dq_key not in self.dq_cache:
+            dq_op = graph.add_op("DequantizeLinear", [current, s, z], [f"{value.name}_dequantized"], before=reader)
+            dq_out = graph.outputs_of(dq_op)[0]
+            if value.type is not None:
+                dq_out.type = value.type
+            self.dq_cache[dq_key] = dq_out
+        return self.dq_cache[dq_key], s.const.numpy()
+
+    def _activation_spec(self, source: Value, spec: QSpec) -> tuple[QSpec, tuple[float, float]]:
+        override = self.overrides.tensor(source.name)
+        if override is not None:
+            if override.dtype:
+                spec = spec.replace(dtype=override.dtype, qrange=None)
+            if override.symmetric is not None:
+                spec = spec.replace(symmetric=override.symmetric)
+            if override.scale is not None and override.zero_point is not None:
+                return spec.replace(fixed=(override.scale, override.zero_point)), (0.0, 0.0)
+            if override.rmin is not None and override.rmax is not None:
+                return spec, (override.rmin, override.rmax)
+        if spec.fixed is not None:
+            return spec, (0.0, 0.0)
+        if source.name not in self.ranges:
+            raise CalibrationError(f"no calibration range for tensor {source.name!r}",
+                                   fix="pass calibration data (--calib) or a TensorQuantOverrides range")
+        return spec, self.ranges[source.name]
+
+    def weight(self, value: Value, spec: QSpec, channel_axis: int, k_axis: int, reader: Op
+               ) -> tuple[Value, np.ndarray]:
+        graph = self.graph
+        key = (value.name, spec, channel_axis)
+        if key not in self.weight_cache:
+            tensor = graph.constant(value)
+            if spec.granularity == Granularity.BLOCK:
+                spec = spec.replace(axis=k_axis)
+            q, scale, zero = quantize_weight(tensor.numpy(), spec, channel_axis)
+            self._note_dtype(spec)
+            q_init = graph.add_constant(f"{value.name}_quantized", q)
+            s = graph.add_constant(f"{value.name}_scale", scale)
+            z = graph.add_constant(f"{value.name}_zero_point", zero)
+            attrs = {}
+            if spec.granularity == Granularity.CHANNEL:
+                attrs["axis"] = channel_axis
+            elif spec.granularity == Granularity.BLOCK:
+                attrs.update(axis=k_axis, block_size=int(spec.block_size))
+            dq_op = graph.add_op("DequantizeLinear", [q_init, s, z], [f"{value.name}_dequantized"],
+                                 attrs=attrs, before=reader)
+            dq_out = graph.outputs_of(dq_op)[0]
+            dq_out.set_type(onnx.TensorProto.FLOAT, tensor.dims)
+            self.weights += 1
+            self.bytes_before += tensor.nbytes
+            self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
+            self.weight_cache[key] = (dq_out, scale)
+        return self.weight_cache[key]
+
+    def embedding(self, gather: Op, table: Value, spec: QSpec) -> None:
+        """Gather(int8 table) -> DQ(per hidden channel): only the gathered rows are dequantized."""
+        graph = self.graph
+        tensor = graph.constant(table)
+        q, scale, zero = quantize_weight(tensor.numpy(), spec, channel_axis=-1)
+        self._note_dtype(spec)
+        q_init = graph.add_constant(f"{table.name}_quantized", q)
+        s = graph.add_constant(f"{table.name}_scale", scale)
+        z = graph.add_constant(f"{table.name}_zero_point", zero)
+        ids = graph.inputs_of(gather)[1]
+        out = graph.outputs_of(gather)[0]
+        new_gather = graph.add_op("Gather", [q_init, ids], [f"{out.name}_quantized"], after=gather)
+        new_gather.attributes = dict(gather.attributes)
+        dq = graph.add_op("DequantizeLinear", [graph.outputs_of(new_gather)[0], s, z], [f"{out.name}_dq"],
+                          attrs={"axis": -1}, after=new_gather)
+        dq_out = graph.outputs_of(dq)[0]
+        dq_out.type = out.type
+        _redirect(graph, out, dq_out)
+        self.weights += 1
+        self.bytes_before += tensor.nbytes
+        self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
+
+    def bias(self, op: Op, bias: Value, scale: np.ndarray) -> None:
+        graph = self.graph
+        data = graph.constant(bias).numpy().astype(np.float64)
+        scale = np.broadcast_to(np.asarray(scale, np.float32), data.shape).astype(np.float32)
+        q = np.clip(np.round(data / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        q_init = graph.add_constant(f"{bias.name}_quantized", q)
+        s = graph.add_constant(f"{bias.name}_scale", scale)
+        z = graph.add_constant(f"{bias.name}_zero_point", np.zeros(q.shape, np.int32))
+        dq = graph.add_op("DequantizeLinear", [q_init, s, z], [f"{bias.name}_dequantized"],
+                          attrs={"axis": 0}, before=op)
+        graph.set_input(op, 2, graph.outputs_of(dq)[0])
+
+    def _note_dtype(self, spec: QSpec) -> None:
+        if spec.bits < 8 or spec.bits > 8 or spec.granularity == Granularity.BLOCK:
+            self.needs_opset21 = True
+
+
+def _weight_axes(op: Op, ndim: int) -> tuple[int, int]:
+    """(output-channel axis, reduction axis K) of an op's weight input."""
+    if op.op_type == "Gemm":
+        return (0, 1) if op.attr("transB", 0) else (1, 0)
+    if op.op_type == "Conv":
+        return 0, 1
+    return ndim - 1, ndim - 2  # MatMul: [..., K, N]
+
+
+def _redirect(graph: Graph, old: Value, new: Value) -> None:
+    """Readers of `old` read `new`; a graph output keeps its name."""
+    graph.replace_all_uses(old, new)
+    if graph.is_graph_output(new):
+        name = old.name
+        graph.rename_value(old, graph.unique_name(f"{name}_float"))
+        graph.rename_value(new, name)

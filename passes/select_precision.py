@@ -1,0 +1,113 @@
+"""Decide which ops run in integer on the target and which stay high precision.
+
+An op is quantized when the target has an integer rule for its kind, its inputs are float, its
+role is not one the target keeps high (LayerNorm/RMSNorm, softmax, residual adds, ...) and no
+user override excludes it. Everything else stays high, with the reason recorded for the report.
+"""
+
+from __future__ import annotations
+
+from edgeq.ir import Graph, Op
+from edgeq.options import CompileOptions, PrecisionOverrides
+from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.patterns import Role, find_roles
+from edgeq.quant_plan import OpPlan, QuantPlan, Scheme, is_float
+from edgeq.registry import register_pass
+from edgeq.targets.base import Granularity, Target
+
+PLAN = "select-precision"
+
+
+@register_pass
+class SelectPrecision(Pass):
+    name = PLAN
+    description = "choose the ops that run in integer (target rules, kept-high roles, user overrides)"
+
+    def __init__(self, options: CompileOptions | None = None):
+        self.options = options or CompileOptions()
+
+    @classmethod
+    def from_options(cls, options: CompileOptions, target: Target) -> "SelectPrecision":
+        return cls(options)
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        if ctx.target is None:
+            from edgeq.errors import OptionError
+            raise OptionError("select-precision needs a target in the pass context")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        target = ctx.target
+        scheme = Scheme.resolve(target, self.options)
+        roles = find_roles(graph)
+        plan = QuantPlan(scheme=scheme, roles=roles)
+        for op in graph.topo_order():
+            if not op.name:
+                op.name = graph.unique_op_name(op.op_type)
+            reason = self._reason_kept_high(graph, op, roles.role(op), scheme, target, self.options.overrides)
+            if reason is None:
+                op_plan = self._plan_op(graph, op, scheme)
+                if op_plan.activations or op_plan.weights:
+                    plan.ops.append(op_plan)
+                    continue
+                reason = "nothing to quantize"
+            if reason != "no integer kernel" or op.op_type in _REPORTED_HIGH:
+                plan.kept_high.append((op, reason))
+        ctx.artifacts[PLAN] = plan
+        return PassResult(graph, False, {"ops_quantized": len(plan.ops), "ops_kept_high": len(plan.kept_high)})
+
+    def _reason_kept_high(self, graph: Graph, op: Op, role: Role | None, scheme: Scheme, target: Target,
+                          overrides: PrecisionOverrides) -> str | None:
+        user = overrides.excludes(op.name, op.op_type)
+        if user:
+            return user
+        if role is not None and role.value in target.keep_high:
+            return f"{role.value} stays {target.high_dtype}"
+        rule = scheme.rules.get(op.kind)
+        if rule is None:
+            return "no integer kernel"
+        if op.op_type == "Gather" and (role != Role.EMBEDDING or not self.options.quantize_embeddings):
+            return "not an embedding table"
+        return None
+
+    @staticmethod
+    def _plan_op(graph: Graph, op: Op, scheme: Scheme) -> OpPlan:
+        rule = scheme.rules[op.kind]
+        plan = OpPlan(op)
+        ins = graph.inputs_of(op)
+        for slot, value in enumerate(ins):
+            if value is None:
+                continue
+            tensor = graph.constant(value)
+            if slot in rule.weight_slots and tensor is not None and rule.weight is not None:
+                if tensor.dtype.kind == "f" and _fits_granularity(tensor.dims, rule.weight):
+                    plan.weights[slot] = rule.weight
+            elif tensor is None and slot < len(rule.activations) and rule.activations[slot] is not None:
+                if is_float(value):
+                    plan.activations[slot] = rule.activations[slot]
+        if rule.bias is not None and len(ins) > 2 and ins[2] is not None and plan.weights and \
+                slot_is_const(graph, ins[2]) and 0 in plan.activations:
+            plan.bias = rule.bias
+        # An op of activations only keeps all-or-nothing: a MatMul with one float input stays high.
+        needed = [s for s, v in enumerate(ins) if v is not None and s < len(rule.activations)
+                  and rule.activations[s] is not None and graph.constant(v) is None]
+        if any(s not in plan.activations for s in needed):
+            return OpPlan(op)
+        if op.op_type != "Gather" and rule.weight is not None and any(
+                s in rule.weight_slots and graph.constant(ins[s]) is not None for s in range(len(ins))) \
+                and not plan.weights:
+            return OpPlan(op)
+        return plan
+
+
+def slot_is_const(graph: Graph, value) -> bool:
+    return graph.constant(value) is not None
+
+
+def _fits_granularity(dims: tuple[int, ...], spec) -> bool:
+    if spec.granularity == Granularity.BLOCK:
+        return len(dims) == 2 and dims[(spec.axis or 0) % 2] >= spec.block_size
+    return len(dims) >= 1
+
+
+# Ops worth naming in the report when they stay high although the target has no kernel.
+_REPORTED_HIGH = {"LayerNormalization", "Softmax", "Add", "Mul", "Erf", "Sigmoid", "Div", "ReduceMean"}

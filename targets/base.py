@@ -1,0 +1,214 @@
+"""Targets as data: what a device's integer kernels accept (QSpec, OpRule), what stays in high
+precision, how to execute, and a cost model over target-independent work counts.
+
+Shaped after torchao's quantization specs and torch's backend configs: a target module only
+declares instances of these classes; all logic that reads them is generic (`validate` here,
+the quantization passes elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import onnx
+
+from edgeq.errors import CostModelError, OptionError, ValidationError
+
+if TYPE_CHECKING:
+    from edgeq.ir import Graph
+
+_DTYPES = {
+    "int8": (onnx.TensorProto.INT8, -128, 127),
+    "uint8": (onnx.TensorProto.UINT8, 0, 255),
+    "int16": (onnx.TensorProto.INT16, -32768, 32767),
+    "uint16": (onnx.TensorProto.UINT16, 0, 65535),
+    "int4": (onnx.TensorProto.INT4, -8, 7),
+    "uint4": (onnx.TensorProto.UINT4, 0, 15),
+    "int32": (onnx.TensorProto.INT32, -(2**31), 2**31 - 1),
+}
+if hasattr(onnx.TensorProto, "INT2"):
+    _DTYPES["int2"] = (onnx.TensorProto.INT2, -2, 1)
+    _DTYPES["uint2"] = (onnx.TensorProto.UINT2, 0, 3)
+_DTYPE_OF_ELEM = {elem: name for name, (elem, _, _) in _DTYPES.items()}
+
+
+def dtype_name(elem_type: int) -> str:
+    return _DTYPE_OF_ELEM.get(elem_type) or onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+class Granularity(str, Enum):
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized."""
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    granularity: Granularity = Granularity.TENSOR
+    axis: int | None = None          # channel axis, or the blocked axis for BLOCK
+    block_size: int | None = None
+    qrange: tuple[int, int] | None = None   # narrower than the dtype (e.g. 7-bit weights, -127..127)
+    scale_pow2: bool = False          # scales must be 2^k (shift-only requantization)
+    fixed: tuple[float, int] | None = None  # (scale, zero point) imposed, e.g. softmax output
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise OptionError(f"unknown quantized dtype {self.dtype!r}", fix=f"use one of {', '.join(_DTYPES)}")
+        if self.granularity == Granularity.BLOCK and not self.block_size:
+            raise OptionError("block granularity needs a block_size")
+
+    @property
+    def elem_type(self) -> int:
+        return _DTYPES[self.dtype][0]
+
+    @property
+    def qmin(self) -> int:
+        return self.qrange[0] if self.qrange else _DTYPES[self.dtype][1]
+
+    @property
+    def qmax(self) -> int:
+        return self.qrange[1] if self.qrange else _DTYPES[self.dtype][2]
+
+    @property
+    def bits(self) -> int:
+        return int(math.log2(self.qmax - self.qmin + 1) + 0.5)
+
+    @property
+    def signed(self) -> bool:
+        return self.dtype.startswith("int")
+
+    def replace(self, **changes) -> "QSpec":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        parts = [self.dtype, "sym" if self.symmetric else "asym", self.granularity.value]
+        if self.block_size:
+            parts.append(f"block {self.block_size}")
+        if self.qrange:
+            parts.append(f"range {self.qrange[0]}..{self.qrange[1]}")
+        if self.scale_pow2:
+            parts.append("pow2 scale")
+        if self.fixed:
+            parts.append(f"fixed scale {self.fixed[0]:g}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What the target's integer kernel for one op kind takes: specs per input role."""
+
+    activations: tuple[QSpec | None, ...] = ()  # spec per input slot when that input is an activation
+    weight: QSpec | None = None           # a constant input in `weight_slots`
+    weight_slots: tuple[int, ...] = (1,)
+    bias: QSpec | None = None             # int32 bias of Conv/Gemm, scale = s_x * s_w
+    output: QSpec | None = None           # imposed output spec (e.g. fixed softmax scale)
+    shares_input_qparams: bool = False    # data movement: output keeps the input's quantization
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How ONNX Runtime should run the target's output."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    session_config: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prices of target-independent work counts (qonnx-style keys such as
+    `op_mac_int8_int8`, `weight_bytes`), in `unit`; any count without a price raises."""
+
+    unit: str
+    prices: Mapping[str, float]
+    source: str = ""
+
+    def cost(self, counts: Mapping[str, float]) -> dict[str, float]:
+        missing = sorted(k for k, v in counts.items() if v and k not in self.prices)
+        if missing:
+            raise CostModelError(f"no price for {', '.join(missing)} in this cost model",
+                                 fix="add them to the target's cost model")
+        return {k: v * self.prices[k] for k, v in counts.items() if v}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    ops: Mapping[str, OpRule]                  # op kinds the target runs in integer
+    activation: QSpec                          # default activation spec
+    weight: QSpec                              # default weight spec
+    weight_dtypes: frozenset[str] = frozenset({"int8"})
+    activation_dtypes: frozenset[str] = frozenset({"int8", "uint8"})
+    keep_high: frozenset[str] = frozenset({"LayerNorm", "RMSNorm", "Softmax", "ResidualAdd"})
+    high_dtype: str = "float32"
+    default_pipeline: tuple[str, ...] = ()
+    opset: int = 21
+    execution: Execution = field(default_factory=Execution)
+    cost_model: CostModel | None = None
+    notes: tuple[str, ...] = ()
+
+    def rule(self, op_kind: str) -> OpRule | None:
+        return self.ops.get(op_kind)
+
+
+# ---- validation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    problem: str
+
+
+def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> list[Violation]:
+    """Check every Q/DQ of `graph` against the target's rules."""
+    violations: list[Violation] = []
+    allowed = target.weight_dtypes | target.activation_dtypes | {"int32"}
+    for op in graph.topo_order():
+        if op.op_type not in ("QuantizeLinear", "DequantizeLinear") or op.domain:
+            continue
+        ins = graph.inputs_of(op)
+        zero_point = graph.constant(ins[2]) if len(ins) > 2 and ins[2] is not None else None
+        scale = graph.constant(ins[1])
+        elem = zero_point.elem_type if zero_point is not None else op.attr("output_dtype") or onnx.TensorProto.UINT8
+        if op.op_type == "DequantizeLinear" and graph.constant(ins[0]) is not None:
+            elem = graph.constant(ins[0]).elem_type
+        name = dtype_name(elem)
+        if name not in allowed:
+            violations.append(Violation(op.name, f"dtype {name} is not supported by target {target.name}"))
+        specs = _specs_for(graph, op, target)
+        if scale is not None and any(s.scale_pow2 for s in specs):
+            values = np.asarray(scale.numpy(), dtype=np.float64)
+            if not np.all(np.exp2(np.round(np.log2(values))) == values):
+                violations.append(Violation(op.name, "scale is not a power of two"))
+        if zero_point is not None and any(s.symmetric for s in specs) and np.any(zero_point.numpy().astype(np.int64)):
+            violations.append(Violation(op.name, "zero point is not 0 but the target needs symmetric quantization"))
+    if violations and raise_on_error:
+        first = violations[0]
+        raise ValidationError(f"{len(violations)} violation(s) of target {target.name}; first: "
+                              f"{first.node}: {first.problem}")
+    return violations
+
+
+def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[QSpec]:
+    """The specs that the ops reading this Q/DQ pair's tensor demand."""
+    out = graph.outputs_of(qdq_op)[0]
+    readers = graph.consumers(out) if out is not None else []
+    if qdq_op.op_type == "QuantizeLinear":
+        readers = [r for dq in readers for r in graph.consumers(graph.outputs_of(dq)[0])]
+    specs = []
+    for reader in readers:
+        rule = target.rule(reader.kind)
+        if rule is None:
+            continue
+        specs.extend(s for s in (*rule.activations, rule.weight, rule.output) if s is not None)
+    return specs

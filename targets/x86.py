@@ -1,0 +1,92 @@
+"""x86 CPU targets, executed by ONNX Runtime's CPU provider (MLAS integer GEMMs).
+
+- x86-vnni: AVX-512 VNNI / AVX-VNNI (vpdpbusd: u8 x s8 -> s32 without saturation), U8S8.
+- x86-avx2: no VNNI; vpmaddubsw adds two u8*s8 products into s16 and saturates
+  (255*127*2 = 64770 > 32767), so weights keep 7 bits (-64..63), as ORT's `reduce_range` does.
+- x86-amx: Sapphire Rapids AMX-INT8 tiles for the integer matmuls (MLAS dispatches U8S8 GEMMs to
+  AMX when the CPU has it); BF16 is the declared high precision of the ops kept high.
+"""
+
+from __future__ import annotations
+
+from edgeq.registry import register_target
+from edgeq.targets.base import CostModel, Execution, Granularity, OpRule, QSpec, Target
+
+ACT_U8 = QSpec("uint8", symmetric=False)                    # activations: asymmetric uint8
+ACT_S8 = QSpec("int8", symmetric=True)                      # second activation of act x act matmuls
+W_S8_CHANNEL = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+W_S7_CHANNEL = W_S8_CHANNEL.replace(qrange=(-64, 63))
+EMBEDDING = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+
+
+def _ops(weight: QSpec) -> dict[str, OpRule]:
+    return {
+        # Linear layers and activation x activation matmuls (attention scores, context).
+        "MatMul": OpRule(activations=(ACT_U8, ACT_S8), weight=weight, weight_slots=(1,)),
+        "Gemm": OpRule(activations=(ACT_U8,), weight=weight, weight_slots=(1,),
+                       bias=QSpec("int32", symmetric=True)),
+        "Conv": OpRule(activations=(ACT_U8,), weight=weight, weight_slots=(1,),
+                       bias=QSpec("int32", symmetric=True)),
+        # Embedding tables: int8 rows, gathered, then dequantized.
+        "Gather": OpRule(activations=(), weight=EMBEDDING, weight_slots=(0,)),
+    }
+
+
+# Work-count prices from the MLAS kernels' peak per-core throughput (ops per cycle per core):
+# AVX-512 VNNI vpdpbusd: 64 u8*s8 MACs per instruction; FP32 FMA: 16 MACs per instruction (AVX-512).
+_VNNI_COST = CostModel(
+    unit="cycles per core (peak)",
+    prices={"op_mac_uint8_int8": 1 / 64, "op_mac_float32_float32": 1 / 16,
+            "op_mac_int8_int8": 1 / 64, "op_mac_uint8_uint8": 1 / 64},
+    source="Intel SDM: AVX512_VNNI VPDPBUSD (64 int8 MAC/instr/port), AVX-512 FMA (16 fp32 MAC)")
+
+_PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+_PTQ = _PREPROCESS + ("select-precision", "calibrate", "insert-qdq", "dead-code-elimination",
+                      "topological-sort")
+
+X86_VNNI = register_target(Target(
+    name="x86-vnni",
+    description="x86 CPU with AVX-512 VNNI or AVX-VNNI: U8S8, symmetric per-channel int8 weights",
+    ops=_ops(W_S8_CHANNEL),
+    activation=ACT_U8,
+    weight=W_S8_CHANNEL,
+    weight_dtypes=frozenset({"int8", "int4"}),
+    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
+    default_pipeline=_PTQ,
+    cost_model=_VNNI_COST,
+))
+
+X86_AVX2 = register_target(Target(
+    name="x86-avx2",
+    description="x86 CPU with AVX2 but no VNNI: U8S8 with 7-bit weights against vpmaddubsw saturation",
+    ops=_ops(W_S7_CHANNEL),
+    activation=ACT_U8,
+    weight=W_S7_CHANNEL,
+    weight_dtypes=frozenset({"int8", "int4"}),
+    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
+    default_pipeline=_PTQ,
+    cost_model=CostModel(
+        unit="cycles per core (peak)",
+        prices={"op_mac_uint8_int8": 1 / 32, "op_mac_float32_float32": 1 / 16,
+                "op_mac_int8_int8": 1 / 32, "op_mac_uint8_uint8": 1 / 32},
+        source="Intel SDM: AVX2 VPMADDUBSW+VPMADDWD (32 int8 MAC/instr pair), 2x FMA256 (16 fp32 MAC)"),
+))
+
+X86_AMX = register_target(Target(
+    name="x86-amx",
+    description="x86 CPU with AMX-INT8/BF16 (Sapphire Rapids and later): int8 matmuls on AMX tiles, BF16 high precision",
+    ops=_ops(W_S8_CHANNEL),
+    activation=ACT_U8,
+    weight=W_S8_CHANNEL,
+    weight_dtypes=frozenset({"int8", "int4"}),
+    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
+    high_dtype="bfloat16",
+    default_pipeline=_PTQ,
+    cost_model=CostModel(
+        unit="cycles per core (peak)",
+        prices={"op_mac_uint8_int8": 1 / 1024, "op_mac_float32_float32": 1 / 32,
+                "op_mac_int8_int8": 1 / 1024, "op_mac_uint8_uint8": 1 / 1024, "op_mac_bfloat16_bfloat16": 1 / 512},
+        source="Intel AMX: TDPBUSD 16x64x16 int8 tile op (1024 MAC/cycle/core), TDPBF16PS (512 MAC/cycle/core)"),
+    notes=("ONNX Runtime's CPU provider has no BF16 kernels for LayerNorm/Softmax/Add; ops kept high "
+           "therefore run in float32 under ORT, and BF16 applies where a BF16-capable runtime executes them.",),
+))
