@@ -24,6 +24,9 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.dead_code_elimination",
     "edgeq.passes.identity_elimination",
     "edgeq.passes.topological_sort",
+    "edgeq.passes.select_precision",
+    "edgeq.passes.calibrate",
+    "edgeq.passes.insert_qdq",
 )
 BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86",)
 

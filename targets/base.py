@@ -200,15 +200,39 @@ def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> 
 
 
 def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[QSpec]:
-    """The specs that the ops reading this Q/DQ pair's tensor demand."""
-    out = graph.outputs_of(qdq_op)[0]
-    readers = graph.consumers(out) if out is not None else []
+    """The specs that the ops reading this Q/DQ's tensor demand, by the slot they read it in."""
     if qdq_op.op_type == "QuantizeLinear":
-        readers = [r for dq in readers for r in graph.consumers(graph.outputs_of(dq)[0])]
+        return [spec for dq in _dequantizers_of(graph, graph.outputs_of(qdq_op)[0])
+                for spec in _specs_for(graph, dq, target)]
+    source = graph.inputs_of(qdq_op)[0]
     specs = []
-    for reader in readers:
+    producer = graph.producer(source)
+    if producer is not None and producer.op_type == "Gather" and graph.is_const(graph.inputs_of(producer)[0]):
+        rule = target.rule("Gather")  # embedding: Gather(int table) -> DQ
+        return [rule.weight] if rule is not None and rule.weight is not None else []
+    weight = graph.is_const(source)
+    for reader, slot in graph.uses(graph.outputs_of(qdq_op)[0]):
         rule = target.rule(reader.kind)
         if rule is None:
             continue
-        specs.extend(s for s in (*rule.activations, rule.weight, rule.output) if s is not None)
+        if weight and slot in rule.weight_slots and rule.weight is not None:
+            specs.append(rule.weight)
+        elif not weight and slot < len(rule.activations) and rule.activations[slot] is not None:
+            specs.append(rule.activations[slot])
+        elif weight and rule.bias is not None and slot == 2:
+            specs.append(rule.bias)
     return specs
+
+
+def _dequantizers_of(graph: "Graph", value) -> list:
+    """DequantizeLinear ops reading `value`, directly or through data movement."""
+    found, stack = [], [value]
+    while stack:
+        current = stack.pop()
+        for reader in graph.consumers(current):
+            if reader.op_type == "DequantizeLinear":
+                found.append(reader)
+            elif reader.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                                    "Gather", "Expand", "Identity"):
+                stack.extend(v for v in graph.outputs_of(reader) if v is not None)
+    return found

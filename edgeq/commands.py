@@ -1,0 +1,157 @@
+"""CLI verbs that do the work: compile, eval, estimate, models. Flags -> typed options -> library."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from edgeq.cli import _echo_json, cli
+from edgeq.errors import OptionError
+from edgeq.options import CalibrationOptions, CompileOptions, PrecisionOverrides
+
+
+def _calibration_spec(calib: Path | None, calib_text: Path | None, tokenizer: Path | None, seq_len: int,
+                      samples: int, first_window: int):
+    """What `open_source` takes, from the calibration flags."""
+    if calib is not None and calib_text is not None:
+        raise OptionError("give either --calib or --calib-text, not both")
+    if calib_text is not None:
+        if tokenizer is None:
+            raise OptionError("--calib-text needs --tokenizer tokenizer.json")
+        from edgeq.calib_data import TextWindows
+
+        return TextWindows(text=calib_text, tokenizer=tokenizer, seq_len=seq_len, num_samples=samples,
+                           first_window=first_window)
+    return str(calib) if calib is not None else None
+
+
+_calibration_flags = [
+    click.option("--calib", type=click.Path(path_type=Path),
+                 help="Calibration data: a directory of .npz (one sample each) or one .npz with a sample axis."),
+    click.option("--calib-text", type=click.Path(path_type=Path), help="Text file to calibrate a language model."),
+    click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json for --calib-text."),
+    click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per text window."),
+    click.option("--samples", type=int, default=16, show_default=True, help="Text windows to use."),
+    click.option("--first-window", type=int, default=0, show_default=True,
+                 help="Index of the first text window (keep calibration apart from evaluation)."),
+]
+
+
+def _with_flags(flags):
+    def decorate(fn):
+        for flag in reversed(flags):
+            fn = flag(fn)
+        return fn
+    return decorate
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", "target_name", required=True, help="Target name (see `edgeq targets`).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@_with_flags(_calibration_flags)
+@click.option("--weights", type=click.Choice(["int8", "int4"]), help="Weight precision (default: target's).")
+@click.option("--group", type=int, help="Block size for block-wise weights (int4 default 128).")
+@click.option("--activations", type=click.Choice(["int8", "int16", "float"]), help="Activation precision.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="How activation ranges are chosen (default percentile 99.999).")
+@click.option("--percentile", type=float, help="Percentile for --calib-method percentile.")
+@click.option("--exclude", multiple=True, help="Keep this node high (name; repeatable).")
+@click.option("--exclude-regex", multiple=True, help="Keep nodes whose name matches high.")
+@click.option("--exclude-op", multiple=True, help="Keep every op of this type high.")
+@click.option("--nodes-to-exclude", type=click.Path(path_type=Path),
+              help="ONNX Runtime nodes_to_exclude list (JSON list or one name a line).")
+@click.option("--tensor-overrides", type=click.Path(path_type=Path),
+              help="ONNX Runtime TensorQuantOverrides JSON.")
+@click.option("--keep-high", type=int, help="Keep the K most sensitive quantized ops high.")
+@click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads for calibration/verification.")
+@click.option("--external-data/--no-external-data", default=None, help="Weights in a .data file (default: above 2 GB).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
+                    first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
+                    exclude_op, nodes_to_exclude, tensor_overrides, keep_high, accuracy_budget, config, report,
+                    threads, external_data, as_json) -> None:
+    """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
+    from edgeq.compiler import compile as compile_model
+    from edgeq.registry import get_target
+
+    target = get_target(target_name)  # unknown targets fail before any work
+    if output.resolve() == model.resolve():
+        raise OptionError("the output would overwrite the input model", fix="choose another -o path")
+    options = CompileOptions.from_toml(config) if config else CompileOptions()
+    overrides = options.overrides
+    overrides = replace(
+        overrides,
+        exclude_nodes=overrides.exclude_nodes + tuple(exclude) + (
+            PrecisionOverrides.read_nodes_to_exclude(nodes_to_exclude) if nodes_to_exclude else ()),
+        exclude_regex=overrides.exclude_regex + tuple(exclude_regex),
+        exclude_op_types=overrides.exclude_op_types + tuple(exclude_op),
+        tensors=overrides.tensors + (PrecisionOverrides.read_tensor_overrides(tensor_overrides)
+                                     if tensor_overrides else ()))
+    calibration = replace(options.calibration, **{k: v for k, v in
+                                                  (("method", calib_method), ("percentile", percentile)) if v})
+    options = replace(options, overrides=overrides, calibration=calibration,
+                      **{k: v for k, v in (("weights", weights), ("group", group), ("activations", activations),
+                                           ("keep_high", keep_high), ("accuracy_budget", accuracy_budget),
+                                           ("threads", threads)) if v})
+    spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)
+    compiled = compile_model(model, target, options, calibration=spec)
+    compiled.save(output, external_data=external_data)
+    if report:
+        compiled.report.write(report)
+    if as_json:
+        click.echo(compiled.report.to_json())
+        return
+    click.echo(f"wrote {output}")
+    for line in compiled.report.summary_lines():
+        click.echo("  " + line)
+
+
+@cli.command(name="eval")
+@click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("compiled_model", type=click.Path(dir_okay=False, path_type=Path))
+@_with_flags(_calibration_flags)
+@click.option("--max-samples", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(float_model: Path, compiled_model: Path, calib, calib_text, tokenizer, seq_len, samples,
+                 first_window, max_samples, threads, as_json) -> None:
+    """Compare COMPILED_MODEL with FLOAT_MODEL on data (error per output)."""
+    from edgeq.calib_data import open_source
+    from edgeq.ir import load
+    from edgeq.runtime import synthetic_feeds, verify
+
+    for path in (float_model, compiled_model):
+        load(path)  # clear errors for missing or broken files before running anything
+    spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)
+    if spec is None:
+        feeds, synthetic = synthetic_feeds(float_model, max_samples), True
+    else:
+        feeds = [f for _, f in zip(range(max_samples), open_source(spec, str(float_model)))]
+        synthetic = False
+    result = verify(float_model, compiled_model, feeds, threads=threads, synthetic=synthetic)
+    if as_json:
+        _echo_json({"samples": result.samples, "synthetic_inputs": result.synthetic_inputs,
+                    "outputs": [o.__dict__ for o in result.outputs]})
+        return
+    click.echo(f"{result.samples} sample(s){' (synthetic inputs)' if synthetic else ''}")
+    for o in result.outputs:
+        click.echo(f"  {o.name}: rel L2 {o.relative_l2:.5f}  cosine mean {o.cosine_mean:.6f} min {o.cosine_min:.6f}"
+                   f"  SQNR {o.sqnr_db:.2f} dB  max abs {o.max_abs:.4g}")
+
+
+def _attach_models_group() -> None:
+    try:
+        from edgeq.models.cli import models_group
+    except ImportError:
+        return
+    cli.add_command(models_group, name="models")
+
+
+_attach_models_group()

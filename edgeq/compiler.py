@@ -1,0 +1,119 @@
+"""`edgeq.compile`: the one entry point from a float model to a verified quantized model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgeq.errors import OptionError
+from edgeq.ir import Graph, load, save
+from edgeq.options import CompileOptions
+from edgeq.pass_infra import Pass, PassContext, PassManager
+from edgeq.registry import get_pass, get_target
+from edgeq.report import Report, count_kinds, kept_high_by_reason
+from edgeq.runtime import fusion_report, synthetic_feeds, verify
+from edgeq.targets.base import Target, validate
+
+CALIBRATION_DATA = "calibration-data"
+
+
+@dataclass
+class Compiled:
+    graph: Graph
+    report: Report
+    target: Target
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        return save(self.graph, path, external_data=external_data)
+
+
+def build_pipeline(target: Target, options: CompileOptions) -> PassManager:
+    """The target's default pipeline, each pass built from the typed options."""
+    passes: list[Pass] = []
+    for name in target.default_pipeline:
+        cls = get_pass(name)
+        factory = getattr(cls, "from_options", None)
+        passes.append(factory(options, target) if factory else cls())
+    return PassManager(passes, name=f"{target.name}-pipeline")
+
+
+def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Target,
+            options: CompileOptions | None = None, *, calibration: Any = None) -> Compiled:
+    """Quantize `model` for `target`. `calibration`: a path (.npz dir/file), a text-window spec,
+    an iterable of feed dicts, or an ORT CalibrationDataReader. The input is never modified."""
+    from edgeq.calib_data import open_source, split
+
+    options = options or CompileOptions()
+    target = get_target(target) if isinstance(target, str) else target
+    graph = model.clone() if isinstance(model, Graph) else load(model)
+    with tempfile.TemporaryDirectory(prefix="edgeq-compile-") as tmp:
+        float_path = _float_model_path(model, graph, Path(tmp))
+        source = open_source(calibration, str(float_path)) if calibration is not None else None
+        calib, holdout = (None, None)
+        if source is not None:
+            holdout_count = options.calibration.holdout if len(source) > options.calibration.holdout else 0
+            calib, holdout = split(source, holdout_count)
+            if len(calib) == 0:
+                raise OptionError("no calibration samples left after setting aside verification samples")
+        ctx = PassContext(target=target, seed=options.calibration.seed)
+        if calib is not None:
+            ctx.artifacts[CALIBRATION_DATA] = calib
+        result = build_pipeline(target, options)(graph, ctx)
+        graph = result.graph
+        validate(graph, target)
+        report = _report(model, target, options, ctx, graph)
+        compiled_path = Path(tmp) / "compiled.onnx"
+        save(graph, compiled_path)
+        report.compiled_bytes = _model_bytes(compiled_path)
+        report.float_bytes = _model_bytes(float_path)
+        if options.verify:
+            feeds, synthetic = _verification_feeds(holdout, float_path, options)
+            report.verification = verify(float_path, compiled_path, feeds, threads=options.threads,
+                                         synthetic=synthetic)
+            report.fusion = fusion_report(compiled_path, providers=target.execution.providers,
+                                          config=target.execution.session_config)
+    return Compiled(graph, report, target)
+
+
+def _float_model_path(model, graph: Graph, tmp: Path) -> Path:
+    """A file of the float model for ONNX Runtime (the user's own file when there is one)."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    path = tmp / "float.onnx"
+    save(graph, path)
+    return path
+
+
+def _model_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _verification_feeds(holdout, float_path: Path, options: CompileOptions):
+    if holdout is not None and len(holdout):
+        return list(holdout), False
+    return synthetic_feeds(float_path, 2, seed=options.calibration.seed), True
+
+
+def _report(model, target: Target, options: CompileOptions, ctx: PassContext, graph: Graph) -> Report:
+    plan = ctx.artifacts.get("select-precision")
+    report = Report(model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
+                    target=target.name, scheme=plan.scheme.label if plan else "float",
+                    options=_options_dict(options), passes=list(ctx.records))
+    if plan is not None:
+        report.quantized_ops = count_kinds(p.op for p in plan.ops)
+        report.kept_high = kept_high_by_reason(plan.kept_high)
+        report.roles = plan.roles.counts()
+    report.notes.extend(target.notes)
+    return report
+
+
+def _options_dict(options: CompileOptions) -> dict[str, Any]:
+    data = asdict(options)
+    data["overrides"] = {k: v for k, v in data["overrides"].items() if v}
+    return data

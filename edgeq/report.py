@@ -1,0 +1,146 @@
+"""The compile report: what was done, what it costs, how far the output is from float."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.pass_infra import PassRecord
+from edgeq.runtime import FusionReport, Verification
+from edgeq.targets.base import Target
+
+
+@dataclass
+class Report:
+    model: str
+    target: str
+    scheme: str
+    options: dict[str, Any]
+    passes: list[PassRecord] = field(default_factory=list)
+    quantized_ops: dict[str, int] = field(default_factory=dict)
+    kept_high: dict[str, list[str]] = field(default_factory=dict)     # reason -> op names
+    roles: dict[str, int] = field(default_factory=dict)
+    float_bytes: int = 0
+    compiled_bytes: int = 0
+    verification: Verification | None = None
+    fusion: FusionReport | None = None
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.compiled_bytes / self.float_bytes if self.float_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["size_ratio"] = self.size_ratio
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"target {self.target} ({self.scheme}): {sum(self.quantized_ops.values())} ops quantized "
+                 f"({', '.join(f'{k} {v}' for k, v in sorted(self.quantized_ops.items()))})"]
+        if self.float_bytes:
+            lines.append(f"size: {self.float_bytes / 1e6:.1f} MB -> {self.compiled_bytes / 1e6:.1f} MB "
+                         f"({100 * self.size_ratio:.1f}% of float)")
+        if self.verification is not None:
+            for out in self.verification.outputs:
+                lines.append(f"error vs float on {self.verification.samples} held-out sample(s)"
+                             f"{' (synthetic inputs)' if self.verification.synthetic_inputs else ''}: "
+                             f"{out.name}: rel L2 {out.relative_l2:.4f}, cosine mean {out.cosine_mean:.5f} "
+                             f"min {out.cosine_min:.5f}, SQNR {out.sqnr_db:.1f} dB, max abs {out.max_abs:.4g}")
+        if self.fusion is not None:
+            kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.integer_kernels.items()) or "none"
+            lines.append(f"ONNX Runtime integer kernels: {kernels}")
+            if self.fusion.unfused:
+                shown = ", ".join(self.fusion.unfused[:8]) + (" ..." if len(self.fusion.unfused) > 8 else "")
+                lines.append(f"UNFUSED quantized ops ({len(self.fusion.unfused)}): {shown}")
+            else:
+                lines.append("every quantized compute op fused into an integer kernel")
+        for reason, names in sorted(self.kept_high.items()):
+            lines.append(f"kept high: {len(names)} op(s), {reason}")
+        for item in self.sensitivity[:5]:
+            lines.append(f"sensitive: {item['op']} (SQNR {item['sqnr_db']:.1f} dB, end-to-end gain if high "
+                         f"{item.get('gain', float('nan')):.4f})")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return lines
+
+    def to_markdown(self) -> str:
+        out = [f"# edgeq compile report: {Path(self.model).name} -> {self.target}", "",
+               f"Scheme **{self.scheme}**. Options: `{json.dumps(self.options, default=_jsonable)}`", "",
+               "## Summary", ""] + [f"- {line}" for line in self.summary_lines()]
+        out += ["", "## Passes", "", "| pass | changed | seconds | stats |", "|---|---|---|---|"]
+        for rec in self.passes:
+            stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items())
+            out.append(f"| {rec.name} | {'yes' if rec.modified else 'no'} | {rec.seconds:.2f} | {stats} |")
+        if self.verification is not None:
+            out += ["", "## Verification against float (ONNX Runtime)", "",
+                    "| output | rel L2 | cosine mean | cosine min | SQNR dB | max abs |", "|---|---|---|---|---|---|"]
+            for o in self.verification.outputs:
+                out.append(f"| {o.name} | {o.relative_l2:.5f} | {o.cosine_mean:.6f} | {o.cosine_min:.6f} | "
+                           f"{o.sqnr_db:.2f} | {o.max_abs:.4g} |")
+        if self.sensitivity:
+            out += ["", "## Sensitivity (worst first)", "", "| op | SQNR dB | end-to-end gain if kept high |",
+                    "|---|---|---|"]
+            for item in self.sensitivity:
+                out.append(f"| {item['op']} | {item['sqnr_db']:.2f} | {item.get('gain', float('nan')):.5f} |")
+        if self.kept_high:
+            out += ["", "## Kept in high precision", ""]
+            for reason, names in sorted(self.kept_high.items()):
+                out.append(f"- {reason}: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+        return "\n".join(out) + "\n"
+
+    def write(self, path: str | os.PathLike) -> None:
+        from edgeq.fileio import write_text_atomic
+
+        path = Path(path)
+        text = self.to_markdown() if path.suffix.lower() in (".md", ".markdown") else self.to_json()
+        write_text_atomic(path, text)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "__dict__"):
+        return obj.__dict__
+    if isinstance(obj, float):
+        return str(obj)
+    return str(obj)
+
+
+def kept_high_by_reason(kept: list[tuple[Any, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for op, reason in kept:
+        grouped.setdefault(reason, []).append(op.name)
+    return grouped
+
+
+def count_kinds(ops) -> dict[str, int]:
+    return dict(Counter(op.op_type for op in ops))
+
+
+def describe_target(target: Target) -> dict[str, Any]:
+    lines = [f"{target.name}: {target.description}", "",
+             f"activations (default): {target.activation.describe()}",
+             f"weights (default):     {target.weight.describe()}",
+             f"weight dtypes:         {', '.join(sorted(target.weight_dtypes))}",
+             f"activation dtypes:     {', '.join(sorted(target.activation_dtypes))}",
+             f"high precision:        {target.high_dtype}; kept high: {', '.join(sorted(target.keep_high))}",
+             f"opset:                 {target.opset}",
+             f"providers:             {', '.join(target.execution.providers)}", "", "integer ops:"]
+    for kind, rule in sorted(target.ops.items()):
+        acts = ", ".join(s.describe() if s else "float" for s in rule.activations) or "-"
+        weight = rule.weight.describe() if rule.weight else "-"
+        lines.append(f"  {kind:<10} activations [{acts}]  weight [{weight}]"
+                     + (f"  bias [{rule.bias.describe()}]" if rule.bias else ""))
+    lines += ["", "pipeline: " + " -> ".join(target.default_pipeline)]
+    if target.cost_model is not None:
+        lines.append(f"cost model: {target.cost_model.unit}; source: {target.cost_model.source}")
+    lines += [f"note: {n}" for n in target.notes]
+    return {"name": target.name, "text": "\n".join(lines),
+            "ops": {k: asdict(v) for k, v in target.ops.items()}, "keep_high": sorted(target.keep_high),
+            "high_dtype": target.high_dtype, "pipeline": list(target.default_pipeline)}

@@ -1,0 +1,64 @@
+"""Run the (preprocessed) float model on calibration data and fix each quantized tensor's range."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from edgeq.calibrate import CalibrationOptions as StatsOptions
+from edgeq.calibrate import CalibrationResult, calibrate
+from edgeq.errors import CalibrationError
+from edgeq.ir import Graph, save
+from edgeq.options import CalibrationOptions
+from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.registry import register_pass
+
+CALIBRATION_DATA = "calibration-data"
+STATISTICS = "calibration-statistics"
+
+
+@register_pass
+class Calibrate(Pass):
+    name = "calibrate"
+    description = "collect activation statistics in ONNX Runtime and choose quantization ranges"
+
+    def __init__(self, options: CalibrationOptions | None = None, threads: int = 0):
+        self.options = options or CalibrationOptions()
+        self.threads = threads
+
+    @classmethod
+    def from_options(cls, options, target) -> "Calibrate":
+        return cls(options.calibration, options.threads)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        plan = ctx.artifact("select-precision", self.name)
+        sources = plan.activation_sources(graph)
+        overrides_fixed = set()
+        if not sources:
+            ctx.artifacts[self.name] = {}
+            return PassResult(graph, False, {"tensors": 0})
+        data = ctx.artifacts.get(CALIBRATION_DATA)
+        if data is None:
+            raise CalibrationError(
+                f"{len(sources)} activation tensors need calibration data but none was given",
+                fix="pass --calib DIR|FILE.npz or --calib-text, or --activations float for weight-only")
+        names = sorted(n for n in sources if n not in overrides_fixed)
+        stats_options = StatsOptions(histogram=self.options.method != "minmax",
+                                     threads=self.threads or 1)
+        with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(graph, path)
+            stats = calibrate(str(path), data, names, stats_options)
+        ctx.artifacts[STATISTICS] = stats
+        ctx.artifacts[self.name] = self._ranges(stats, sources)
+        return PassResult(graph, False, {"tensors": len(names), "samples": stats.num_samples
+                                         if hasattr(stats, "num_samples") else len(data)})
+
+    def _ranges(self, stats: CalibrationResult, sources) -> dict[str, tuple[float, float]]:
+        ranges = {}
+        for name, uses in sources.items():
+            spec = uses[0][2]
+            method = self.options.method
+            ranges[name] = stats[name].range(method, symmetric=spec.symmetric,
+                                             percentile=self.options.percentile, num_bits=spec.bits)
+        return ranges
