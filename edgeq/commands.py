@@ -154,4 +154,11 @@ def _attach_models_group() -> None:
     cli.add_command(models_group, name="models")
 
 
+def _attach_fpga_group() -> None:
+    from edgeq.fpga.cli import main as fpga_group
+
+    cli.add_command(fpga_group, name="fpga")
+
+
 _attach_models_group()
+_attach_fpga_group()

@@ -66,7 +66,10 @@ class PassError(EdgeqError):
         self.ran_before = list(ran_before)
         self.cause = cause
         before = ", ".join(ran_before) if ran_before else "none"
-        msg = f"pass '{pass_name}' failed: {cause} [passes run before it: {before}]"
+        detail = str(cause) or type(cause).__name__
+        if not isinstance(cause, EdgeqError):
+            detail = f"{type(cause).__name__}: {detail}"
+        msg = f"pass '{pass_name}' failed: {detail} [passes run before it: {before}]"
         super().__init__(msg)
         # A user error inside a pass stays a user error; anything else is internal.
         self.exit_code = cause.exit_code if isinstance(cause, EdgeqError) else 1

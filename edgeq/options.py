@@ -130,6 +130,11 @@ class CompileOptions:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     overrides: PrecisionOverrides = field(default_factory=PrecisionOverrides)
     keep_high: int = 0                   # keep the K most sensitive quantized ops high
+    # Ops whose activation input is quantized as two int8 digits (x = s*q1 + (s/254)*q2): still
+    # integer kernels, twice the MACs, near-int16 precision; by op-name regex, or the K worst.
+    two_digit: tuple[str, ...] = ()
+    smooth_alpha: float | None = None     # SmoothQuant migration strength; None: off
+    smooth_alpha_grid: tuple[float, ...] = ()  # search alpha per layer among these (0 = leave alone)
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
     quantize_embeddings: bool = True
     verify: bool = True

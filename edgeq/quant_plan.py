@@ -63,6 +63,7 @@ class OpPlan:
     activations: dict[int, QSpec] = field(default_factory=dict)   # slot -> spec
     weights: dict[int, QSpec] = field(default_factory=dict)       # slot -> spec
     bias: QSpec | None = None
+    two_digit: bool = False   # activation of slot 0 as two int8 digits (see CompileOptions.two_digit)
 
 
 @dataclass

@@ -25,6 +25,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.identity_elimination",
     "edgeq.passes.topological_sort",
     "edgeq.passes.select_precision",
+    "edgeq.passes.smooth_quant",
     "edgeq.passes.calibrate",
     "edgeq.passes.insert_qdq",
 )

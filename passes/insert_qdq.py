@@ -90,6 +90,8 @@ class _Emitter:
             dq, scale = self.weight(ins[slot], spec, channel_axis, k_axis, op)
             graph.set_input(op, slot, dq)
             weight_scales[slot] = scale
+        if plan.two_digit:
+            self.second_digit(op, ins[0], act_scales[0])
         if plan.bias is not None and 0 in act_scales and 1 in weight_scales:
             self.bias(op, ins[2], act_scales[0] * weight_scales[1])
 
@@ -129,6 +131,40 @@ class _Emitter:
                 dq_out.type = value.type
             self.dq_cache[dq_key] = dq_out
         return self.dq_cache[dq_key], s.const.numpy()
+
+    def second_digit(self, op: Op, value: Value, scale: np.ndarray) -> None:
+        """x = DQ(q1) + r; r lies within +-s/2 (plus clipping), so int8 with scale s/254 carries
+        it. A second MatMul on the same integer weights adds r's contribution."""
+        graph = self.graph
+        first = graph.inputs_of(op)[0]
+        sub = graph.add_op("Sub", [value, first], [f"{value.name}_residual"], before=op)
+        residual = graph.outputs_of(sub)[0]
+        residual.type = value.type
+        digit = QSpec("int8", symmetric=True)
+        s2 = graph.add_constant(f"{value.name}_residual_scale", np.float32(scale) / np.float32(254.0))
+        z2 = graph.add_constant(f"{value.name}_residual_zero_point", np.int8(0))
+        q2 = graph.add_op("QuantizeLinear", [residual, s2, z2], [f"{value.name}_residual_quantized"], before=op)
+        dq2 = graph.add_op("DequantizeLinear", [graph.outputs_of(q2)[0], s2, z2],
+                           [f"{value.name}_residual_dequantized"], before=op)
+        graph.outputs_of(q2)[0].set_type(digit.elem_type, value.shape)
+        graph.outputs_of(dq2)[0].type = value.type
+        # ORT fuses a DQ -> MatMul pair only when the DQ has that one reader: own weight DQ.
+        weight_dq = graph.producer(graph.inputs_of(op)[1])
+        own_dq = graph.add_op("DequantizeLinear", graph.inputs_of(weight_dq), [f"{op.name}_second_weight"],
+                              before=op)
+        own_dq.attributes = dict(weight_dq.attributes)
+        graph.outputs_of(own_dq)[0].type = graph.inputs_of(op)[1].type
+        second = graph.add_op("MatMul", [graph.outputs_of(dq2)[0], graph.outputs_of(own_dq)[0]],
+                              [f"{op.name}_second_digit"], after=op)
+        out = graph.outputs_of(op)[0]
+        total = graph.add_op("Add", [out, graph.outputs_of(second)[0]], [f"{out.name}_two_digit"], after=second)
+        total_out = graph.outputs_of(total)[0]
+        total_out.type = out.type
+        for reader, slot in graph.uses(out):
+            if reader is not total:
+                graph.set_input(reader, slot, total_out)
+        if graph.is_graph_output(out):
+            _redirect(graph, out, total_out)
 
     def _activation_spec(self, source: Value, spec: QSpec) -> tuple[QSpec, tuple[float, float]]:
         override = self.overrides.tensor(source.name)

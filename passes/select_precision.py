@@ -46,6 +46,7 @@ class SelectPrecision(Pass):
             reason = self._reason_kept_high(graph, op, roles.role(op), scheme, target, self.options.overrides)
             if reason is None:
                 op_plan = self._plan_op(graph, op, scheme)
+                op_plan.two_digit = self._two_digit(op, op_plan)
                 if op_plan.activations or op_plan.weights:
                     plan.ops.append(op_plan)
                     continue
@@ -68,6 +69,13 @@ class SelectPrecision(Pass):
         if op.op_type == "Gather" and (role != Role.EMBEDDING or not self.options.quantize_embeddings):
             return "not an embedding table"
         return None
+
+    def _two_digit(self, op: Op, plan: OpPlan) -> bool:
+        import re
+
+        if 0 not in plan.activations or 1 not in plan.weights or op.op_type != "MatMul":
+            return False
+        return any(re.search(pattern, op.name) for pattern in self.options.two_digit)
 
     @staticmethod
     def _plan_op(graph: Graph, op: Op, scheme: Scheme) -> OpPlan:

@@ -16,3 +16,82 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared material not found at {SHARED}")
     return SHARED
+
+
+# --- models (tests/models): real models built once and cached on disk, synthetic ones per run ---
+
+@pytest.fixture(scope="session")
+def minilm_onnx() -> Path:
+    """all-MiniLM-L6-v2 as float32 ONNX, from the edgeq cache (built on first use)."""
+    from edgeq.models import catalog
+
+    return catalog.cached("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx() -> Path:
+    """SmolLM2-135M-Instruct (full sequence: input_ids, attention_mask -> logits), cached."""
+    from edgeq.models import catalog
+
+    return catalog.cached("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv_onnx() -> Path:
+    """SmolLM2-135M-Instruct with past_key_values inputs and present outputs, cached."""
+    from edgeq.models import catalog
+
+    return catalog.cached("smollm2-kv")
+
+
+@pytest.fixture(scope="session")
+def synthetic_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny BERT (seed 0) with planted outliers; `edgeq.models.synthetic.outliers` says where."""
+    from edgeq.models import synthetic
+
+    return synthetic.build_bert_file(tmp_path_factory.mktemp("synthetic") / "bert.onnx", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Llama (seed 0, no KV cache) with planted outliers."""
+    from edgeq.models import synthetic
+
+    return synthetic.build_llama_file(tmp_path_factory.mktemp("synthetic") / "llama.onnx", seed=0)
+
+
+# ---- real ONNX models shipped in PyPI wheels (fetched once into $EDGEQ_CACHE) ---------------
+# Versions are pinned so every machine tests the same files.
+REAL_MODEL_WHEELS = {"rapidocr-onnxruntime": "1.4.4", "silero-vad": "6.2.3", "nudenet": "3.4.2"}
+RAPIDOCR_MODELS = ("ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+SILERO_MODELS = ("silero_vad.onnx", "silero_vad_16k_op15.onnx", "silero_vad_16k_sequence.onnx",
+                 "silero_vad_half.onnx", "silero_vad_op18_ifless.onnx", "silero_vad_openvino_16k.onnx")
+
+
+@pytest.fixture(scope="session")
+def wheel_model():
+    """wheel_model(package, member) -> Path of a file inside the pinned wheel of `package`."""
+    from edgeq.wheels import wheel_file
+
+    def get(package: str, member: str) -> Path:
+        return wheel_file(package, member, REAL_MODEL_WHEELS.get(package))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def rapidocr_models(wheel_model) -> dict[str, Path]:
+    """The three PP-OCR models of rapidocr-onnxruntime, by file name."""
+    return {name: wheel_model("rapidocr-onnxruntime", f"rapidocr_onnxruntime/models/{name}") for name in RAPIDOCR_MODELS}
+
+
+@pytest.fixture(scope="session")
+def silero_models(wheel_model) -> dict[str, Path]:
+    """Every ONNX file of silero-vad, by file name."""
+    return {name: wheel_model("silero-vad", f"silero_vad/data/{name}") for name in SILERO_MODELS}
+
+
+@pytest.fixture(scope="session")
+def nudenet_model(wheel_model) -> Path:
+    """NudeNet's YOLOv8n detector (320n.onnx)."""
+    return wheel_model("nudenet", "nudenet/320n.onnx")

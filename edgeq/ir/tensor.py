@@ -2,13 +2,14 @@
 
 A `Tensor` holds its bytes in one of three ways: a slice of the memory-mapped model file
 (inline `raw_data`), a memory-mapped external-data file, or a numpy array a pass built.
+Mapped tensors also know their `FileRegion`, so saving copies them file to file in the kernel.
 Tensors stored in typed proto fields (`float_data`, `int32_data`, strings) keep their proto
 and are decoded on demand, so an untouched tensor is written back byte for byte.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes  # noqa: F401  (registers int4/float8 numpy dtypes used by onnx helpers)
 import numpy as np
@@ -23,7 +24,7 @@ _PACKED_BITS = {
                        ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
     if hasattr(onnx.TensorProto, name)
 }
-_PACKED_TYPES = frozenset(_PACKED_BITS)
+_PACKED_TYPES = PACKED_TYPES = frozenset(_PACKED_BITS)
 
 # Every element type a tensor may have (UNDEFINED excluded).
 LEGAL_ELEM_TYPES = frozenset(v for k, v in onnx.TensorProto.DataType.items() if k != "UNDEFINED")
@@ -56,10 +57,36 @@ def storage_nbytes(elem_type: int, dims: tuple[int, ...]) -> int | None:
     return size * np_dtype(elem_type).itemsize
 
 
+class FileRegion:
+    """Where an untouched tensor's bytes lie in a file that is held open (the same inode that
+    was mapped at load, even if the path is replaced later), so a save can have the kernel copy
+    them file to file without reading them into this process."""
+
+    __slots__ = ("file", "length", "offset")
+
+    def __init__(self, file, offset: int, length: int):
+        self.file = file        # an open binary file object, kept alive by the tensors using it
+        self.offset = offset
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"FileRegion({getattr(self.file, 'name', '?')!r}, {self.offset}, {self.length})"
+
+
 class Tensor:
     """An immutable constant tensor; passes that change a weight build a new one."""
 
-    __slots__ = ("elem_type", "dims", "_raw", "_array", "_proto", "_loader", "doc_string", "metadata_props")
+    __slots__ = (
+        "_array",
+        "_loader",
+        "_proto",
+        "_raw",
+        "_region",
+        "dims",
+        "doc_string",
+        "elem_type",
+        "metadata_props",
+    )
 
     def __init__(
         self,
@@ -70,6 +97,7 @@ class Tensor:
         array: np.ndarray | None = None,
         proto: onnx.TensorProto | None = None,
         loader: Callable[[], np.ndarray] | None = None,
+        region: FileRegion | None = None,
         doc_string: str = "",
         metadata_props: tuple[tuple[str, str], ...] = (),
     ):
@@ -79,11 +107,12 @@ class Tensor:
         self._array = array      # decoded array (set for tensors built by passes)
         self._proto = proto      # original proto for typed-field storage, re-emitted unchanged
         self._loader = loader    # deferred decode of a proto held elsewhere
+        self._region = region    # where `raw` lies in its (open) file, for kernel-side copies
         self.doc_string = doc_string
         self.metadata_props = metadata_props
 
     @classmethod
-    def from_array(cls, array: np.ndarray) -> "Tensor":
+    def from_array(cls, array: np.ndarray) -> Tensor:
         array = np.asarray(array)
         return cls(elem_type_of(array), array.shape, array=array)
 
@@ -150,6 +179,11 @@ class Tensor:
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         return proto
+
+    @property
+    def file_region(self) -> FileRegion | None:
+        """The file bytes this tensor's raw data is a view of (None for built or typed tensors)."""
+        return self._region if self._raw is not None else None
 
     def has_typed_storage(self) -> bool:
         """True when the tensor came from typed proto fields and is re-emitted as they were."""

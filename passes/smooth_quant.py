@@ -1,0 +1,235 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights.
+
+For the linear layers reading one activation x[..., K], per input channel k
+    s_k = max|x_k|^alpha / max|W_k,:|^(1 - alpha),   x' = x / s,   W' = diag(s) W,
+so x'W' = xW exactly in float while x' has a flatter range to quantize. 1/s is folded into
+the op producing x when that is a normalisation whose scale/bias are constants read nowhere
+else and whose output feeds only these linears (LayerNormalization gamma/beta, RMSNorm's
+gamma Mul), or into a preceding linear (MatMul [+ bias Add]) read only by them; otherwise an
+explicit Mul by 1/s is inserted before them and reported.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.calibrate import CalibrationOptions as StatsOptions
+from edgeq.calibrate import calibrate
+from edgeq.errors import CalibrationError
+from edgeq.ir import Graph, Op, Value, save
+from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.quant_plan import OpPlan, QuantPlan
+from edgeq.registry import register_pass
+
+CALIBRATION_DATA = "calibration-data"
+
+
+@register_pass
+class SmoothQuant(Pass):
+    name = "smooth-quant"
+    description = "SmoothQuant: per-channel activation/weight balancing folded into norms or linears"
+
+    def __init__(self, alpha: float | None = 0.5, alpha_grid: tuple[float, ...] = (), search_samples: int = 4,
+                 threads: int = 0):
+        """alpha None disables the pass. A non-empty `alpha_grid` chooses alpha per group of
+        linears (0 in the grid means "leave this group alone"): the value whose simulated W8A8
+        output error on `search_samples` calibration samples is lowest."""
+        self.alpha = alpha
+        self.alpha_grid = tuple(alpha_grid)
+        self.search_samples = search_samples
+        self.threads = threads
+
+    @classmethod
+    def from_options(cls, options, target) -> "SmoothQuant":
+        return cls(options.smooth_alpha, options.smooth_alpha_grid, threads=options.threads)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.alpha is None and not self.alpha_grid:
+            return PassResult(graph, False, {"groups": 0})
+        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        groups = _linear_groups(graph, plan)
+        if not groups:
+            return PassResult(graph, False, {"groups": 0})
+        data = ctx.artifacts.get(CALIBRATION_DATA)
+        if data is None:
+            raise CalibrationError("smooth-quant needs calibration data", fix="pass --calib or --calib-text")
+        channel_max = self._channel_absmax(graph, data, list(groups))
+        samples = self._activation_samples(graph, data, list(groups)) if self.alpha_grid else {}
+        folded = explicit = skipped = 0
+        chosen: dict[str, float] = {}
+        for source_name, ops in groups.items():
+            source = graph.value(source_name)
+            weights = [graph.constant(graph.inputs_of(op)[1]).numpy() for op in ops]
+            w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            alpha = self.alpha if not self.alpha_grid else _search_alpha(
+                samples[source_name], weights, channel_max[source_name], w_max, self.alpha_grid, plan, ops)
+            chosen[source_name] = alpha
+            if not alpha:
+                skipped += 1
+                continue
+            scale = _smoothing_factors(channel_max[source_name], w_max, alpha)
+            for op, w in zip(ops, weights):
+                graph.set_const(graph.inputs_of(op)[1], (w * scale[:, None]).astype(w.dtype))
+            if _fold_into_producer(graph, source, ops, 1.0 / scale):
+                folded += 1
+            else:
+                _insert_mul(graph, source, ops, 1.0 / scale)
+                explicit += 1
+        ctx.artifacts[self.name] = chosen
+        return PassResult(graph, folded + explicit > 0, {"groups": len(groups), "folded": folded,
+                                                         "explicit_mul": explicit, "left_alone": skipped})
+
+    def _activation_samples(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
+        """The group inputs on the first few calibration samples, as [tokens, channels]."""
+        from edgeq.runtime import make_session
+
+        with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            model = graph.to_onnx()
+            del model.graph.output[:]
+            for name in names:
+                model.graph.output.add().name = name
+            import onnx
+            onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data",
+                      size_threshold=1024)
+            del model
+            session = make_session(path, threads=self.threads)
+            rows: dict[str, list[np.ndarray]] = defaultdict(list)
+            for index, feed in enumerate(data):
+                if index >= self.search_samples:
+                    break
+                for name, value in zip(names, session.run(names, dict(feed))):
+                    rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
+        return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+    def _channel_absmax(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
+        with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(graph, path)
+            stats = calibrate(str(path), data, names,
+                              StatsOptions(histogram=False, channel_axis=-1, threads=self.threads or 1))
+        return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
+
+
+def _linear_groups(graph: Graph, plan: QuantPlan) -> dict[str, list[Op]]:
+    """Quantized MatMuls with a 2-D weight, grouped by the activation they read directly."""
+    groups: dict[str, list[Op]] = defaultdict(list)
+    for op_plan in plan.ops:
+        op = op_plan.op
+        if op.op_type != "MatMul" or 0 not in op_plan.activations or 1 not in op_plan.weights:
+            continue
+        weight = graph.constant(graph.inputs_of(op)[1])
+        if weight is None or len(weight.dims) != 2 or graph.inputs_of(op)[1].const is None:
+            continue
+        groups[graph.inputs_of(op)[0].name].append(op)
+    # A weight read by more than one group cannot take two different scalings.
+    owners = defaultdict(set)
+    for name, ops in groups.items():
+        for op in ops:
+            owners[graph.inputs_of(op)[1].name].add(name)
+    return {name: ops for name, ops in groups.items()
+            if all(len(owners[graph.inputs_of(op)[1].name]) == 1 and
+                   len(graph.consumers(graph.inputs_of(op)[1])) == 1 for op in ops)}
+
+
+def _search_alpha(x: np.ndarray, weights: list[np.ndarray], act_max: np.ndarray, w_max: np.ndarray,
+                  grid: tuple[float, ...], plan: QuantPlan, ops: list[Op]) -> float:
+    """The alpha (0 = no smoothing) minimising the group's simulated quantized output error."""
+    from edgeq.quant_math import dequantize, qparams, quantize, quantize_weight
+
+    op_plan = next(p for p in plan.ops if p.op is ops[0])
+    act_spec, w_spec = op_plan.activations[0], op_plan.weights[1]
+    reference = [x @ w for w in weights]
+    best, best_err = 0.0, np.inf
+    for alpha in grid:
+        scale = _smoothing_factors(act_max, w_max, alpha) if alpha else np.ones_like(act_max, np.float32)
+        xs = x / scale
+        s, z = qparams(xs.min(), xs.max(), act_spec)
+        xq = dequantize(quantize(xs, s, z, act_spec), s, z)
+        err = 0.0
+        for w, ref in zip(weights, reference):
+            q, ws, wz = quantize_weight(w * scale[:, None], w_spec, channel_axis=1)
+            shape = (1, -1) if ws.ndim == 1 else ws.shape
+            wq = dequantize(q, _expand(ws, w.shape, w_spec), _expand(wz, w.shape, w_spec)) if ws.ndim > 1 \
+                else dequantize(q, ws.reshape(shape), wz.reshape(shape))
+            err += float(np.sum((xq @ wq - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+        if err < best_err * 0.98 or (alpha == 0.0 and err <= best_err):  # prefer no Mul unless it helps
+            best, best_err = alpha, err
+    return best
+
+
+def _expand(param: np.ndarray, shape: tuple[int, ...], spec) -> np.ndarray:
+    """Block-wise params repeated to the weight's shape (blocks along axis 0)."""
+    return np.repeat(param, spec.block_size, axis=0)[: shape[0]]
+
+
+def _smoothing_factors(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    act_max = np.maximum(act_max.astype(np.float64), 1e-5)
+    w_max = np.maximum(w_max.astype(np.float64), 1e-5)
+    scale = act_max**alpha / w_max ** (1.0 - alpha)
+    return np.clip(scale, 1e-4, 1e4).astype(np.float32)
+
+
+def _only_readers(graph: Graph, value: Value, ops: list[Op]) -> bool:
+    readers = graph.consumers(value)
+    return not graph.is_graph_output(value) and set(readers) == set(ops)
+
+
+def _private_const(graph: Graph, value: Value | None, reader: Op) -> bool:
+    return value is not None and value.const is not None and graph.consumers(value) == [reader]
+
+
+def _fold_into_producer(graph: Graph, source: Value, ops: list[Op], inv: np.ndarray) -> bool:
+    """Scale the producer of `source` by inv per last-axis channel, if that is exact and safe."""
+    if not _only_readers(graph, source, ops):
+        return False
+    producer = graph.producer(source)
+    if producer is None:
+        return False
+    ins = graph.inputs_of(producer)
+    if producer.op_type == "LayerNormalization" and producer.attr("axis", -1) == -1:
+        gamma, beta = ins[1], ins[2] if len(ins) > 2 else None
+        if not _private_const(graph, gamma, producer) or (beta is not None and not _private_const(graph, beta, producer)):
+            return False
+        graph.set_const(gamma, gamma.const.numpy() * inv)
+        if beta is not None:
+            graph.set_const(beta, beta.const.numpy() * inv)
+        return True
+    if producer.op_type == "Mul":  # RMSNorm's gamma (or any per-channel constant scale)
+        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
+        if const_slot is None:
+            return False
+        gamma = ins[const_slot].const.numpy()
+        if gamma.ndim == 0 or gamma.shape[-1] != inv.shape[0]:
+            return False
+        graph.set_const(ins[const_slot], (gamma * inv).astype(gamma.dtype))
+        return True
+    if producer.op_type == "Add":  # bias of a preceding linear: MatMul(a, W) + b
+        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
+        if const_slot is None:
+            return False
+        other = graph.producer(ins[1 - const_slot])
+        if other is None or other.op_type != "MatMul":
+            return False
+        w = graph.inputs_of(other)[1]
+        mm_out = graph.outputs_of(other)[0]
+        if not _private_const(graph, w, other) or graph.consumers(mm_out) != [producer]:
+            return False
+        graph.set_const(ins[const_slot], ins[const_slot].const.numpy() * inv)
+        graph.set_const(w, w.const.numpy() * inv[None, :])
+        return True
+    return False
+
+
+def _insert_mul(graph: Graph, source: Value, ops: list[Op], inv: np.ndarray) -> None:
+    factor = graph.add_constant(f"{source.name}_smooth_inv_scale", inv.astype(np.float32))
+    first = min(ops, key=lambda op: op.order)
+    mul = graph.add_op("Mul", [source, factor], [f"{source.name}_smoothed"], before=first)
+    out = graph.outputs_of(mul)[0]
+    out.type = source.type
+    for op in ops:
+        graph.set_input(op, 0, out)
