@@ -10,7 +10,7 @@ import click
 
 from edgeq.cli import _echo_json, cli
 from edgeq.errors import OptionError
-from edgeq.options import CalibrationOptions, CompileOptions, PrecisionOverrides
+from edgeq.options import SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides
 
 
 def _calibration_spec(calib: Path | None, calib_text: Path | None, tokenizer: Path | None, seq_len: int,
@@ -67,6 +67,9 @@ def _with_flags(flags):
 @click.option("--tensor-overrides", type=click.Path(path_type=Path),
               help="ONNX Runtime TensorQuantOverrides JSON.")
 @click.option("--keep-high", type=int, help="Keep the K most sensitive quantized ops high.")
+@click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
+@click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
+@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer.")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
@@ -75,8 +78,8 @@ def _with_flags(flags):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
                     first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
-                    exclude_op, nodes_to_exclude, tensor_overrides, keep_high, accuracy_budget, config, report,
-                    threads, external_data, as_json) -> None:
+                    exclude_op, nodes_to_exclude, tensor_overrides, keep_high, sensitivity, smooth_alpha,
+                    smooth_search, accuracy_budget, config, report, threads, external_data, as_json) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.compiler import compile as compile_model
     from edgeq.registry import get_target
@@ -99,7 +102,10 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
     options = replace(options, overrides=overrides, calibration=calibration,
                       **{k: v for k, v in (("weights", weights), ("group", group), ("activations", activations),
                                            ("keep_high", keep_high), ("accuracy_budget", accuracy_budget),
-                                           ("threads", threads)) if v})
+                                           ("threads", threads), ("sensitivity", sensitivity),
+                                           ("smooth_alpha", smooth_alpha),
+                                           ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None))
+                         if v})
     spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)
     compiled = compile_model(model, target, options, calibration=spec)
     compiled.save(output, external_data=external_data)

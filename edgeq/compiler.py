@@ -106,6 +106,7 @@ def _report(model, target: Target, options: CompileOptions, ctx: PassContext, gr
                     target=target.name, scheme=plan.scheme.label if plan else "float",
                     options=_options_dict(options), passes=list(ctx.records))
     if plan is not None:
+        report.sensitivity = [vars(item) for item in ctx.artifacts.get("sensitivity", [])]
         report.quantized_ops = count_kinds(p.op for p in plan.ops)
         report.kept_high = kept_high_by_reason(plan.kept_high)
         report.roles = plan.roles.counts()

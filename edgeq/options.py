@@ -12,6 +12,8 @@ from typing import Literal
 from edgeq.errors import OptionError
 
 RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
+# Alphas tried per layer by --smooth-search (0: leave the layer unsmoothed).
+SMOOTH_SEARCH_GRID = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class CompileOptions:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     overrides: PrecisionOverrides = field(default_factory=PrecisionOverrides)
     keep_high: int = 0                   # keep the K most sensitive quantized ops high
+    sensitivity: bool = False            # rank ops by error in the report (implied by keep_high/budget)
     # Ops whose activation input is quantized as two int8 digits (x = s*q1 + (s/254)*q2): still
     # integer kernels, twice the MACs, near-int16 precision; by op-name regex, or the K worst.
     two_digit: tuple[str, ...] = ()

@@ -27,7 +27,9 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",
     "edgeq.passes.calibrate",
+    "edgeq.passes.sensitivity",
     "edgeq.passes.insert_qdq",
+    "edgeq.passes.fold_scalar_into_dequantize",
 )
 BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86",)
 

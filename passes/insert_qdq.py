@@ -31,8 +31,12 @@ class InsertQDQ(Pass):
     name = "insert-qdq"
     description = "insert QuantizeLinear/DequantizeLinear pairs and integer weights per the plan"
 
-    def __init__(self, overrides: PrecisionOverrides | None = None):
+    def __init__(self, overrides: PrecisionOverrides | None = None,
+                 weight_cache: dict | None = None):
+        """weight_cache: shared between runs (e.g. sensitivity variants) so each weight is
+        quantized once: (weight name, spec, axis) -> (q, scale, zero point) arrays."""
         self.overrides = overrides or PrecisionOverrides()
+        self.weight_cache = weight_cache if weight_cache is not None else {}
 
     @classmethod
     def from_options(cls, options, target) -> "InsertQDQ":
@@ -41,7 +45,7 @@ class InsertQDQ(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan: QuantPlan = ctx.artifact("select-precision", self.name)
         ranges = ctx.artifacts.get(CALIBRATION, {})
-        emitter = _Emitter(graph, ranges, self.overrides)
+        emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache)
         for op_plan in plan.ops:
             emitter.quantize_op(op_plan)
         if emitter.needs_opset21:
@@ -59,8 +63,10 @@ def _raise_opset(graph: Graph, version: int) -> None:
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]], overrides: PrecisionOverrides):
+    def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]], overrides: PrecisionOverrides,
+                 arrays: dict):
         self.graph = graph
+        self.arrays = arrays
         self.ranges = ranges
         self.overrides = overrides
         self.q_cache: dict[tuple[str, QSpec], tuple[Value, Value, Value]] = {}
@@ -192,7 +198,9 @@ class _Emitter:
             tensor = graph.constant(value)
             if spec.granularity == Granularity.BLOCK:
                 spec = spec.replace(axis=k_axis)
-            q, scale, zero = quantize_weight(tensor.numpy(), spec, channel_axis)
+            if key not in self.arrays:
+                self.arrays[key] = quantize_weight(tensor.numpy(), spec, channel_axis)
+            q, scale, zero = self.arrays[key]
             self._note_dtype(spec)
             q_init = graph.add_constant(f"{value.name}_quantized", q)
             s = graph.add_constant(f"{value.name}_scale", scale)
@@ -229,7 +237,7 @@ class _Emitter:
                           attrs={"axis": -1}, after=new_gather)
         dq_out = graph.outputs_of(dq)[0]
         dq_out.type = out.type
-        _redirect(graph, out, dq_out)
+        _redirect(graph, out, dq_out, keep_name=True)  # the embedding's output name stays meaningful
         self.weights += 1
         self.bytes_before += tensor.nbytes
         self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
@@ -260,10 +268,10 @@ def _weight_axes(op: Op, ndim: int) -> tuple[int, int]:
     return ndim - 1, ndim - 2  # MatMul: [..., K, N]
 
 
-def _redirect(graph: Graph, old: Value, new: Value) -> None:
-    """Readers of `old` read `new`; a graph output keeps its name."""
+def _redirect(graph: Graph, old: Value, new: Value, *, keep_name: bool = False) -> None:
+    """Readers of `old` read `new`; a graph output (or, with keep_name, any value) keeps its name."""
     graph.replace_all_uses(old, new)
-    if graph.is_graph_output(new):
+    if keep_name or graph.is_graph_output(new):
         name = old.name
         graph.rename_value(old, graph.unique_name(f"{name}_float"))
         graph.rename_value(new, name)
