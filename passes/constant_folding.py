@@ -33,6 +33,9 @@ class ConstantFolding(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         folded = constants = 0
         limit = self.max_output_bytes if self.fold_weights else 1 << 16
+        # An initializer that is also a graph input is only a default: the caller may feed
+        # another value, so nothing computed from it is constant.
+        overridable = {id(v) for v in graph.inputs if v.const is not None}
         for op in graph.topo_order():
             if op.domain or op.subgraphs or op.op_type in _NEVER_FOLD:
                 continue
@@ -40,7 +43,9 @@ class ConstantFolding(Pass):
                 if self._constant_to_initializer(graph, op):
                     constants += 1
                 continue
-            arrays = self._static_inputs(graph, op)
+            if any(graph.is_graph_output(v) for v in graph.outputs_of(op) if v is not None):
+                continue  # the output must stay an op's output under its name: nothing to fold
+            arrays = self._static_inputs(graph, op, overridable)
             if arrays is None:
                 continue
             outputs = _evaluate(op, arrays, graph)
@@ -52,8 +57,10 @@ class ConstantFolding(Pass):
                           {"ops_folded": folded, "constant_nodes_to_initializers": constants})
 
     @staticmethod
-    def _static_inputs(graph: Graph, op: Op) -> list[np.ndarray | None] | None:
+    def _static_inputs(graph: Graph, op: Op, overridable: set[int]) -> list[np.ndarray | None] | None:
         ins = graph.inputs_of(op)
+        if any(v is not None and id(v) in overridable for v in ins):
+            return None
         if op.op_type in ("Shape", "Size") and ins[0] is not None and graph.constant(ins[0]) is None:
             shape = ins[0].shape
             if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
@@ -86,13 +93,12 @@ class ConstantFolding(Pass):
     @staticmethod
     def _replace_with_constants(graph: Graph, op: Op, outputs: list[np.ndarray]) -> None:
         values = graph.outputs_of(op)
-        if any(v is not None and graph.is_graph_output(v) for v in values):
-            return
         graph.remove_op(op, remove_outputs=False)
         for value, array in zip(values, outputs):
             if value is None:
                 continue
-            value.const = Tensor.from_array(np.ascontiguousarray(array))
+            # np.ascontiguousarray makes a 0-d result 1-d; the reshape keeps scalars scalars.
+            value.const = Tensor.from_array(np.ascontiguousarray(array).reshape(array.shape))
             graph.initializers.append(value)
 
 

@@ -37,9 +37,13 @@ class IdentityElimination(Pass):
     def _bypass(graph: Graph, op: Op) -> bool:
         source = graph.inputs_of(op)[0]
         result = graph.outputs_of(op)[0]
+        # Subgraphs (If/Loop/Scan bodies) read outer values by name.
+        result_captured_by = [r for r in graph.consumers(result) if result in graph.implicit_inputs(r)]
         if graph.is_graph_output(result):
             if graph.is_graph_output(source) or source in graph.inputs or source.const is not None or source.outer:
                 return False  # the output name must survive and the source can't take it over
+            if result_captured_by or any(source in graph.implicit_inputs(r) for r in graph.consumers(source)):
+                return False  # renaming the source would strand the subgraphs reading it by name
             # The source takes over the output's name so the graph's interface is unchanged.
             graph.remove_op(op, remove_outputs=False)
             graph.replace_all_uses(result, source)
@@ -48,6 +52,8 @@ class IdentityElimination(Pass):
             if result.type is not None:
                 source.type = result.type
             return True
+        if any(source in graph.implicit_inputs(r) for r in result_captured_by):
+            return False  # a subgraph reads both names; it cannot take one value under two names
         graph.replace_all_uses(result, source)
         graph.remove_op(op)
         return True

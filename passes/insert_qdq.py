@@ -24,6 +24,18 @@ from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 
 CALIBRATION = "calibrate"
+WEIGHT_ROUNDING = "weight-rounding"
+
+
+def weight_key(graph: Graph, op: Op, slot: int, spec: QSpec) -> tuple[str, QSpec, int]:
+    """Key of a quantized weight: (weight name, spec with its blocked axis, channel axis).
+    Passes that round weights themselves store (q, scale, zero point) under this key in
+    ctx.artifacts[WEIGHT_ROUNDING]; the arrays have `quantize_weight`'s shapes."""
+    value = graph.inputs_of(op)[slot]
+    channel_axis, k_axis = _weight_axes(op, len(graph.constant(value).dims))
+    if spec.granularity == Granularity.BLOCK:
+        spec = spec.replace(axis=k_axis)
+    return value.name, spec, channel_axis
 
 
 @register_pass
@@ -45,6 +57,8 @@ class InsertQDQ(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan: QuantPlan = ctx.artifact("select-precision", self.name)
         ranges = ctx.artifacts.get(CALIBRATION, {})
+        # Weights already rounded by GPTQ/AWQ (same keys as `weight_key`) are used as they are.
+        self.weight_cache.update(ctx.artifacts.get(WEIGHT_ROUNDING, {}))
         emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache)
         for op_plan in plan.ops:
             emitter.quantize_op(op_plan)
@@ -72,7 +86,7 @@ class _Emitter:
         self.q_cache: dict[tuple[str, QSpec], tuple[Value, Value, Value]] = {}
         self.moved_cache: dict[tuple[int, int], Value] = {}
         self.dq_cache: dict[tuple[int, QSpec], Value] = {}
-        self.weight_cache: dict[tuple[str, QSpec, int], tuple[Value, np.ndarray]] = {}
+        self.weight_values: dict[tuple[str, QSpec, int], tuple[Value, np.ndarray]] = {}
         self.needs_opset21 = False
         self.weights = 0
         self.bytes_before = 0
@@ -193,11 +207,11 @@ class _Emitter:
     def weight(self, value: Value, spec: QSpec, channel_axis: int, k_axis: int, reader: Op
                ) -> tuple[Value, np.ndarray]:
         graph = self.graph
+        if spec.granularity == Granularity.BLOCK:
+            spec = spec.replace(axis=k_axis)
         key = (value.name, spec, channel_axis)
-        if key not in self.weight_cache:
+        if key not in self.weight_values:
             tensor = graph.constant(value)
-            if spec.granularity == Granularity.BLOCK:
-                spec = spec.replace(axis=k_axis)
             if key not in self.arrays:
                 self.arrays[key] = quantize_weight(tensor.numpy(), spec, channel_axis)
             q, scale, zero = self.arrays[key]
@@ -217,8 +231,8 @@ class _Emitter:
             self.weights += 1
             self.bytes_before += tensor.nbytes
             self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
-            self.weight_cache[key] = (dq_out, scale)
-        return self.weight_cache[key]
+            self.weight_values[key] = (dq_out, scale)
+        return self.weight_values[key]
 
     def embedding(self, gather: Op, table: Value, spec: QSpec) -> None:
         """Gather(int8 table) -> DQ(per hidden channel): only the gathered rows are dequantized."""

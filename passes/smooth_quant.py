@@ -23,6 +23,7 @@ from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
 from edgeq.pass_infra import Pass, PassContext, PassResult
 from edgeq.quant_plan import OpPlan, QuantPlan
+from edgeq.folding import fold_channel_scale_into_producer, insert_channel_mul
 from edgeq.registry import register_pass
 
 CALIBRATION_DATA = "calibration-data"
@@ -74,10 +75,10 @@ class SmoothQuant(Pass):
             scale = _smoothing_factors(channel_max[source_name], w_max, alpha)
             for op, w in zip(ops, weights):
                 graph.set_const(graph.inputs_of(op)[1], (w * scale[:, None]).astype(w.dtype))
-            if _fold_into_producer(graph, source, ops, 1.0 / scale):
+            if fold_channel_scale_into_producer(graph, source, ops, 1.0 / scale):
                 folded += 1
             else:
-                _insert_mul(graph, source, ops, 1.0 / scale)
+                insert_channel_mul(graph, source, ops, 1.0 / scale)
                 explicit += 1
         ctx.artifacts[self.name] = chosen
         return PassResult(graph, folded + explicit > 0, {"groups": len(groups), "folded": folded,
@@ -174,62 +175,3 @@ def _smoothing_factors(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> 
     return np.clip(scale, 1e-4, 1e4).astype(np.float32)
 
 
-def _only_readers(graph: Graph, value: Value, ops: list[Op]) -> bool:
-    readers = graph.consumers(value)
-    return not graph.is_graph_output(value) and set(readers) == set(ops)
-
-
-def _private_const(graph: Graph, value: Value | None, reader: Op) -> bool:
-    return value is not None and value.const is not None and graph.consumers(value) == [reader]
-
-
-def _fold_into_producer(graph: Graph, source: Value, ops: list[Op], inv: np.ndarray) -> bool:
-    """Scale the producer of `source` by inv per last-axis channel, if that is exact and safe."""
-    if not _only_readers(graph, source, ops):
-        return False
-    producer = graph.producer(source)
-    if producer is None:
-        return False
-    ins = graph.inputs_of(producer)
-    if producer.op_type == "LayerNormalization" and producer.attr("axis", -1) == -1:
-        gamma, beta = ins[1], ins[2] if len(ins) > 2 else None
-        if not _private_const(graph, gamma, producer) or (beta is not None and not _private_const(graph, beta, producer)):
-            return False
-        graph.set_const(gamma, gamma.const.numpy() * inv)
-        if beta is not None:
-            graph.set_const(beta, beta.const.numpy() * inv)
-        return True
-    if producer.op_type == "Mul":  # RMSNorm's gamma (or any per-channel constant scale)
-        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
-        if const_slot is None:
-            return False
-        gamma = ins[const_slot].const.numpy()
-        if gamma.ndim == 0 or gamma.shape[-1] != inv.shape[0]:
-            return False
-        graph.set_const(ins[const_slot], (gamma * inv).astype(gamma.dtype))
-        return True
-    if producer.op_type == "Add":  # bias of a preceding linear: MatMul(a, W) + b
-        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
-        if const_slot is None:
-            return False
-        other = graph.producer(ins[1 - const_slot])
-        if other is None or other.op_type != "MatMul":
-            return False
-        w = graph.inputs_of(other)[1]
-        mm_out = graph.outputs_of(other)[0]
-        if not _private_const(graph, w, other) or graph.consumers(mm_out) != [producer]:
-            return False
-        graph.set_const(ins[const_slot], ins[const_slot].const.numpy() * inv)
-        graph.set_const(w, w.const.numpy() * inv[None, :])
-        return True
-    return False
-
-
-def _insert_mul(graph: Graph, source: Value, ops: list[Op], inv: np.ndarray) -> None:
-    factor = graph.add_constant(f"{source.name}_smooth_inv_scale", inv.astype(np.float32))
-    first = min(ops, key=lambda op: op.order)
-    mul = graph.add_op("Mul", [source, factor], [f"{source.name}_smoothed"], before=first)
-    out = graph.outputs_of(mul)[0]
-    out.type = source.type
-    for op in ops:
-        graph.set_input(op, 0, out)
