@@ -24,6 +24,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.dead_code_elimination",
     "edgeq.passes.identity_elimination",
     "edgeq.passes.topological_sort",
+    "edgeq.passes.linear_to_gemm",
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",
     "edgeq.passes.calibrate",

@@ -140,7 +140,12 @@ class _Emitter:
                                      domain=mover.domain, after=mover)
                 clone.attributes = dict(mover.attributes)
                 out = graph.outputs_of(clone)[0]
-                out.set_type(spec.elem_type, graph.outputs_of(mover)[0].shape)
+                float_out = graph.outputs_of(mover)[0]
+                out.set_type(spec.elem_type, float_out.shape)
+                # Shape readers get the same answer from the integer copy, so the float
+                # chain is not kept alive just to be measured.
+                for shape_reader in [r for r in graph.consumers(float_out) if r.op_type == "Shape"]:
+                    graph.set_input(shape_reader, 0, out)
                 self.moved_cache[memo] = out
             current = self.moved_cache[memo]
         dq_key = (id(current), spec)

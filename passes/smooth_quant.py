@@ -75,10 +75,12 @@ class SmoothQuant(Pass):
             scale = _smoothing_factors(channel_max[source_name], w_max, alpha)
             for op, w in zip(ops, weights):
                 graph.set_const(graph.inputs_of(op)[1], (w * scale[:, None]).astype(w.dtype))
-            if fold_channel_scale_into_producer(graph, source, ops, 1.0 / scale):
+            readers = [graph.producer(graph.inputs_of(op)[0]) if smoothing_source(graph, op) is not
+                       graph.inputs_of(op)[0] else op for op in ops]
+            if fold_channel_scale_into_producer(graph, source, readers, 1.0 / scale):
                 folded += 1
             else:
-                insert_channel_mul(graph, source, ops, 1.0 / scale)
+                insert_channel_mul(graph, source, readers, 1.0 / scale)
                 explicit += 1
         ctx.artifacts[self.name] = chosen
         return PassResult(graph, folded + explicit > 0, {"groups": len(groups), "folded": folded,
@@ -117,16 +119,17 @@ class SmoothQuant(Pass):
 
 
 def _linear_groups(graph: Graph, plan: QuantPlan) -> dict[str, list[Op]]:
-    """Quantized MatMuls with a 2-D weight, grouped by the activation they read directly."""
+    """Quantized linears (MatMul, or Gemm without transposes) with a 2-D weight, grouped by the
+    activation they read (looking through a flattening Reshape, which keeps the last axis)."""
     groups: dict[str, list[Op]] = defaultdict(list)
     for op_plan in plan.ops:
         op = op_plan.op
-        if op.op_type != "MatMul" or 0 not in op_plan.activations or 1 not in op_plan.weights:
+        if 0 not in op_plan.activations or 1 not in op_plan.weights or not _plain_linear(op):
             continue
         weight = graph.constant(graph.inputs_of(op)[1])
         if weight is None or len(weight.dims) != 2 or graph.inputs_of(op)[1].const is None:
             continue
-        groups[graph.inputs_of(op)[0].name].append(op)
+        groups[smoothing_source(graph, op).name].append(op)
     # A weight read by more than one group cannot take two different scalings.
     owners = defaultdict(set)
     for name, ops in groups.items():
@@ -135,6 +138,23 @@ def _linear_groups(graph: Graph, plan: QuantPlan) -> dict[str, list[Op]]:
     return {name: ops for name, ops in groups.items()
             if all(len(owners[graph.inputs_of(op)[1].name]) == 1 and
                    len(graph.consumers(graph.inputs_of(op)[1])) == 1 for op in ops)}
+
+
+def _plain_linear(op: Op) -> bool:
+    if op.op_type == "MatMul":
+        return True
+    return op.op_type == "Gemm" and not op.attr("transA", 0) and not op.attr("transB", 0)
+
+
+def smoothing_source(graph: Graph, op: Op) -> Value:
+    """The activation a linear reads, before a flattening Reshape (same last axis)."""
+    x = graph.inputs_of(op)[0]
+    producer = graph.producer(x)
+    if producer is not None and producer.op_type == "Reshape" and len(graph.consumers(x)) == 1:
+        source = graph.inputs_of(producer)[0]
+        if source.shape is not None and x.shape is not None and source.shape[-1] == x.shape[-1]:
+            return source
+    return x
 
 
 def _search_alpha(x: np.ndarray, weights: list[np.ndarray], act_max: np.ndarray, w_max: np.ndarray,

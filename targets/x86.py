@@ -13,7 +13,6 @@ from edgeq.registry import register_target
 from edgeq.targets.base import CostModel, Execution, Granularity, OpRule, QSpec, Target
 
 ACT_U8 = QSpec("uint8", symmetric=False)                    # activations: asymmetric uint8
-ACT_S8 = QSpec("int8", symmetric=True)                      # second activation of act x act matmuls
 W_S8_CHANNEL = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
 W_S7_CHANNEL = W_S8_CHANNEL.replace(qrange=(-64, 63))
 EMBEDDING = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
@@ -21,8 +20,10 @@ EMBEDDING = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
 
 def _ops(weight: QSpec) -> dict[str, OpRule]:
     return {
-        # Linear layers and activation x activation matmuls (attention scores, context).
-        "MatMul": OpRule(activations=(ACT_U8, ACT_S8), weight=weight, weight_slots=(1,)),
+        # Linear layers and activation x activation matmuls (attention scores, context). The
+        # second activation is uint8 too: it is usually a projection's output, whose quantizer
+        # ORT fuses into the projection's QGemm only when input and output types agree.
+        "MatMul": OpRule(activations=(ACT_U8, ACT_U8), weight=weight, weight_slots=(1,)),
         "Gemm": OpRule(activations=(ACT_U8,), weight=weight, weight_slots=(1,),
                        bias=QSpec("int32", symmetric=True)),
         "Conv": OpRule(activations=(ACT_U8,), weight=weight, weight_slots=(1,),
@@ -41,7 +42,7 @@ _VNNI_COST = CostModel(
     source="Intel SDM: AVX512_VNNI VPDPBUSD (64 int8 MAC/instr/port), AVX-512 FMA (16 fp32 MAC)")
 
 _PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
-_PTQ = _PREPROCESS + ("select-precision", "smooth-quant", "calibrate", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
+_PTQ = _PREPROCESS + ("linear-to-gemm", "select-precision", "smooth-quant", "calibrate", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
                       "dead-code-elimination",
                       "topological-sort")
 
