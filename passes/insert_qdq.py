@@ -5,7 +5,7 @@
   so quantization is shared, not repeated; a DQ sits directly before the op (DQ -> MatMul).
 - Weights: stored as integer initializers (no float copy left) with DQ before the op, per
   tensor, per channel or per block (int4 blocks along K become MatMulNBits in ORT).
-- Embedding tables: Gather on the integer table, then DQ per hidden channel.
+- Embedding tables: Gather on the integer table, then dequantization per hidden channel.
 - Gemm/Conv biases: int32 with scale s_x * s_w.
 """
 
@@ -240,26 +240,29 @@ class _Emitter:
         return self.weight_values[key]
 
     def embedding(self, gather: Op, table: Value, spec: QSpec) -> None:
-        """Gather(int8 table) -> DQ(per hidden channel): only the gathered rows are dequantized."""
+        """Gather(int8 table) -> Cast -> Mul(per-hidden-channel scale): only the gathered rows are
+        dequantized. For a symmetric table this is exactly DequantizeLinear(axis=-1), written as
+        Cast+Mul because ORT's per-axis DequantizeLinear is a slow scalar path."""
         graph = self.graph
         tensor = graph.constant(table)
-        q, scale, zero = quantize_weight(tensor.numpy(), spec, channel_axis=-1)
+        spec = spec.replace(symmetric=True)
+        q, scale, _ = quantize_weight(tensor.numpy(), spec, channel_axis=-1)
         self._note_dtype(spec)
         q_init = graph.add_constant(f"{table.name}_quantized", q)
         s = graph.add_constant(f"{table.name}_scale", scale)
-        z = graph.add_constant(f"{table.name}_zero_point", zero)
         ids = graph.inputs_of(gather)[1]
         out = graph.outputs_of(gather)[0]
         new_gather = graph.add_op("Gather", [q_init, ids], [f"{out.name}_quantized"], after=gather)
         new_gather.attributes = dict(gather.attributes)
-        dq = graph.add_op("DequantizeLinear", [graph.outputs_of(new_gather)[0], s, z], [f"{out.name}_dq"],
-                          attrs={"axis": -1}, after=new_gather)
-        dq_out = graph.outputs_of(dq)[0]
+        cast = graph.add_op("Cast", [graph.outputs_of(new_gather)[0]], [f"{out.name}_cast"],
+                            attrs={"to": onnx.TensorProto.FLOAT}, after=new_gather)
+        mul = graph.add_op("Mul", [graph.outputs_of(cast)[0], s], [f"{out.name}_dq"], after=cast)
+        dq_out = graph.outputs_of(mul)[0]
         dq_out.type = out.type
         _redirect(graph, out, dq_out, keep_name=True)  # the embedding's output name stays meaningful
         self.weights += 1
         self.bytes_before += tensor.nbytes
-        self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
+        self.bytes_after += q_init.const.nbytes + s.const.nbytes
 
     def bias(self, op: Op, bias: Value, scale: np.ndarray) -> None:
         graph = self.graph

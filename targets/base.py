@@ -155,6 +155,10 @@ class Target:
     execution: Execution = field(default_factory=Execution)
     cost_model: CostModel | None = None
     notes: tuple[str, ...] = ()
+    # Integer-only datapath: between the first QuantizeLinear and the last DequantizeLinear no
+    # value is float (no float compute, no DQ -> Q round trip), every Q/DQ follows the target's
+    # default activation/weight spec, and integer matmul weights are stored in a weight dtype.
+    integer_only: bool = False
 
     def rule(self, op_kind: str) -> OpRule | None:
         return self.ops.get(op_kind)
@@ -170,10 +174,15 @@ class Violation:
 
 
 def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> list[Violation]:
-    """Check every Q/DQ of `graph` against the target's rules."""
+    """Check every Q/DQ (and integer embedding table) of `graph` against the target's rules."""
     violations: list[Violation] = []
     allowed = target.weight_dtypes | target.activation_dtypes | {"int32"}
     for op in graph.topo_order():
+        if op.op_type == "Gather" and graph.is_const(graph.inputs_of(op)[0]):
+            table = graph.constant(graph.inputs_of(op)[0])
+            name = dtype_name(table.elem_type)
+            if table.dtype.kind in "iu" and name not in target.weight_dtypes:
+                violations.append(Violation(op.name, f"embedding dtype {name} is not supported by {target.name}"))
         if op.op_type not in ("QuantizeLinear", "DequantizeLinear") or op.domain:
             continue
         ins = graph.inputs_of(op)
@@ -186,17 +195,116 @@ def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> 
         if name not in allowed:
             violations.append(Violation(op.name, f"dtype {name} is not supported by target {target.name}"))
         specs = _specs_for(graph, op, target)
+        if not specs and target.integer_only:
+            specs = [target.weight if graph.is_const(ins[0]) else target.activation]
         if scale is not None and any(s.scale_pow2 for s in specs):
             values = np.asarray(scale.numpy(), dtype=np.float64)
             if not np.all(np.exp2(np.round(np.log2(values))) == values):
                 violations.append(Violation(op.name, "scale is not a power of two"))
         if zero_point is not None and any(s.symmetric for s in specs) and np.any(zero_point.numpy().astype(np.int64)):
             violations.append(Violation(op.name, "zero point is not 0 but the target needs symmetric quantization"))
+    if target.integer_only:
+        violations.extend(_integer_only_violations(graph, target))
     if violations and raise_on_error:
         first = violations[0]
         raise ValidationError(f"{len(violations)} violation(s) of target {target.name}; first: "
                               f"{first.node}: {first.problem}")
     return violations
+
+
+# Model metadata listing ops that run on the host (JSON list of {"name": ...}); they are exempt
+# from the integer-only rule (e.g. an embedding lookup).
+HOST_OPS_KEY = "edgeq.host_ops"
+_FLOAT_ELEMS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                          onnx.TensorProto.DOUBLE})
+_INTEGER_MATMULS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3)}  # weight slot, its zero-point slot
+
+
+def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
+    """The integer-only rule: the region between a QuantizeLinear and a DequantizeLinear of
+    activations (ops with a Q upstream and a DQ downstream) holds no float value except in the
+    listed host ops, and no float value enters it other than through a QuantizeLinear."""
+    import json
+
+    def is_q(op, kind):
+        return op.op_type == kind and not op.domain and not graph.is_const(graph.inputs_of(op)[0])
+
+    order = graph.topo_order()
+    quantizers = [op for op in order if is_q(op, "QuantizeLinear")]
+    dequantizers = [op for op in order if is_q(op, "DequantizeLinear")]
+    if not quantizers or not dequantizers:
+        return [Violation(graph.name, f"target {target.name} is integer-only but the graph has no "
+                                      "QuantizeLinear/DequantizeLinear pair around an integer datapath")]
+    after_q: set = set()
+    stack = [v for op in quantizers for v in graph.outputs_of(op) if v is not None]
+    while stack:
+        for reader in graph.consumers(stack.pop()):
+            if reader not in after_q:
+                after_q.add(reader)
+                stack.extend(v for v in graph.outputs_of(reader) if v is not None)
+    before_dq: set = set()
+    stack = [graph.inputs_of(op)[0] for op in dequantizers]
+    while stack:
+        producer = graph.producer(stack.pop())
+        if producer is not None and producer not in before_dq:
+            before_dq.add(producer)
+            stack.extend(v for v in graph.inputs_of(producer) if v is not None)
+    region = after_q & before_dq
+    props = dict(graph.model.metadata_props) if graph.model is not None else {}
+    host = {entry["name"] for entry in json.loads(props.get(HOST_OPS_KEY, "[]"))}
+    elem = _elem_types(graph, region)
+    violations = []
+    for op in order:
+        if op not in region or op.name in host:
+            continue
+        if op.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            violations.append(Violation(op.name, f"{op.op_type} inside the integer datapath (a float round trip)"))
+            continue
+        values = [v for v in graph.inputs_of(op) + graph.outputs_of(op) if v is not None]
+        floats = [v.name for v in values if elem(v) in _FLOAT_ELEMS]
+        if floats:
+            violations.append(Violation(op.name, f"{op.op_type} computes on float ({floats[0]}) inside the "
+                                                 "integer datapath"))
+        for value in graph.inputs_of(op):
+            producer = graph.producer(value) if value is not None else None
+            if producer is None or producer in region or producer.op_type in ("QuantizeLinear", "Shape", "Size") \
+                    or producer.name in host:
+                continue
+            if any(elem(v) in _FLOAT_ELEMS for v in graph.inputs_of(producer) if v is not None):
+                violations.append(Violation(producer.name, f"{producer.op_type} turns float into integer without "
+                                                           "QuantizeLinear at the datapath's edge"))
+    for op in order:
+        slots = _INTEGER_MATMULS.get(op.op_type) if not op.domain else None
+        if slots is None:
+            continue
+        ins = graph.inputs_of(op)
+        weight = graph.constant(ins[slots[0]]) if len(ins) > slots[0] else None
+        if weight is not None and dtype_name(weight.elem_type) not in target.weight_dtypes:
+            violations.append(Violation(op.name, f"weight dtype {dtype_name(weight.elem_type)} is not one of "
+                                                 f"{', '.join(sorted(target.weight_dtypes))}"))
+        for slot in (2, 3):
+            zero = graph.constant(ins[slot]) if len(ins) > slot and ins[slot] is not None else None
+            if zero is not None and np.any(zero.numpy().astype(np.int64)):
+                violations.append(Violation(op.name, "integer matmul with a non-zero zero point (the target is "
+                                                     "symmetric)"))
+    return violations
+
+
+def _elem_types(graph: "Graph", region: set):
+    """value -> element type, from the IR's types, with onnx shape inference filling gaps."""
+    inferred: dict[str, int] = {}
+    if any(v is not None and v.elem_type is None for op in region
+           for v in graph.inputs_of(op) + graph.outputs_of(op)):
+        from edgeq.passes.shape_inference import model_for_analysis
+
+        model = onnx.shape_inference.infer_shapes(model_for_analysis(graph))
+        for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+            inferred[vi.name] = vi.type.tensor_type.elem_type
+
+    def elem(value) -> int | None:
+        return value.elem_type if value.elem_type is not None else inferred.get(value.name)
+
+    return elem
 
 
 def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[QSpec]:

@@ -42,7 +42,7 @@ _VNNI_COST = CostModel(
     source="Intel SDM: AVX512_VNNI VPDPBUSD (64 int8 MAC/instr/port), AVX-512 FMA (16 fp32 MAC)")
 
 _PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
-_PTQ = _PREPROCESS + ("linear-to-gemm", "select-precision", "smooth-quant", "calibrate", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
+_PTQ = _PREPROCESS + ("linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate", "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
                       "dead-code-elimination",
                       "topological-sort")
 

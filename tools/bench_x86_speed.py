@@ -45,6 +45,20 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in flags for f in ("avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")}
 
 
+def amx_permission() -> str:
+    """Whether the kernel grants this process AMX tile state (Linux arch_prctl), which every
+    AMX user (MLAS, oneDNN) must request before the first tile instruction."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, arch_req_xcomp_perm, arch_get_xcomp_perm, xtiledata = 158, 0x1023, 0x1022, 18
+    granted = libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xtiledata)
+    mask = ctypes.c_ulong(0)
+    libc.syscall(sys_arch_prctl, arch_get_xcomp_perm, ctypes.byref(mask))
+    tiles = bool(mask.value & (1 << xtiledata))
+    return f"request {'granted' if granted == 0 else 'refused (errno %d)' % ctypes.get_errno()}, tile data {'permitted' if tiles else 'not permitted'}"
+
+
 def cpu_model() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -140,6 +154,33 @@ def time_models(models: dict[str, Path], threads: int, batch: int, seq: int, rep
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def profile_models(models: dict[str, Path], threads: int, batch: int, seq: int, top: int = 8) -> dict[str, dict]:
+    """Kernel time per op type (ORT's profiler), to see where each model's time goes."""
+    from collections import Counter
+
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(1000, 20000, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+    result = {}
+    for name, path in models.items():
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(path.with_suffix("")) + f"_prof{threads}"
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        per_op: Counter = Counter()
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                per_op[event["args"]["op_name"]] += event["dur"] / 3 / 1000
+        result[name] = {op: round(ms, 1) for op, ms in per_op.most_common(top)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["minilm", "minilm-shaped"], default="minilm")
@@ -150,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--smooth", type=float, default=None, help="SmoothQuant alpha for edgeq")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--profile", action="store_true", help="also print kernel time per op type")
     args = parser.parse_args()
     targets = args.target or ["x86-vnni"]
     with tempfile.TemporaryDirectory(prefix="edgeq-speed-") as tmp_name:
@@ -165,19 +207,26 @@ def main() -> None:
             models[f"edgeq {target} ({compiled.report.scheme})"] = path
         models.update(ort_variants(float_path, feeds, tmp))
         result = {"cpu": cpu_model(), "flags": cpu_flags(), "cores": os.cpu_count(), "ort": ort.__version__,
+                  "amx_permission": amx_permission() if platform.system() == "Linux" else "n/a",
                   "model": args.model, "batch": args.batch, "seq": args.seq,
                   "gemm_probe_gmacs_1thread": round(gemm_probe(tmp), 1), "runs": {}}
         for threads in args.threads:
             medians = time_models(models, threads, args.batch, args.seq, args.repeats)
             result["runs"][threads] = {name: {"median_s": round(t, 4), "speedup": round(medians["float"] / t, 3)}
                                        for name, t in medians.items()}
+            if args.profile:
+                result.setdefault("profile", {})[threads] = profile_models(models, threads, args.batch, args.seq)
     print(f"CPU: {result['cpu']} ({result['cores']} cores), flags {result['flags']}, onnxruntime {result['ort']}")
-    print(f"single-thread u8s8 GEMM probe: {result['gemm_probe_gmacs_1thread']} GMAC/s")
+    print(f"single-thread u8s8 GEMM probe: {result['gemm_probe_gmacs_1thread']} GMAC/s; AMX: {result['amx_permission']}")
     for threads, rows in result["runs"].items():
         print(f"\n{args.model}, batch {args.batch} x {args.seq} tokens, {threads} threads:")
         print("| model | median ms | speedup vs float |\n|---|---|---|")
         for name, row in rows.items():
             print(f"| {name} | {row['median_s'] * 1000:.1f} | {row['speedup']:.2f}x |")
+    for threads, per_model in result.get("profile", {}).items():
+        print(f"\nkernel ms per op type, {threads} threads:")
+        for name, ops in per_model.items():
+            print(f"  {name}: " + ", ".join(f"{op} {ms}" for op, ms in ops.items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
