@@ -49,7 +49,8 @@ class Scheme:
             if rule_weight is not None and kind != "Gather":
                 rule_weight = weight
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
-        label = f"W{weight.bits}A{16 if act_label == 'int16' else 8 if act_label == 'int8' else 'float'}"
+        activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
+        label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
         return cls(rules, label)
 
 
