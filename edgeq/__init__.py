@@ -1,7 +1,21 @@
 """edgeq: quantize ONNX transformers for edge targets, as QDQ ONNX that ONNX Runtime runs."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from edgeq.errors import EdgeqError
 from edgeq.ir import Graph, Op, Tensor, Value, load, save
 
+if TYPE_CHECKING:
+    from edgeq.compiler import Compiled
+
 __version__ = "0.1.0"
-__all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "load", "save", "__version__"]
+__all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "compile", "load", "save", "__version__"]
+
+
+def compile(model, target, options=None, *, calibration=None) -> "Compiled":  # noqa: A001 (the API's name)
+    """Quantize `model` for `target` (see `edgeq.compiler.compile`)."""
+    from edgeq.compiler import compile as compile_model
+
+    return compile_model(model, target, options, calibration=calibration)
