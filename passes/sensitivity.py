@@ -101,8 +101,7 @@ class _VariantRunner:
         self.insert = InsertQDQ(weight_cache={})
         float_path = tmp / "float.onnx"
         save(graph, float_path)
-        names = [p.op.name and _output_name(graph, p.op) for p in plan.ops]
-        self.op_outputs = dict(zip((p.op.name for p in plan.ops), names))
+        self.op_outputs = {p.op.name: _output_name(graph, p.op) for p in plan.ops}
         self.outputs = [v.name for v in graph.outputs]
         session = make_session(float_path, threads)
         self.reference = [session.run(None, f) for f in feeds]
@@ -149,7 +148,7 @@ class _VariantRunner:
         names = [n for n in self.op_outputs.values() if n]
         tensors = _run_with_outputs(quantized, names, self.feeds, self.threads)
         ranking = []
-        for index, op_plan in enumerate(self.plan.ops):
+        for op_plan in self.plan.ops:
             name = self.op_outputs[op_plan.op.name]
             if not name:
                 continue
@@ -158,14 +157,11 @@ class _VariantRunner:
             got = np.concatenate([s[k].ravel() for s in tensors])
             ranking.append(OpSensitivity(op_plan.op.name, op_plan.op.op_type, sqnr_db(ref, got)))
         ranking.sort(key=lambda r: r.sqnr_db)
-        for item in _gain_candidates(ranking, max_candidates):
+        # End-to-end gains for the ops with the lowest SQNR (all of them when few): the
+        # likeliest culprits, at one variant each.
+        for item in ranking[:max_candidates]:
             item.gain = self.baseline_error - self.output_error({item.op})
         return ranking
-
-
-def _gain_candidates(ranking: list[OpSensitivity], limit: int) -> list[OpSensitivity]:
-    """All ops when few; otherwise those whose own SQNR is lowest (the likeliest culprits)."""
-    return ranking[:limit]
 
 
 def _output_name(graph: Graph, op) -> str | None:

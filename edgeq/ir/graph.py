@@ -135,6 +135,7 @@ class Graph:
         self._values: dict[str, Value] = {}
         self._order = itertools.count()
         self._names = itertools.count()
+        self._op_names: set[str] | None = None  # built on first unique_op_name()
 
     # ---- values -------------------------------------------------------------------------
     def value(self, name: str) -> Value:
@@ -229,7 +230,14 @@ class Graph:
         return op
 
     def unique_op_name(self, base: str) -> str:
-        return f"{base}_edgeq{next(self._names)}"
+        """A node name no op of this graph has (clones restart the counter, so check)."""
+        taken = {op.name for op in self.ops()} if self._op_names is None else self._op_names
+        self._op_names = taken
+        name = f"{base}_edgeq{next(self._names)}"
+        while name in taken:
+            name = f"{base}_edgeq{next(self._names)}"
+        taken.add(name)
+        return name
 
     def _set_input_count(self, op: Op, count: int) -> None:
         self._g.nodes[op]["n_in"] = count
