@@ -105,6 +105,7 @@ def targets_show(name: str, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps errors to exit codes (2 user error, 1 internal)."""
+    _DEBUG["on"] = False  # set again by --debug; never left over from an earlier in-process call
     try:
         _attach_optional_groups()
         cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
@@ -125,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as err:  # the file system refused: a path that clashes, permissions, a full disk
+        if _DEBUG["on"]:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{err.strerror or err} (check the paths given)", err=True)
+        return 2
     except Exception as err:  # a bug: say so, point at --debug
         if _DEBUG["on"]:
             raise

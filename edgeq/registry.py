@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from edgeq.errors import UnknownPassError, UnknownTargetError
+from edgeq.errors import EdgeqError, UnknownPassError, UnknownTargetError
 
 if TYPE_CHECKING:
     from edgeq.pass_infra import Pass
@@ -27,12 +27,16 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.linear_to_gemm",
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",
+    "edgeq.passes.hadamard_rotation",
+    "edgeq.passes.awq",
     "edgeq.passes.calibrate",
+    "edgeq.passes.gptq",
     "edgeq.passes.sensitivity",
     "edgeq.passes.insert_qdq",
     "edgeq.passes.fold_scalar_into_dequantize",
+    "edgeq.passes.lower_to_integer",
 )
-BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86",)
+BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.fpga")
 
 _PASSES: dict[str, type["Pass"]] = {}
 _TARGETS: dict[str, "Target"] = {}
@@ -59,10 +63,31 @@ def register_target(target: "Target") -> "Target":
 def _load_plugins() -> None:
     for module in BUILTIN_PASS_MODULES + BUILTIN_TARGET_MODULES:
         importlib.import_module(module)
-    for entry in entry_points(group="edgeq.passes"):
-        register_pass(entry.load())
-    for entry in entry_points(group="edgeq.targets"):
-        register_target(entry.load())
+    for group, register in (("edgeq.passes", _register_plugin_pass), ("edgeq.targets", _register_plugin_target)):
+        for entry in entry_points(group=group):
+            try:
+                register(entry.load())
+            except Exception as err:  # noqa: BLE001 (a broken plugin is the environment's problem, not a bug)
+                detail = str(err) or type(err).__name__
+                raise EdgeqError(f"plugin {entry.name!r} ({group} entry point {getattr(entry, 'value', '?')!r}) "
+                                 f"cannot be used: {type(err).__name__}: {detail}",
+                                 fix="fix, reinstall or uninstall the package that provides it") from err
+
+
+def _register_plugin_pass(obj: object) -> None:
+    from edgeq.pass_infra import Pass
+
+    if not (isinstance(obj, type) and issubclass(obj, Pass) and isinstance(getattr(obj, "name", None), str)):
+        raise TypeError(f"{obj!r} is not a Pass subclass with a `name`")
+    register_pass(obj)
+
+
+def _register_plugin_target(obj: object) -> None:
+    from edgeq.targets.base import Target
+
+    if not isinstance(obj, Target):
+        raise TypeError(f"{obj!r} is not an edgeq.targets.base.Target")
+    register_target(obj)
 
 
 def passes() -> dict[str, type["Pass"]]:

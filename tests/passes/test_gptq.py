@@ -1,0 +1,193 @@
+"""GPTQ weight rounding on the synthetic Llama: lower layer-output error than round-to-nearest
+(int4 blocks of 32 and 128, int8 channels), act-order with static groups, the weights that
+insert-qdq emits are the stored ones, and the compiled model runs in ORT on MatMulNBits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import version_converter
+
+from edgeq.calib_data import open_source
+from edgeq.errors import CalibrationError
+from edgeq.hessian import (ActivationStream, dequantize_kn, gptq_quantize, input_statistics, linear_groups,
+                           quantize_kn)
+from edgeq.ir import load
+from edgeq.models import synthetic
+from edgeq.models.llama import LlamaConfig
+from edgeq.options import CompileOptions
+from edgeq.pass_infra import PassContext
+from edgeq.passes.gptq import GPTQ
+from edgeq.passes.insert_qdq import weight_key
+from edgeq.quant_math import quantize_weight
+from edgeq.registry import get_target
+from edgeq.targets.base import Granularity, QSpec
+
+from .helpers import ptq_pipeline, relative_l2, run
+
+# Wide enough for blocks of 128 along K (hidden 128, MLP 256); two layers, planted outliers.
+CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=256)
+INT4_G32 = QSpec("int4", symmetric=True, granularity=Granularity.BLOCK, axis=0, block_size=32)
+INT4_G128 = INT4_G32.replace(block_size=128)
+INT8_CHANNEL = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory) -> Path:
+    """The synthetic Llama at opset 21. insert-qdq raises an opset-17 model to 21 for int4
+    blocks without converting its ReduceMean ops (known bug, xfail in test_insert_qdq.py), so
+    the model is converted here first; the passes under test do not depend on the opset."""
+    model = version_converter.convert_version(synthetic.llama(0, CONFIG), 21)
+    path = tmp_path_factory.mktemp("gptq") / "llama.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def feeds() -> list[dict]:
+    return [synthetic.llama_feeds(1, 32, seed=i, config=CONFIG) for i in range(8)]
+
+
+def _run_until(path, feeds, options: CompileOptions, stop_after: str, **kwargs):
+    graph = load(path)
+    ctx = PassContext(target=get_target("x86-vnni"))
+    ctx.artifacts["calibration-data"] = open_source(list(feeds), str(path))
+    pipeline = ptq_pipeline("x86-vnni", options, stop_after=stop_after, **kwargs)
+    graph = pipeline(graph, ctx).graph
+    return graph, ctx
+
+
+def _layer_inputs(path, graph, feeds, names):
+    """The float inputs of the named tensors over all feeds, [tokens, K]."""
+    with ActivationStream(graph, open_source(list(feeds), str(path))) as stream:
+        parts = list(stream.samples(names))
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_gptq_lowers_every_layers_output_error_against_rtn(llama_path, feeds, group):
+    options = CompileOptions(weights="int4", group=group, activations="float", weight_rounding="gptq")
+    graph, ctx = _run_until(llama_path, feeds, options, "gptq")
+    per_layer = ctx.artifacts["gptq"]
+    assert len(per_layer) == 15  # 2 x (q, k, v, o, gate, up, down) + lm_head
+    for layer in per_layer:
+        assert layer["gptq_error"] < layer["rtn_error"], layer
+    record = next(r for r in ctx.records if r.name == "gptq")
+    assert record.stats["mean_error_gptq"] < 0.6 * record.stats["mean_error_rtn"]
+
+    # The same comparison computed from the activations themselves (not through H): the output
+    # error of x @ W on every calibration token, for the MLP's down projection (K = 256).
+    plan = ctx.artifacts["select-precision"]
+    groups, _ = linear_groups(graph, plan)
+    down = next(g for g in groups if g.linears[0].weight_kn(graph).shape[0] == 256)
+    x = _layer_inputs(llama_path, graph, feeds, [down.source])[down.source]
+    lin = down.linears[0]
+    w = lin.weight_kn(graph)
+    q, scale, zero = ctx.artifacts["weight-rounding"][weight_key(graph, lin.op, 1, lin.spec)]
+    reference = x @ w
+    gptq_error = relative_l2(reference, x @ dequantize_kn(q, scale, zero, lin.spec))
+    rtn_error = relative_l2(reference, x @ dequantize_kn(*quantize_kn(w, lin.spec), lin.spec))
+    assert gptq_error < 0.8 * rtn_error
+
+
+def test_act_order_uses_static_groups_and_still_beats_rtn(llama_path, feeds):
+    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    _, plain = _run_until(llama_path, feeds, options, "gptq")
+    graph, ordered = _run_until(llama_path, feeds, replace(options, act_order=True), "gptq")
+    assert all(r["gptq_error"] < r["rtn_error"] for r in ordered.artifacts["gptq"])
+    # Static groups: every block's scale is the round-to-nearest scale of the original weight's
+    # block (contiguous along K), whatever the order the rows were rounded in.
+    for lin in (lin for g in linear_groups(graph, ordered.artifacts["select-precision"])[0] for lin in g.linears):
+        q, scale, zero = ordered.artifacts["weight-rounding"][weight_key(graph, lin.op, 1, lin.spec)]
+        _, rtn_scale, _ = quantize_kn(lin.weight_kn(graph), lin.spec)
+        np.testing.assert_array_equal(scale, rtn_scale)
+        assert q.shape == lin.weight_kn(graph).shape and scale.shape == (lin.weight_kn(graph).shape[0] // 32, q.shape[1])
+    assert plain.artifacts["gptq"] != ordered.artifacts["gptq"]
+
+
+def test_int8_channel_weights_gptq_beats_rtn(llama_path, feeds):
+    options = CompileOptions(weights="int8", activations="float", weight_rounding="gptq")
+    _, ctx = _run_until(llama_path, feeds, options, "gptq")
+    assert all(r["gptq_error"] < r["rtn_error"] for r in ctx.artifacts["gptq"])
+    arrays = next(iter(ctx.artifacts["weight-rounding"].values()))
+    assert arrays[0].dtype == np.int8 and arrays[1].ndim == 1
+
+
+@pytest.mark.parametrize("spec", [INT4_G32, INT4_G128.replace(block_size=64), INT8_CHANNEL,
+                                  QSpec("uint4", symmetric=False, granularity=Granularity.BLOCK, axis=0,
+                                        block_size=32)])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(spec):
+    """No correlation between inputs: nothing to compensate, so GPTQ rounds exactly as
+    quantize_weight does (same scales, same integers), including a partial last block."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96 + 16, 40)).astype(np.float32)
+    q, scale, zero = gptq_quantize(w, np.eye(len(w)), spec, damp=0.01)
+    rq, rscale, rzero = quantize_weight(w, spec.replace(axis=0) if spec.block_size else spec, channel_axis=1)
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(scale, rscale)
+    np.testing.assert_array_equal(zero, rzero)
+
+
+def test_dead_input_channels_keep_their_rounded_weights():
+    """A channel that is always 0 spreads no error and receives none: its row is rounded to
+    nearest, with the block's scale from the original weight."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[:, 5] = 0.0
+    w = rng.standard_normal((64, 24)).astype(np.float32)
+    q, scale, zero = gptq_quantize(w, 2 * x.T.astype(np.float64) @ x / len(x), INT4_G32)
+    rq, rscale, _ = quantize_kn(w, INT4_G32)
+    np.testing.assert_array_equal(q[5], rq[5])
+    np.testing.assert_array_equal(scale[0], rscale[0])
+    assert not np.array_equal(q[6:32], rq[6:32])  # the live rows were compensated
+
+
+def test_emitted_weights_are_exactly_the_stored_ones_and_ort_runs_matmulnbits(llama_path, feeds):
+    from edgeq.compiler import compile as compile_model
+
+    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    graph, ctx = _run_until(llama_path, feeds, options, "insert-qdq")
+    stored = ctx.artifacts["weight-rounding"]
+    emitted = 0
+    for dq in graph.ops_of_type("DequantizeLinear"):
+        q, s, z = (graph.constant(v) for v in graph.inputs_of(dq))
+        name = graph.inputs_of(dq)[0].name.removesuffix("_quantized")
+        match = [arrays for key, arrays in stored.items() if key[0] == name]
+        if not match:
+            continue  # the embedding table (Gather) keeps int8 rows
+        emitted += 1
+        sq, ss, sz = match[0]
+        assert q.numpy().dtype == sq.dtype
+        np.testing.assert_array_equal(q.numpy(), sq)
+        np.testing.assert_array_equal(s.numpy(), ss)
+        np.testing.assert_array_equal(z.numpy(), sz)
+    assert emitted == 15
+
+    compiled = compile_model(llama_path, "x86-vnni", options, calibration=list(feeds))
+    assert compiled.report.fusion.integer_kernels.get("MatMulNBits") == 15
+    assert compiled.report.fusion.all_fused
+    record = next(r for r in compiled.report.passes if r.name == "gptq")
+    assert record.modified is False and record.stats["layers"] == 15
+    reference = run(onnx.load(str(llama_path)), feeds[0])[0]
+    assert relative_l2(reference, run(compiled.graph, feeds[0])[0]) < 0.5
+
+
+def test_gptq_needs_calibration_data_unless_automatic(llama_path, feeds):
+    graph = load(llama_path)
+    ctx = PassContext(target=get_target("x86-vnni"))
+    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    pipeline = ptq_pipeline("x86-vnni", options, stop_after="select-precision")
+    graph = pipeline(graph, ctx).graph
+    with pytest.raises(CalibrationError):
+        GPTQ()(graph, ctx)
+    result = GPTQ(required=False)(graph, ctx)
+    assert result.stats == {"layers": 0, "no_calibration_data": 1}
+    assert "weight-rounding" not in ctx.artifacts
+    auto = GPTQ.from_options(CompileOptions(weights="int4", weight_rounding="auto"), get_target("x86-vnni"))
+    assert auto.enabled and not auto.required
+    assert not GPTQ.from_options(CompileOptions(weights="int8", weight_rounding="auto"), get_target("x86-vnni")).enabled
