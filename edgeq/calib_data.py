@@ -216,7 +216,7 @@ def _cast_values(array: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
         source = "after the cast to " + str(spec.dtype) if kind == "float" else "in the data"
         raise CalibrationError(f"{where}: input '{spec.name}' has {bad} NaN/Inf values {source}",
                                fix=f"replace or drop the non-finite values of '{spec.name}'")
-    return np.ascontiguousarray(cast)
+    return np.ascontiguousarray(cast).reshape(cast.shape)  # ascontiguousarray makes scalars 1-D
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,4 +145,8 @@ def _attach_optional_groups() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m edgeq.cli` runs this file as __main__, a second copy of the module: the
+    # commands register on the imported edgeq.cli, so run that one.
+    from edgeq.cli import main as _main
+
+    sys.exit(_main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +11,18 @@ import click
 from edgeq.cli import _echo_json, cli
 from edgeq.errors import OptionError
 from edgeq.options import SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides
+
+
+def _check_writable(path: Path | None) -> None:
+    """Fail before the long work when an output's folder cannot be created or written."""
+    if path is None:
+        return
+    parent = path.resolve().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OptionError(f"cannot write {path}: {existing} is a file, not a folder", fix="check the paths given")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise OptionError(f"cannot write {path}: {existing} is not writable", fix="check the paths given")
 
 
 def _calibration_spec(calib: Path | None, calib_text: Path | None, tokenizer: Path | None, seq_len: int,
@@ -70,6 +82,7 @@ def _with_flags(flags):
 @click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
 @click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
 @click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer.")
+@click.option("--rotate", is_flag=True, help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first.")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
@@ -79,7 +92,7 @@ def _with_flags(flags):
 def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
                     first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
                     exclude_op, nodes_to_exclude, tensor_overrides, keep_high, sensitivity, smooth_alpha,
-                    smooth_search, accuracy_budget, config, report, threads, external_data, as_json) -> None:
+                    smooth_search, rotate, accuracy_budget, config, report, threads, external_data, as_json) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.compiler import compile as compile_model
     from edgeq.registry import get_target
@@ -87,6 +100,8 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
     target = get_target(target_name)  # unknown targets fail before any work
     if output.resolve() == model.resolve():
         raise OptionError("the output would overwrite the input model", fix="choose another -o path")
+    for path in (output, report):
+        _check_writable(path)
     options = CompileOptions.from_toml(config) if config else CompileOptions()
     overrides = options.overrides
     overrides = replace(
@@ -103,7 +118,7 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
                       **{k: v for k, v in (("weights", weights), ("group", group), ("activations", activations),
                                            ("keep_high", keep_high), ("accuracy_budget", accuracy_budget),
                                            ("threads", threads), ("sensitivity", sensitivity),
-                                           ("smooth_alpha", smooth_alpha),
+                                           ("smooth_alpha", smooth_alpha), ("rotate", rotate),
                                            ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None))
                          if v})
     spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)

@@ -42,6 +42,13 @@ class PrecisionOverrides:
     exclude_op_types: tuple[str, ...] = ()
     tensors: tuple[tuple[str, TensorOverride], ...] = ()
 
+    def __post_init__(self) -> None:
+        for pattern in self.exclude_regex:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise OptionError(f"invalid --exclude-regex {pattern!r}: {err}") from None
+
     def excludes(self, op_name: str, op_type: str) -> str | None:
         """The reason an op is excluded, or None."""
         if op_name in self.exclude_nodes:
@@ -90,11 +97,19 @@ class PrecisionOverrides:
             if quant_type is not None and quant_type not in _ORT_QUANT_TYPES:
                 raise OptionError(f"{path}: {tensor!r} has unknown quant_type {quant_type!r}",
                                   fix=f"use one of {', '.join(_ORT_QUANT_TYPES)}")
+            symmetric = entry.get("symmetric")
+            if symmetric is not None and not isinstance(symmetric, bool):
+                raise OptionError(f"{path}: 'symmetric' of {tensor!r} must be true or false, not {symmetric!r}")
+            numbers = {}
+            for key, kind in (("scale", float), ("zero_point", int), ("rmin", float), ("rmax", float)):
+                try:
+                    numbers[key] = _scalar(entry.get(key), kind)
+                except (TypeError, ValueError):
+                    raise OptionError(f"{path}: '{key}' of {tensor!r} must be a number, not {entry.get(key)!r}") \
+                        from None
             out.append((tensor, TensorOverride(
-                dtype=_ORT_QUANT_TYPES.get(quant_type) if quant_type else None,
-                symmetric=entry.get("symmetric"),
-                scale=_scalar(entry.get("scale")), zero_point=_scalar(entry.get("zero_point"), int),
-                rmin=_scalar(entry.get("rmin")), rmax=_scalar(entry.get("rmax")), axis=entry.get("axis"))))
+                dtype=_ORT_QUANT_TYPES.get(quant_type) if quant_type else None, symmetric=symmetric,
+                axis=entry.get("axis"), **numbers)))
         return tuple(out)
 
 
@@ -138,6 +153,11 @@ class CompileOptions:
     two_digit: tuple[str, ...] = ()
     smooth_alpha: float | None = None     # SmoothQuant migration strength; None: off
     smooth_alpha_grid: tuple[float, ...] = ()  # search alpha per layer among these (0 = leave alone)
+    rotate: bool = False                  # Hadamard rotation (QuaRot) before quantization
+    # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
+    # GPTQ rounding; "auto": the target's choice (x86: GPTQ for int4 when calibration data is given).
+    weight_rounding: Literal["auto", "rtn", "gptq", "awq", "awq+gptq"] = "rtn"
+    act_order: bool = False              # GPTQ: round input channels by decreasing Hessian diagonal
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
     quantize_embeddings: bool = True
     verify: bool = True
@@ -152,6 +172,8 @@ class CompileOptions:
             raise OptionError(f"--group must be a power of two >= 16, not {self.group}")
         if self.keep_high < 0:
             raise OptionError("--keep-high must be >= 0")
+        if self.weight_rounding not in ("auto", "rtn", "gptq", "awq", "awq+gptq"):
+            raise OptionError(f"--weight-rounding must be auto, rtn, gptq, awq or awq+gptq, not {self.weight_rounding!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides) -> "CompileOptions":

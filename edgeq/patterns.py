@@ -193,12 +193,14 @@ def _is_const_chain(graph: Graph, value: Value | None) -> bool:
 
 
 def _is_residual(graph: Graph, add: Op) -> bool:
-    """An Add of two activations where one operand skips over a block (its producer is
-    further up than the other's): the residual stream of a transformer."""
+    """An Add x + f(x) closing a skip connection: one operand (the skip, x) is upstream of the
+    other and also feeds the block itself (a norm or linear, not only Adds). Mask adds (the mask
+    feeds only Adds), RoPE's two halves and embedding sums are not skip connections."""
     ins = graph.inputs_of(add)
-    if len(ins) != 2 or any(v is None or graph.is_const(v) for v in ins):
+    if len(ins) != 2 or any(v is None or graph.is_const(v) for v in ins) or ins[0] is ins[1]:
         return False
-    a, b = (graph.producer(v) for v in ins)
-    if a is None or b is None:
-        return True
-    return a.op_type != b.op_type or a.op_type in ("Add", "LayerNormalization", "Mul")
+    for skip, other in (ins, ins[::-1]):
+        feeds_a_block = any(reader.op_type != "Add" for reader in graph.consumers(skip))
+        if feeds_a_block and skip in graph.upstream(other):
+            return True
+    return False

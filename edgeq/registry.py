@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # Module paths of the built-in passes and targets; each module registers what it defines.
 BUILTIN_PASS_MODULES = (
+    "edgeq.passes.convert_opset",
     "edgeq.passes.shape_inference",
     "edgeq.passes.constant_folding",
     "edgeq.passes.dead_code_elimination",

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgeq.errors import CalibrationError
 from edgeq.hessian import (ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
-                           input_statistics, linear_groups, output_error, quantize_kn)
+                           input_statistics, linear_groups, output_errors, quantize_kn)
 from edgeq.ir import Graph
 from edgeq.pass_infra import Pass, PassContext, PassResult
 from edgeq.quant_plan import QuantPlan
@@ -117,10 +117,10 @@ class GPTQ(Pass):
                 outputs += _split_columns(q, scale, zero, [p.shape[1] for p in part])
             for lin, w, (q, scale, zero) in zip(linears, weights, outputs):
                 rounding[weight_key(graph, lin.op, 1, spec)] = lin.to_stored(q, scale, zero)
-                rtn = dequantize_kn(*quantize_kn(w, spec), spec)
-                results.append({"op": lin.op.name, "input": group.source,
-                                "rtn_error": output_error(hessian, w, rtn),
-                                "gptq_error": output_error(hessian, w, dequantize_kn(q, scale, zero, spec))})
+                rtn_error, gptq_error = output_errors(hessian, w, dequantize_kn(*quantize_kn(w, spec), spec),
+                                                      dequantize_kn(q, scale, zero, spec))
+                results.append({"op": lin.op.name, "input": group.source, "rtn_error": rtn_error,
+                                "gptq_error": gptq_error})
         return results
 
 

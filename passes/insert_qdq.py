@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgeq.errors import CalibrationError
+from edgeq.errors import CalibrationError, GraphError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import PrecisionOverrides
 from edgeq.pass_infra import Pass, PassContext, PassResult
@@ -54,6 +54,16 @@ class InsertQDQ(Pass):
     def from_options(cls, options, target) -> "InsertQDQ":
         return cls(options.overrides)
 
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        specs = [s for p in plan.ops for s in (*p.activations.values(), *p.weights.values())]
+        needs = 21 if any(s.dtype in ("int4", "uint4", "int16", "uint16") or s.granularity == Granularity.BLOCK
+                          for s in specs) else 13
+        opset = graph.model.opset_imports.get("", graph.model.opset_imports.get("ai.onnx", 1))
+        if opset < needs:
+            raise GraphError(f"these quantization specs need opset {needs}, the graph is at {opset}",
+                             fix="run the convert-opset pass first")
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan: QuantPlan = ctx.artifact("select-precision", self.name)
         ranges = ctx.artifacts.get(CALIBRATION, {})
@@ -62,18 +72,9 @@ class InsertQDQ(Pass):
         emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache)
         for op_plan in plan.ops:
             emitter.quantize_op(op_plan)
-        if emitter.needs_opset21:
-            _raise_opset(graph, 21)
         stats = {"activation_quantizers": len(emitter.q_cache), "weights_quantized": emitter.weights,
                  "weight_bytes_before": emitter.bytes_before, "weight_bytes_after": emitter.bytes_after}
         return PassResult(graph, bool(plan.ops), stats)
-
-
-def _raise_opset(graph: Graph, version: int) -> None:
-    imports = graph.model.opset_imports
-    key = "" if "" in imports or "ai.onnx" not in imports else "ai.onnx"
-    imports[key] = max(imports.get(key, version), version)
-    graph.model.ir_version = max(graph.model.ir_version, 10)
 
 
 class _Emitter:
@@ -87,7 +88,6 @@ class _Emitter:
         self.moved_cache: dict[tuple[int, int], Value] = {}
         self.dq_cache: dict[tuple[int, QSpec], Value] = {}
         self.weight_values: dict[tuple[str, QSpec, int], tuple[Value, np.ndarray]] = {}
-        self.needs_opset21 = False
         self.weights = 0
         self.bytes_before = 0
         self.bytes_after = 0
@@ -122,7 +122,6 @@ class _Emitter:
         key = (source.name, spec)
         if key not in self.q_cache:
             scale, zero = qparams(*lo_hi, spec)
-            self._note_dtype(spec)
             s = graph.add_constant(f"{source.name}_scale", scale)
             z = graph.add_constant(f"{source.name}_zero_point", zero)
             producer = graph.producer(source)
@@ -220,7 +219,6 @@ class _Emitter:
             if key not in self.arrays:
                 self.arrays[key] = quantize_weight(tensor.numpy(), spec, channel_axis)
             q, scale, zero = self.arrays[key]
-            self._note_dtype(spec)
             q_init = graph.add_constant(f"{value.name}_quantized", q)
             s = graph.add_constant(f"{value.name}_scale", scale)
             z = graph.add_constant(f"{value.name}_zero_point", zero)
@@ -247,7 +245,6 @@ class _Emitter:
         tensor = graph.constant(table)
         spec = spec.replace(symmetric=True)
         q, scale, _ = quantize_weight(tensor.numpy(), spec, channel_axis=-1)
-        self._note_dtype(spec)
         q_init = graph.add_constant(f"{table.name}_quantized", q)
         s = graph.add_constant(f"{table.name}_scale", scale)
         ids = graph.inputs_of(gather)[1]
@@ -275,10 +272,6 @@ class _Emitter:
         dq = graph.add_op("DequantizeLinear", [q_init, s, z], [f"{bias.name}_dequantized"],
                           attrs={"axis": 0}, before=op)
         graph.set_input(op, 2, graph.outputs_of(dq)[0])
-
-    def _note_dtype(self, spec: QSpec) -> None:
-        if spec.bits < 8 or spec.bits > 8 or spec.granularity == Granularity.BLOCK:
-            self.needs_opset21 = True
 
 
 def _weight_axes(op: Op, ndim: int) -> tuple[int, int]:

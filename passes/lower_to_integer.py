@@ -78,6 +78,9 @@ INT8 = np.dtype(np.int8)
 UINT8 = np.dtype(np.uint8)
 INT32 = np.dtype(np.int32)
 FIRST_NORM = ("integer", "host")
+WEIGHT_ROUNDING = ("gptq", "nearest")
+GPTQ_DAMPING = 0.01   # GPTQ's default: 1% of the mean diagonal added to the Hessian
+GPTQ_BLOCK = 128
 # A mask constant at or below this is "minus infinity" for softmax in float32.
 MASK_LIMIT = -1e4
 
@@ -89,13 +92,31 @@ class LowerToInteger(Pass):
                    "shift requantization, integer softmax/LayerNorm/GELU (power-of-two scales)")
 
     def __init__(self, calibration: CalibrationOptions | None = None, *, weight_bits: int = 8,
-                 weight_granularity: str = "channel", first_norm: str = "integer", threads: int = 1):
+                 weight_granularity: str = "channel", first_norm: str = "integer",
+                 equalization: float | None = 1.0, max_channel_shift: int = 8, weight_rounding: str = "gptq",
+                 threads: int = 1):
+        """equalization: strength alpha in [0, 1] of the power-of-two channel factors of int8
+        tensors whose readers take them (linear layers fold them into their weight rows,
+        residual adds and norms shift per channel); None quantizes every tensor with one scale.
+        max_channel_shift caps a channel's factor at 2^-max_channel_shift.
+        weight_rounding: "gptq" rounds each weight matrix on its power-of-two grid with GPTQ's
+        error compensation (Frantar et al., 2023) against the second moments of the layer's
+        input on the calibration data; "nearest" rounds to nearest."""
         if weight_bits not in (8, 4, 2):
             raise OptionError(f"weight_bits must be 8, 4 or 2, not {weight_bits}")
         if weight_granularity not in ("channel", "tensor"):
             raise OptionError(f"weight_granularity must be 'channel' or 'tensor', not {weight_granularity!r}")
         if first_norm not in FIRST_NORM:
             raise OptionError(f"first_norm must be one of {FIRST_NORM}, not {first_norm!r}")
+        if equalization is not None and not 0.0 <= equalization <= 1.0:
+            raise OptionError(f"equalization must be None or in [0, 1], not {equalization!r}")
+        if max_channel_shift < 0:
+            raise OptionError("max_channel_shift must be >= 0")
+        if weight_rounding not in WEIGHT_ROUNDING:
+            raise OptionError(f"weight_rounding must be one of {WEIGHT_ROUNDING}, not {weight_rounding!r}")
+        self.equalization = equalization
+        self.max_channel_shift = max_channel_shift
+        self.weight_rounding = weight_rounding
         self.calibration = calibration or CalibrationOptions()
         self.weight_bits = weight_bits
         self.weight_granularity = weight_granularity
@@ -133,12 +154,12 @@ class LowerToInteger(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         act, weight = self._specs(ctx)
         # 1. Which float tensors need ranges: a dry run of the lowering records its requests.
-        recorder = _RecordingRanges()
-        _Lowering(graph, act, weight, self.first_norm, recorder).run()
+        recorder = _RecordingRanges(graph)
+        self._lowering(graph, act, weight, recorder).run()
         # 2. Their statistics: reuse the calibrate pass's, collect the rest in one run.
         ranges = self._ranges(graph, ctx, recorder)
         # 3. The real lowering, spliced into the graph.
-        lowering = _Lowering(graph, act, weight, self.first_norm, ranges)
+        lowering = self._lowering(graph, act, weight, ranges)
         lowering.run()
         replaced = _splice(graph, lowering)
         _raise_opset(graph, lowering.host)
@@ -158,22 +179,36 @@ class LowerToInteger(Pass):
                  **{f"steps_{k}": v for k, v in sorted(census.items())}}
         return PassResult(graph, True, stats)
 
+    def _lowering(self, graph: Graph, act: QSpec, weight: QSpec, ranges: _Ranges) -> _Lowering:
+        return _Lowering(graph, act, weight, self.first_norm, ranges, self.equalization, self.max_channel_shift)
+
     def _ranges(self, graph: Graph, ctx: PassContext, recorder: _RecordingRanges) -> _Ranges:
+        """Statistics of the requested tensors: the calibrate pass's where they carry
+        per-channel min/max, the rest from one calibration run of the float graph."""
         known = ctx.artifacts.get(STATISTICS) or {}
-        missing = [n for n in recorder.names if n not in known]
-        stats = dict((n, known[n]) for n in recorder.names if n in known)
+        usable = {n for n in recorder.names if n in known and known[n].channel_min is not None}
+        missing = [n for n in recorder.names if n not in usable]
+        stats = {n: known[n] for n in usable}
         if missing:
             data = ctx.artifacts.get(CALIBRATION_DATA)
             if data is None:
                 raise CalibrationError(f"{len(missing)} tensors of the integer datapath need calibration data",
                                        fix="pass --calib DIR|FILE.npz or calibration=... to compile")
-            options = StatsOptions(histogram=self.calibration.method != "minmax", threads=self.threads)
+            options = StatsOptions(histogram=self.calibration.method != "minmax", channel_axis=-1,
+                                   threads=self.threads)
             with tempfile.TemporaryDirectory(prefix="edgeq-lower-") as tmp:
                 path = Path(tmp) / "float.onnx"
                 save(graph, path)
                 result = calibrate(str(path), data, missing, options)
             stats.update((n, result[n]) for n in missing)
-        return _Ranges(stats, self.calibration)
+        ranges = _Ranges(stats, self.calibration)
+        if self.weight_rounding == "gptq" and recorder.linear_inputs:
+            data = ctx.artifacts.get(CALIBRATION_DATA)
+            if data is None:
+                raise CalibrationError("GPTQ weight rounding needs calibration data",
+                                       fix="pass calibration data, or weight_rounding='nearest'")
+            ranges.moments = _second_moments(graph, data, recorder.linear_inputs, self.threads)
+        return ranges
 
     @staticmethod
     def _update_plan(ctx: PassContext, lowering: _Lowering) -> None:
@@ -194,6 +229,10 @@ class _Ranges:
     def __init__(self, stats, options: CalibrationOptions):
         self.stats = stats
         self.options = options
+        self.moments: dict[str, np.ndarray] = {}   # linear input -> X^T X over calibration tokens
+
+    def second_moment(self, name: str) -> np.ndarray | None:
+        return self.moments.get(name)
 
     def act(self, name: str) -> tuple[float, float]:
         return self.stats[name].range(self.options.method, symmetric=True, percentile=self.options.percentile,
@@ -203,12 +242,30 @@ class _Ranges:
         lo, hi = self.stats[name].range("minmax", symmetric=True)
         return float(max(-lo, hi))
 
+    def channel(self, name: str) -> np.ndarray:
+        """Largest magnitude per last-axis channel (min/max over the calibration data)."""
+        return np.asarray(self.stats[name].channel_range(symmetric=True)[1], np.float64)
+
 
 class _RecordingRanges(_Ranges):
     """Dry-run ranges: answers (-1, 1) and remembers every tensor asked for."""
 
-    def __init__(self):
+    def __init__(self, graph: Graph):
+        self.graph = graph
         self.names: list[str] = []
+        self.linear_inputs: list[str] = []
+
+    def second_moment(self, name):
+        if name not in self.linear_inputs:
+            self.linear_inputs.append(name)
+        return None
+
+    def channel(self, name):
+        self._note(name)
+        shape = self.graph.value(name).shape
+        if not shape or not isinstance(shape[-1], int):
+            raise OptionError(f"'{name}' has no static last dimension (run shape inference first)")
+        return np.ones(shape[-1])
 
     def _note(self, name: str) -> None:
         if name not in self.names:
@@ -241,6 +298,11 @@ class _Form:
         return self.scale.ndim == 0
 
 
+def _scale_field(scale: np.ndarray) -> float | tuple[float, ...]:
+    """A step's scale field: a float per tensor, a tuple per channel."""
+    return float(scale) if np.ndim(scale) == 0 else tuple(float(s) for s in scale)
+
+
 def _exponent(ratio: np.ndarray, what: str) -> int | tuple[int, ...]:
     """e with ratio == 2^e exactly (per element); a non-power-of-two ratio is an error."""
     flat = np.ravel(ratio)
@@ -254,8 +316,11 @@ def _exponent(ratio: np.ndarray, what: str) -> int | tuple[int, ...]:
 
 
 class _Lowering:
-    def __init__(self, graph: Graph, act: QSpec, weight: QSpec, first_norm: str, ranges: _Ranges):
+    def __init__(self, graph: Graph, act: QSpec, weight: QSpec, first_norm: str, ranges: _Ranges,
+                 equalization: float | None = None, max_channel_shift: int = 8):
         self.graph = graph
+        self.equalization = equalization
+        self.max_channel_shift = max_channel_shift
         self.act_spec = act
         self.weight_spec = weight
         self.first_norm = first_norm
@@ -283,9 +348,9 @@ class _Lowering:
         entry = graph.inputs_of(first)[0] if self.first_norm == "integer" else graph.outputs_of(first)[0]
         self.host = graph.ancestors(entry)
         self.done |= self.host
-        scale = self.act_scale(entry.name)
-        name = self.program.add(Quantize(entry.name, scale, unit=""), self.b)
-        self.forms[entry.name] = _Form(name, INT8, np.asarray(scale, np.float64))
+        scale = self.out_scale(entry)
+        name = self.program.add(Quantize(entry.name, _scale_field(scale), unit=""), self.b)
+        self.forms[entry.name] = _Form(name, INT8, scale)
         for op in order:
             if op in self.done:
                 continue
@@ -295,12 +360,18 @@ class _Lowering:
         for value in graph.outputs:
             if value.name not in self.forms:
                 continue
-            form = self.int8(value.name)
-            out = self.program.add(Dequantize(form.name, float(form.scale), unit=""), self.b)
+            form = self.forms[value.name]
+            if form.dtype != INT8:
+                form = self.int8(value.name)
+            out = self.program.add(Dequantize(form.name, _scale_field(form.scale), unit=""), self.b)
             self.outputs.append((value, out))
             self.program.outputs.append((out, value.name))
         if not self.outputs:
             raise OptionError("no graph output is computed by the integer datapath")
+        for name, form in self.forms.items():
+            if form.mask is None:
+                scale = float(form.scale) if form.per_tensor else [float(s) for s in form.scale]
+                self.program.probes[name] = (form.name, scale)
 
     def host_ops(self) -> Iterable[tuple[Op, str]]:
         for op in self.graph.topo_order():
@@ -343,6 +414,35 @@ class _Lowering:
     def act_scale(self, name: str) -> float:
         lo, hi = self.ranges.act(name)
         return float(qparams(lo, hi, self.act_spec)[0])
+
+    def out_scale(self, value: Value) -> np.ndarray:
+        """The int8 scale of `value`: per tensor, or with equalization and readers that take it,
+        per last-axis channel: s_t * 2^-k_c, s_t covering the tensor's max and k_c =
+        min(floor(alpha * log2(s_t / s_c)), max_channel_shift), s_c covering channel c's max."""
+        if self.equalization is None or not self.takes_channel_scales(value):
+            return np.asarray(self.act_scale(value.name), np.float64)
+        amax = self.ranges.channel(value.name)
+        tensor = float(qparams(-amax.max(), amax.max(), self.act_spec)[0])
+        channel = qparams(-amax, amax, self.act_spec)[0].astype(np.float64)
+        k = np.floor(self.equalization * np.log2(tensor / channel) + 1e-9)
+        k = np.clip(k, 0, self.max_channel_shift)
+        return tensor * np.exp2(-k)
+
+    def takes_channel_scales(self, value: Value) -> bool:
+        """Whether every reader of `value` takes one power-of-two scale per last-axis channel:
+        linear layers (folded into weight rows), residual adds and norms (shifts per channel)."""
+        graph = self.graph
+        for reader, slot in graph.uses(value):
+            ins = graph.inputs_of(reader)
+            if reader.op_type == "MatMul" and slot == 0 and graph.is_const(ins[1]):
+                continue
+            if reader.op_type == "Add" and not any(graph.is_const(v) for v in ins) and \
+                    self.roles.role(reader) != Role.GELU:
+                continue
+            if reader.op_type == "LayerNormalization" and slot == 0:
+                continue
+            return False
+        return True
 
     def wide_scale(self, name: str, forms: Iterable[_Form]) -> float:
         """A power-of-two int32 grid for `name`: no finer than its inputs need, WIDE_BITS below
@@ -391,12 +491,21 @@ class _Lowering:
     def linear(self, op: Op) -> None:
         graph = self.graph
         x_value, w_value = graph.inputs_of(op)
-        x = self.int8(x_value.name)
+        x = self.forms[x_value.name]
+        if x.dtype not in (INT8, UINT8):
+            x = self.int8(x_value.name)
         w = graph.constant(w_value).numpy().astype(np.float32)
         if w.ndim != 2:
             raise OptionError(f"MatMul '{op.name}': weight of rank {w.ndim}; the fpga lowering takes [K, N] weights")
+        x_scale = float(np.max(x.scale))
+        if not x.per_tensor:  # channel factors (powers of two, exact) move into the weight rows
+            w = w * (x.scale / x_scale).astype(np.float32)[:, None]
         q, w_scale = _pow2_weight(w, self.weight_spec)
-        acc_scale = float(x.scale) * w_scale
+        moment = self.ranges.second_moment(x_value.name)
+        if moment is not None:  # the quantized input's second moments: x / factor per channel
+            factor = np.ones(w.shape[0]) if x.per_tensor else x.scale / x_scale
+            q = _gptq(w, moment / np.outer(factor, factor), w_scale, self.weight_spec)
+        acc_scale = x_scale * w_scale
         out = graph.outputs_of(op)[0]
         bias_name, result = None, out
         readers = graph.consumers(out)
@@ -552,13 +661,13 @@ class _Lowering:
         if not x.per_tensor or x.mask is not None:
             x = self.align(x, self.wide_scale(x_value.name, (x,)), unit, f"LayerNorm '{op.name}'")
         out = graph.outputs_of(op)[0]
-        scale = self.act_scale(out.name)
+        scale = self.out_scale(out)
         step = LayerNormInt(x.name, float(x.scale), str(x.dtype),
                             tuple(float(g) for g in gamma.numpy().reshape(-1)),
                             None if beta is None else tuple(float(v) for v in beta.numpy().reshape(-1)),
-                            float(op.attr("epsilon", 1e-5)), scale, unit=unit)
+                            float(op.attr("epsilon", 1e-5)), _scale_field(scale), unit=unit)
         name = self.emit(step)
-        self.forms[out.name] = _Form(name, INT8, np.asarray(scale, np.float64), unit)
+        self.forms[out.name] = _Form(name, INT8, scale, unit)
 
     def gelu(self, op: Op) -> None:
         graph = self.graph
@@ -570,9 +679,9 @@ class _Lowering:
         x = self.form(x_value)
         unit = f"gelu@{block[0].name}"
         x = self.align(x, self.wide_scale(x_value.name, (x,)), unit, f"GELU '{block[0].name}'")
-        scale = self.act_scale(out.name)
-        name = self.emit(GeluInt(x.name, float(x.scale), scale, unit=unit))
-        self.forms[out.name] = _Form(name, INT8, np.asarray(scale, np.float64), unit)
+        scale = self.out_scale(out)
+        name = self.emit(GeluInt(x.name, float(x.scale), _scale_field(scale), unit=unit))
+        self.forms[out.name] = _Form(name, INT8, scale, unit)
         for member in block:
             if member is not op:
                 self.done.add(member)
@@ -630,6 +739,65 @@ def _pow2_weight(w: np.ndarray, spec: QSpec) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), np.asarray(scale, np.float64)
 
 
+def _gptq(w: np.ndarray, moment: np.ndarray, scale: np.ndarray, spec: QSpec) -> np.ndarray:
+    """GPTQ (Frantar et al., 2023) on a fixed grid: round w [K, N] to `scale` (per output
+    channel N, or one) input row by input row, pushing each row's rounding error onto the rows
+    not yet rounded through the inverse Hessian of the layer's input (H = X^T X, damped), so
+    the output error on the calibration inputs is what is minimised, not the weight error."""
+    k_dim = w.shape[0]
+    weights = np.array(w.T, np.float64)                       # [N, K]: columns are input channels
+    hessian = np.array(moment, np.float64)
+    dead = np.diag(hessian) <= 0
+    hessian[dead, dead] = 1.0
+    weights[:, dead] = 0.0
+    hessian[np.diag_indices(k_dim)] += GPTQ_DAMPING * np.mean(np.diag(hessian))
+    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T      # H^-1 = U^T U, U upper triangular
+    step = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (weights.shape[0],))
+    quantized = np.zeros_like(weights)
+    for start in range(0, k_dim, GPTQ_BLOCK):
+        stop = min(start + GPTQ_BLOCK, k_dim)
+        block = weights[:, start:stop].copy()
+        errors = np.zeros_like(block)
+        u = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[:, i]
+            q = np.clip(np.round(column / step), spec.qmin, spec.qmax)
+            quantized[:, start + i] = q
+            error = (column - q * step) / u[i, i]
+            block[:, i:] -= np.outer(error, u[i, i:])
+            errors[:, i] = error
+        weights[:, stop:] -= errors @ upper[start:stop, stop:]
+    return quantized.T.astype(np.int8)
+
+
+def _second_moments(graph: Graph, data, names: list[str], threads: int) -> dict[str, np.ndarray]:
+    """X^T X of each named float tensor ([..., K] -> [K, K]) over every token of the calibration
+    samples, from one ONNX Runtime run of the float graph with those tensors as outputs."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-gptq-") as tmp:
+        path = Path(tmp) / "float.onnx"
+        save(graph, path)
+        model = onnx.load(str(path), load_external_data=False)
+        have = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in have:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        onnx.save(model, str(path))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
+    moments: dict[str, np.ndarray] = {}
+    for feed in data:
+        values = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+        for name, value in zip(names, values):
+            rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+            moments[name] = moments.get(name, 0.0) + rows.T @ rows
+    return moments
+
+
 # ---- splicing the emitted nodes into the graph -------------------------------------------------
 
 
@@ -679,15 +847,20 @@ def _raise_opset(graph: Graph, host: set[Op]) -> None:
             if op.domain:
                 continue
             try:
-                before = onnx.defs.get_schema(op.op_type, old).since_version
-                after = onnx.defs.get_schema(op.op_type, 21).since_version
+                before, after = onnx.defs.get_schema(op.op_type, old), onnx.defs.get_schema(op.op_type, 21)
             except onnx.defs.SchemaError:
                 continue
-            if before != after:
+            # Later versions mostly add types; a changed input or attribute list changes meaning
+            # (e.g. axes moving from an attribute to an input).
+            if _signature(before) != _signature(after):
                 raise OptionError(f"host op {op.op_type} '{op.name}' changes meaning between opset {old} and 21",
                                   fix="re-export the model at opset 21")
     imports[key] = max(old, 21)
     graph.model.ir_version = max(graph.model.ir_version, 10)
+
+
+def _signature(schema) -> tuple:
+    return tuple(i.name for i in schema.inputs), tuple(sorted(schema.attributes))
 
 
 def _set_metadata(graph: Graph, entries: dict[str, str]) -> None:

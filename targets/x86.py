@@ -41,9 +41,10 @@ _VNNI_COST = CostModel(
             "op_mac_int8_int8": 1 / 64, "op_mac_uint8_uint8": 1 / 64},
     source="Intel SDM: AVX512_VNNI VPDPBUSD (64 int8 MAC/instr/port), AVX-512 FMA (16 fp32 MAC)")
 
-_PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
-_PTQ = _PREPROCESS + ("linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate", "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
-                      "dead-code-elimination",
+_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination",
+               "shape-inference")
+_PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate",
+                      "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize", "dead-code-elimination",
                       "topological-sort")
 
 X86_VNNI = register_target(Target(

@@ -352,12 +352,21 @@ class Graph:
     def ancestors(self, value: Value) -> set[Op]:
         return {n for n in nx.ancestors(self._g, value) if isinstance(n, Op)}
 
+    def upstream(self, value: Value) -> set[Value]:
+        """Values `value` is computed from (transitively)."""
+        return {n for n in nx.ancestors(self._g, value) if isinstance(n, Value)}
+
     def subgraphs(self) -> Iterator[Graph]:
         """Every nested graph, depth first."""
         for op in self.topo_order():
             for sub in _iter_subgraphs(op):
                 yield sub
                 yield from sub.subgraphs()
+
+    def take_contents(self, other: "Graph") -> None:
+        """Become `other` (in place), for passes that rebuild the whole graph: readers holding
+        this Graph object see the result."""
+        self.__dict__.update(other.__dict__)
 
     def clone(self) -> Graph:
         """A structural copy that shares the weight Tensors (they are immutable)."""

@@ -181,11 +181,7 @@ def _bad_case(case: str, tmp: Path, bert: Path, mlp: Path, calib: Path) -> tuple
 BAD_CASES = ["missing file", "not onnx", "truncated", "empty file", "unknown target", "calib wrong input name",
              "calib NaN", "calib empty dir", "calib missing", "calib float for int input", "bad group",
              "group too small", "no calibration for W8A8", "bad nodes_to_exclude", "bad tensor overrides",
-             pytest.param("non-numeric override scale", marks=pytest.mark.xfail(
-                 strict=True, reason="BUG edgeq/options.py _scalar: float('abc') escapes as ValueError (exit 1)")),
-             pytest.param("invalid exclude regex", marks=pytest.mark.xfail(
-                 strict=True, reason="BUG edgeq/options.py PrecisionOverrides: an invalid regex fails inside "
-                                     "select-precision as re.error (exit 1, 'pass failed')"))]
+             "non-numeric override scale", "invalid exclude regex"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -222,12 +218,11 @@ def test_an_unwritable_output_path_is_a_user_error(capsys, tmp_path, synthetic_b
     code, out, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "a_file" / "m.onnx",
                            "--calib", bert_calib_dir)
     assert code == 2
-    assert err.strip().splitlines() == [f"error: {tmp_path / 'a_file'}: File exists (check the paths given)"]
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and str(tmp_path / "a_file") in line and line.endswith("(check the paths given)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG edgeq/commands.py compile_command: the model is saved before the report "
-                                       "is written, so a bad --report path fails the command but leaves the model")
 def test_a_bad_report_path_leaves_no_model_behind(capsys, tmp_path, synthetic_bert, bert_calib_dir):
     (tmp_path / "a_file").write_text("not a directory")
     code, _, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "m.onnx",
@@ -274,9 +269,6 @@ def test_debug_shows_the_traceback_and_plain_errors_do_not(tmp_path):
     assert "edgeq.errors.ModelLoadError" in debug.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG edgeq/cli.py __main__: `python -m edgeq.cli` runs a second copy of the "
-                                       "module, so the commands registered by edgeq.commands (compile, eval, ...) "
-                                       "are missing")
 def test_python_m_edgeq_cli_knows_compile(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edgeq.cli", "compile", "--help"], capture_output=True,
                             text=True, cwd=tmp_path, timeout=120)

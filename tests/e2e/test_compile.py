@@ -45,7 +45,7 @@ def _hits_opset_bug(model: str, target: str, scheme: str) -> bool:
 
 
 CASES = [pytest.param(m, t, s, id=f"{m}-{t}-{s}",
-                      marks=[pytest.mark.xfail(strict=True, reason=OPSET_BUG)] if _hits_opset_bug(m, t, s) else [])
+                      )
          for m in ("bert", "llama") for t in TARGETS for s in SCHEMES]
 
 
@@ -65,12 +65,9 @@ def compiled(synthetic_bert, synthetic_llama, bert_samples, llama_samples):
     return get
 
 
-@pytest.mark.xfail(strict=True, reason="BUG edgeq/__init__.py: DESIGN.md's one entry point `edgeq.compile` is not "
-                                       "exported (only edgeq.compiler.compile exists)")
-def test_edgeq_compile_is_the_package_entry_point():
-    from edgeq import compiler
-
-    assert edgeq.compile is compiler.compile
+def test_edgeq_compile_is_the_package_entry_point(synthetic_bert, bert_samples):
+    compiled = edgeq.compile(synthetic_bert, "x86-vnni", CompileOptions(), calibration=bert_samples)
+    assert compiled.report.quantized_ops.get("Gemm", 0) + compiled.report.quantized_ops.get("MatMul", 0) > 0
 
 
 @pytest.mark.parametrize("model,target,scheme", CASES)
@@ -104,8 +101,7 @@ def _weight_q_arrays(result: Compiled) -> list[np.ndarray]:
     return arrays
 
 
-@pytest.mark.parametrize("model", ["bert", pytest.param("llama", marks=pytest.mark.xfail(strict=True,
-                                                                                       reason=OPSET_BUG))])
+@pytest.mark.parametrize("model", ["bert", "llama"])
 def test_avx2_weights_stay_within_7_bits(compiled, model):
     weights = _weight_q_arrays(compiled(model, "x86-avx2", "W8A8"))
     assert len(weights) >= 12

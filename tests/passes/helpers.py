@@ -22,7 +22,7 @@ F = TensorProto.FLOAT
 GENERIC = ("shape-inference", "constant-folding", "dead-code-elimination", "identity-elimination",
            "topological-sort")
 # The preprocessing every x86 pipeline starts with.
-PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
 
 
 def session(model: onnx.ModelProto | Graph | str | Path, *, optimize: bool = True) -> ort.InferenceSession:

