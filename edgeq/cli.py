@@ -58,6 +58,8 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo("custom domains: " + ", ".join(f"{d} ({n} ops)" for d, n in summary["custom_domains"].items()))
     if summary["functions"]:
         click.echo("local functions: " + ", ".join(summary["functions"]))
+    if summary["recognised_blocks"]:
+        click.echo("recognised blocks: " + ", ".join(f"{role} {n}" for role, n in summary["recognised_blocks"].items()))
 
 
 @cli.command(name="passes")

@@ -48,6 +48,8 @@ def summarize(graph: Graph) -> dict[str, Any]:
         entry["elements"] += value.const.size
         entry["bytes"] += value.const.nbytes
     info = graph.model
+    from edgeq.patterns import find_roles
+
     return {
         "ir_version": info.ir_version if info else None,
         "producer": f"{info.producer_name} {info.producer_version}".strip() if info else "",
@@ -63,4 +65,5 @@ def summarize(graph: Graph) -> dict[str, Any]:
         "subgraphs": subgraph_count,
         "custom_domains": dict(domains),
         "functions": [f"{f.domain}::{f.name}" for f in (info.functions if info else [])],
+        "recognised_blocks": find_roles(graph).counts(),
     }
