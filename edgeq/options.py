@@ -151,8 +151,11 @@ class CompileOptions:
     # Ops whose activation input is quantized as two int8 digits (x = s*q1 + (s/254)*q2): still
     # integer kernels, twice the MACs, near-int16 precision; by op-name regex, or the K worst.
     two_digit: tuple[str, ...] = ()
-    smooth_alpha: float | None = None     # SmoothQuant migration strength; None: off
-    smooth_alpha_grid: tuple[float, ...] = ()  # search alpha per layer among these (0 = leave alone)
+    # SmoothQuant: by default alpha is searched per layer (0 = leave the layer alone), which
+    # only smooths where the simulated W8A8 error drops; a fixed smooth_alpha overrides the
+    # search; an empty grid and no alpha turn it off. Weight-only schemes have nothing to smooth.
+    smooth_alpha: float | None = None
+    smooth_alpha_grid: tuple[float, ...] = SMOOTH_SEARCH_GRID
     rotate: bool = False                  # Hadamard rotation (QuaRot) before quantization
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
     # GPTQ rounding; "auto": the target's choice (x86: GPTQ for int4 when calibration data is given).

@@ -46,7 +46,8 @@ class SmoothQuant(Pass):
 
     @classmethod
     def from_options(cls, options, target) -> "SmoothQuant":
-        return cls(options.smooth_alpha, options.smooth_alpha_grid, threads=options.threads)
+        grid = () if options.smooth_alpha is not None else options.smooth_alpha_grid  # a fixed alpha wins
+        return cls(options.smooth_alpha, grid, threads=options.threads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.alpha is None and not self.alpha_grid:
