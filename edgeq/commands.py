@@ -60,6 +60,29 @@ def _with_flags(flags):
     return decorate
 
 
+_device_flags = [
+    click.option("--device", help="Device or board for a resource/latency estimate (targets whose cost model "
+                                  "needs a device, e.g. fpga: zcu102, kv260, ...)."),
+    click.option("--fps", type=float, help="Throughput target for the estimate's folding search (with --device)."),
+    click.option("--folding", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="FINN-style folding JSON (PE/SIMD per layer) for the estimate (with --device)."),
+]
+
+
+def _check_device_flags(target, device: str | None, fps: float | None, folding: Path | None) -> None:
+    """Device flags apply only to a target whose cost model prices a device; fail before any work."""
+    needs_device = getattr(target.cost_model, "needs_device", False)
+    if device is not None and not needs_device:
+        raise OptionError(f"--device applies to targets whose cost model needs a device; target {target.name} "
+                          "has none", fix="use --target fpga, or drop --device")
+    if (fps is not None or folding is not None) and device is None:
+        raise OptionError("--fps and --folding shape the device estimate", fix="add --device D")
+    if fps is not None and folding is not None:
+        raise OptionError("give either --fps or --folding, not both")
+    if device is not None:
+        target.cost_model.device(device)  # an unknown device fails now, not after compiling
+
+
 @cli.command(name="compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", "-t", "target_name", required=True, help="Target name (see `edgeq targets`).")
@@ -82,6 +105,9 @@ def _with_flags(flags):
 @click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
 @click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
 @click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer.")
+@click.option("--weight-rounding", type=click.Choice(["auto", "rtn", "gptq", "awq", "awq+gptq"]),
+              help="Weight rounding: round-to-nearest, GPTQ, AWQ, AWQ scaling + GPTQ (needs calibration data).")
+@click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
 @click.option("--rotate", is_flag=True, help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first.")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
@@ -89,15 +115,18 @@ def _with_flags(flags):
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads for calibration/verification.")
 @click.option("--external-data/--no-external-data", default=None, help="Weights in a .data file (default: above 2 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_with_flags(_device_flags)
 def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
                     first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
                     exclude_op, nodes_to_exclude, tensor_overrides, keep_high, sensitivity, smooth_alpha,
-                    smooth_search, rotate, accuracy_budget, config, report, threads, external_data, as_json) -> None:
+                    smooth_search, weight_rounding, act_order, rotate, accuracy_budget, config, report, threads, external_data, as_json,
+                    device=None, fps=None, folding=None) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.compiler import compile as compile_model
     from edgeq.registry import get_target
 
     target = get_target(target_name)  # unknown targets fail before any work
+    _check_device_flags(target, device, fps, folding)
     if output.resolve() == model.resolve():
         raise OptionError("the output would overwrite the input model", fix="choose another -o path")
     for path in (output, report):
@@ -119,6 +148,7 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
                                            ("keep_high", keep_high), ("accuracy_budget", accuracy_budget),
                                            ("threads", threads), ("sensitivity", sensitivity),
                                            ("smooth_alpha", smooth_alpha), ("rotate", rotate),
+                                           ("weight_rounding", weight_rounding), ("act_order", act_order),
                                            ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None))
                          if v})
     spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)
@@ -126,12 +156,20 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
     compiled.save(output, external_data=external_data)
     if report:
         compiled.report.write(report)
+    estimate = target.cost_model.estimate(output, device, fps=fps, folding=folding) if device else None
     if as_json:
-        click.echo(compiled.report.to_json())
+        if estimate is None:
+            click.echo(compiled.report.to_json())
+        else:
+            _echo_json({"report": compiled.report.to_dict(), "estimate": estimate.to_dict()})
         return
     click.echo(f"wrote {output}")
     for line in compiled.report.summary_lines():
         click.echo("  " + line)
+    if estimate is not None:
+        click.echo(estimate.to_text())
+    elif getattr(target.cost_model, "needs_device", False):
+        click.echo(f"  (add --device D for the resources and latency of {target.name} on a device)")
 
 
 @cli.command(name="eval")
@@ -165,6 +203,30 @@ def eval_command(float_model: Path, compiled_model: Path, calib, calib_text, tok
     for o in result.outputs:
         click.echo(f"  {o.name}: rel L2 {o.relative_l2:.5f}  cosine mean {o.cosine_mean:.6f} min {o.cosine_min:.6f}"
                    f"  SQNR {o.sqnr_db:.2f} dB  max abs {o.max_abs:.4g}")
+
+
+@cli.command(name="estimate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--target", "-t", "target_name", required=True, help="Target whose cost model prices MODEL (fpga).")
+@click.option("--device", required=True, help="Device or board (see `edgeq fpga devices`).")
+@click.option("--fps", type=float, help="Throughput target for the folding search.")
+@click.option("--folding", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="FINN-style folding JSON (PE/SIMD per layer).")
+@click.option("--input-shape", multiple=True,
+              help="NAME=D0,D1,... for symbolic inputs (default: the shapes recorded at compile time).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def estimate_command(model: Path, target_name: str, device: str, fps: float | None, folding: Path | None,
+                     input_shape: tuple[str, ...], as_json: bool) -> None:
+    """Resources and latency of a compiled (QDQ or integer) MODEL on a device, with the template and
+    assumptions that produced them."""
+    from edgeq.fpga.cli import _parse_shapes
+    from edgeq.registry import get_target
+
+    target = get_target(target_name)
+    _check_device_flags(target, device, fps, folding)
+    report = target.cost_model.estimate(model, device, fps=fps, folding=folding,
+                                        input_shapes=_parse_shapes(input_shape) or None)
+    click.echo(report.to_json() if as_json else report.to_text())
 
 
 def _attach_models_group() -> None:

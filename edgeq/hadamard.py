@@ -253,7 +253,8 @@ def hadamard(n: int, dtype=np.float64) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Rotation:
-    """Q = diag(signs) @ (I_blocks (x) H) with H = kron(factors) / sqrt(prod(factors)): an
+    """Q = diag(signs) @ (I_blocks (x) H P) with H = kron(factors) / sqrt(prod(factors)) and P
+    an optional permutation of each block's outputs ((x H P)[j] = (x H)[perm[j]]): an
     orthogonal matrix of order blocks * prod(factors). `apply(x, axis)` computes x @ Q along
     `axis` (the axis plays the role of the row vector), `apply(x, axis, transpose=True)`
     x @ Q^T. For a weight W [in, out]: Q^T W = apply(W, 0) and W Q = apply(W, 1)."""
@@ -261,6 +262,17 @@ class Rotation:
     factors: tuple[np.ndarray, ...]
     blocks: int = 1
     signs: np.ndarray | None = None
+    perm: np.ndarray | None = None
+
+    def last_axis_form(self) -> "Rotation":
+        """The same Kronecker factors with the output permutation that applying them by
+        contracting only last axes produces: x [.., f1..fk] -> contract fk, move it first, ...,
+        contract f1 (no final transpose) leaves the axes as [f2, .., fk, f1]."""
+        orders = [f.shape[0] for f in self.factors]
+        if len(orders) == 1:
+            return self
+        index = np.arange(self.block_order).reshape(orders)
+        return Rotation(self.factors, self.blocks, self.signs, np.moveaxis(index, 0, -1).ravel())
 
     @classmethod
     def of_order(cls, n: int, *, blocks: int = 1, seed: int | None = None,
@@ -295,12 +307,16 @@ class Rotation:
         if not transpose and self.signs is not None:
             moved = moved * self.signs
         orders = [f.shape[0] for f in self.factors]
+        if transpose and self.perm is not None:   # x P^T first
+            moved = moved.reshape(*lead, self.blocks, self.block_order)[..., np.argsort(self.perm)]
         y = moved.reshape(*lead, self.blocks, *orders)
         k = len(orders)
         for i, f in enumerate(self.normalised_factors(np.float64)):
             mat = f.T if transpose else f
             # contract axis (-k + i) with the factor's first index; result lands at the end
             y = np.moveaxis(np.tensordot(y, mat, axes=([y.ndim - k + i], [0])), -1, y.ndim - k + i)
+        if not transpose and self.perm is not None:
+            y = y.reshape(*lead, self.blocks, self.block_order)[..., self.perm]
         y = y.reshape(*lead, self.order)
         if transpose and self.signs is not None:
             y = y * self.signs

@@ -171,6 +171,15 @@ class ActivationStream:
         for feed in self.data:
             yield [np.asarray(a, np.float32).reshape(-1, a.shape[-1]) for a in run(feed)]
 
+    def substitute(self, name: str, array: np.ndarray) -> bool:
+        """Feed `array` for the weight `name` from now on (e.g. its quantized value, so later
+        layers see the error of earlier ones); False if that weight is not fed but inline."""
+        weights = self._model.weights
+        if name not in weights or weights[name].shape != array.shape:
+            return False
+        weights[name] = np.ascontiguousarray(array, dtype=weights[name].dtype)
+        return True
+
     def close(self) -> None:
         self._model = None
         self._tmp.cleanup()
@@ -231,6 +240,10 @@ def input_statistics(stream: ActivationStream, names: Sequence[str], *, abs_mean
     return out
 
 
+# Range shrink ratios tried per output channel and group (AWQ's grid: max_shrink 0.5, 20 steps).
+CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(11))   # 1.0, 0.95, ..., 0.5
+
+
 # --------------------------------------------------------------------------------------------
 # Quantization helpers in the [K, N] layout (K = reduction axis, N = output channels).
 
@@ -269,8 +282,8 @@ def output_errors(hessian: np.ndarray, w: np.ndarray, *approximations: np.ndarra
 # GPTQ (Frantar et al., 2023): column-by-column rounding with Hessian-based error compensation.
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: float = 0.01,
-                  act_order: bool = False, block: int = 128
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  act_order: bool = False, block: int = 128, clip_ratios: Sequence[float] = (1.0,),
+                  full_range: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round w [K, N] (K = reduction axis) to `spec` minimising tr(E^T H E).
 
     Rows of w (input channels) are rounded one at a time; each row's rounding error, scaled
@@ -284,6 +297,12 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
       the groups are static instead: from the original weight, per contiguous group, so the
       blocks DequantizeLinear reads stay contiguous along K while rows are rounded in order
       of decreasing Hessian diagonal.
+
+    With several `clip_ratios`, each set of parameters (per output channel) is the one among
+    the ranges shrunk by those ratios whose rounding error, weighted by the Hessian diagonal
+    (sum_k H_kk d_k^2), is lowest. `full_range` (signed symmetric specs) also tries mapping the
+    value of largest magnitude to qmin (-8 for int4: 16 levels instead of 15, the scale then
+    carries the sign, as ONNX Runtime's own int4 quantizer does).
 
     Channels that never fire (H_kk = 0) keep their rounded-to-nearest value and spread no
     error. Returns (q, scale, zero) shaped like `quantize_weight`'s for [K, N]: q [K, N],
@@ -303,18 +322,24 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
     group = int(spec.block_size) if blocked else 0
     n_groups = -(-rows // group) if blocked else 0
     dtype = np_storage_dtype(spec)
+    diag = np.diag(h).astype(np.float32)
+    ratios = tuple(clip_ratios)
+
+    def params(part: np.ndarray, weights: np.ndarray):
+        return search_params(part, weights, spec, ratios, full_range)
+
     if spec.granularity == Granularity.TENSOR:
-        s, z = qparams(w.min(initial=0.0), w.max(initial=0.0), spec)
+        s, z = params(w.reshape(-1, 1), np.repeat(diag, cols))
         scale, zero = s.reshape(()), z.reshape(())
     elif spec.granularity == Granularity.CHANNEL:
-        scale, zero = qparams(w.min(axis=0), w.max(axis=0), spec)
+        scale, zero = params(w, diag)
     else:
         scale = np.zeros((n_groups, cols), np.float32)
         zero = np.zeros((n_groups, cols), dtype)
         if act_order:  # static groups from the original weight
             for g in range(n_groups):
-                part = w[g * group:(g + 1) * group]
-                scale[g], zero[g] = qparams(part.min(axis=0), part.max(axis=0), spec)
+                rows_g = slice(g * group, (g + 1) * group)
+                scale[g], zero[g] = params(w[rows_g], diag[rows_g])
 
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(rows)
     w = w[perm]
@@ -338,8 +363,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
             if blocked:
                 g = source // group
                 if not act_order and row % group == 0:
-                    part = w1[i:i + group]
-                    scale[g], zero[g] = qparams(part.min(axis=0), part.max(axis=0), spec)
+                    scale[g], zero[g] = params(w1[i:i + group], diag[row:row + group])
                 s, z = scale[g], zero[g].astype(np.float32)
             else:
                 s, z = scale, np.asarray(zero).astype(np.float32)
@@ -357,20 +381,53 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
     return q.astype(dtype), scale.astype(np.float32), zero.astype(dtype)
 
 
+def search_params(part: np.ndarray, weights: np.ndarray, spec: QSpec, ratios: Sequence[float] = (1.0,),
+                  full_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per column of `part` [rows, N]: the range shrunk by the ratio (and,
+    with `full_range`, the signed 16-level mapping) whose rounding error sum_k weights_k d_k^2
+    is lowest. One ratio and no full_range: exactly `qparams` of the column's min and max."""
+    lo, hi = part.min(axis=0), part.max(axis=0)
+    if len(ratios) == 1 and not full_range:
+        return qparams(lo * ratios[0], hi * ratios[0], spec)
+    signed_full = full_range and spec.symmetric and spec.signed and spec.fixed is None and not spec.scale_pow2
+    extreme = np.where(-lo >= hi, lo, hi).astype(np.float64)  # the signed value of largest magnitude
+    best = None
+    for ratio in ratios:
+        candidates = [qparams(lo * ratio, hi * ratio, spec)]
+        if signed_full:
+            s = (extreme * ratio / spec.qmin).astype(np.float32)
+            s = np.where(s != 0, s, np.float32(2.0**-24))
+            candidates.append((s, np.zeros_like(candidates[0][1])))
+        for s, z in candidates:
+            zf = z.astype(np.float32)
+            q = np.clip(np.round(part / s) + zf, spec.qmin, spec.qmax)
+            d = part - (q - zf) * s
+            err = weights.astype(np.float32) @ (d * d)
+            if best is None:
+                best = [err, s.astype(np.float32).copy(), np.array(z, copy=True)]
+            else:
+                better = err < best[0]
+                best[0] = np.where(better, err, best[0])
+                best[1] = np.where(better, s, best[1]).astype(np.float32)
+                best[2] = np.where(better, z, best[2]).astype(z.dtype)
+    return best[1], best[2]
+
+
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     """Upper triangular U with U^T U = H^-1 (GPTQ's Hinv), adding damping if H is not
-    numerically positive definite."""
+    numerically positive definite. With J the reversal permutation and J H J = L L^T,
+    U = J L^-1 J: one Cholesky factorisation and one triangular inverse."""
+    flip = np.arange(len(h))[::-1]
+    reversed_h = h[np.ix_(flip, flip)]
     extra = 0.0
     mean_diag = float(np.mean(np.diag(h)))
     for _ in range(6):
         try:
-            lower = np.linalg.cholesky(h + extra * np.eye(len(h)))
+            lower = np.linalg.cholesky(reversed_h + extra * np.eye(len(h)))
             break
         except np.linalg.LinAlgError:
             extra = max(extra * 10, 1e-4 * mean_diag)
     else:
         raise np.linalg.LinAlgError("the layer's input Hessian is not positive definite even with damping")
-    eye = np.eye(len(h))
-    inv_lower = np.linalg.solve(lower, eye)          # L^-1
-    inverse = inv_lower.T @ inv_lower                # H^-1 = L^-T L^-1
-    return np.linalg.cholesky(inverse).T
+    inverse = np.tril(np.linalg.inv(lower))
+    return inverse[np.ix_(flip, flip)]

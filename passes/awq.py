@@ -54,8 +54,11 @@ class AWQ(Pass):
 
     def __init__(self, enabled: bool = True, *, round_weights: bool = True,
                  alpha_grid: tuple[float, ...] = ALPHA_GRID, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
-                 explicit_mul: bool = True, hessian_budget_mb: int = 256, threads: int = 0):
-        """explicit_mul False: a group whose 1/s cannot be folded stays unscaled."""
+                 explicit_mul: bool = True, search_columns: int = 8192, hessian_budget_mb: int = 256,
+                 threads: int = 0):
+        """explicit_mul False: a group whose 1/s cannot be folded stays unscaled.
+        search_columns: the alpha search of a linear with more outputs uses this many of its
+        columns, evenly spaced."""
         if not alpha_grid or any(a < 0 for a in alpha_grid):
             raise ValueError("alpha_grid: give one or more alphas >= 0")
         if not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios):
@@ -65,6 +68,7 @@ class AWQ(Pass):
         self.alpha_grid = tuple(alpha_grid)
         self.clip_ratios = tuple(clip_ratios)
         self.explicit_mul = explicit_mul
+        self.search_columns = search_columns
         self.hessian_budget = hessian_budget_mb * 2**20
         self.threads = threads
 
@@ -116,14 +120,17 @@ class AWQ(Pass):
         specs = [lin.spec for lin in group.linears]
         hessian = stats.hessian
         h32 = hessian.astype(np.float32)
-        norm = sum(_quadratic(h32, w) for w in weights)
+        # The error sums over output channels: a wide layer (the LM head) is searched on an
+        # evenly spaced subset of its columns (every quantization group spans whole columns).
+        sampled = [w[:, _columns(w.shape[1], self.search_columns)] for w in weights]
+        norm = sum(_quadratic(h32, w) for w in sampled)
         errors = {}
         for alpha in self.alpha_grid:
             s = _scales(stats.abs_mean, alpha)
             errors[alpha] = sum(_quadratic(h32, dequantize_kn(*quantize_kn(w * s[:, None], spec), spec)
-                                           / s[:, None] - w) for w, spec in zip(weights, specs))
+                                           / s[:, None] - w) for w, spec in zip(sampled, specs))
         alpha = min(errors, key=lambda a: (errors[a], a))
-        rtn = errors.get(0.0, _rtn_error(h32, weights, specs))
+        rtn = errors.get(0.0, _rtn_error(h32, sampled, specs))
         record = {"input": group.source, "ops": [op.name for op in group.ops], "alpha": alpha,
                   "rtn_error": rtn / norm if norm else rtn, "scaled_error": errors[alpha] / norm if norm else 0.0,
                   "fold": "none"}
@@ -171,6 +178,12 @@ class AWQ(Pass):
             num += float(np.sum(_piece_errors(w - dequantize_kn(q, scale, zero, lin.spec), lin.spec, pieces)))
             den += float(np.sum(_piece_errors(w, lin.spec, pieces)))
         return num / den if den else num
+
+
+def _columns(width: int, limit: int) -> slice | np.ndarray:
+    if width <= limit:
+        return slice(None)
+    return np.linspace(0, width - 1, limit).round().astype(np.int64)
 
 
 def _scales(abs_mean: np.ndarray, alpha: float) -> np.ndarray:

@@ -9,11 +9,15 @@ its mean diagonal, and the group's weights (concatenated along their outputs, wh
 treats independently) are rounded column by column along K to the spec the select-precision
 plan gives them: int4 blocks along K (groups 32/64/128: scales per group from the
 error-compensated weights, as GPTQ does; with `act_order`, static groups so the DequantizeLinear
-blocks stay contiguous), int8 per channel, or per tensor.
+blocks stay contiguous), int8 per channel, or per tensor. Each group's range is clipped per
+output channel by the ratio in `clip_ratios` (1.0 .. 0.5) whose rounding error, weighted by
+the Hessian diagonal, is lowest (GPTQ's own min/max is ratio 1.0 alone).
 
-All Hessians come from the float model (not propagated through already-quantized layers:
-GPTQ's "sequential" variant is not done), which makes the pass independent of layer order and
-bounds memory by one chunk of Hessians.
+By default all Hessians come from the float model, which makes the rounding of each layer
+independent of the others and bounds memory by one chunk of Hessians. With `sequential`, each
+chunk of layers is rounded before the next chunk's inputs are measured, with the rounded
+weights fed to the model, so later layers compensate the error of earlier ones (GPTQ's
+sequential mode, at the granularity of the Hessian chunks).
 
 The rounded weights (q, scale, zero point) are stored under `weight_key(...)` in
 `ctx.artifacts["weight-rounding"]`; insert-qdq emits exactly those. The pass changes no graph
@@ -29,11 +33,12 @@ from collections import defaultdict
 import numpy as np
 
 from edgeq.errors import CalibrationError
-from edgeq.hessian import (ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
+from edgeq.hessian import (CLIP_RATIOS, ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
                            input_statistics, linear_groups, output_errors, quantize_kn)
 from edgeq.ir import Graph
 from edgeq.pass_infra import Pass, PassContext, PassResult
 from edgeq.quant_plan import QuantPlan
+from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import register_pass
 
 CALIBRATION_DATA = "calibration-data"
@@ -46,15 +51,32 @@ class GPTQ(Pass):
     description = "GPTQ weight rounding: Hessian-based error compensation (groups, optional act-order)"
 
     def __init__(self, enabled: bool = True, *, act_order: bool = False, damp: float = 0.01, block: int = 128,
-                 required: bool = True, hessian_budget_mb: int = 256, threads: int = 0):
+                 clip_ratios: tuple[float, ...] = CLIP_RATIOS, signed_scales: bool = False,
+                 sequential: bool = False, required: bool = True, hessian_budget_mb: int = 256,
+                 threads: int = 0):
         """enabled False: the pass does nothing. required False (the target's automatic choice):
-        without calibration data the weights keep round-to-nearest instead of failing."""
+        without calibration data the weights keep round-to-nearest instead of failing.
+        clip_ratios: each group's range is the min/max shrunk by the ratio whose rounding error,
+        weighted by the Hessian diagonal, is lowest ((1.0,): GPTQ's plain min/max).
+        signed_scales: symmetric signed specs may map the value of largest magnitude to qmin
+        (16 int4 levels instead of 15) with a negative scale where that is better, as ONNX
+        Runtime's int4 quantizer does; valid ONNX and run by ORT's CPU kernels, but rejected by
+        some runtimes (WebNN requires positive scales), hence off by default.
+        sequential: after each chunk of layers is rounded, the float model runs with those
+        layers' rounded weights, so later layers' Hessians include the earlier layers' error
+        (GPTQ's sequential mode at the granularity of the Hessian chunks; a smaller
+        hessian_budget_mb makes it finer and costs one more pass over the data per chunk)."""
+        if not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios):
+            raise ValueError("clip_ratios: give ratios in (0, 1]")
         if not 0 <= damp < 1:
             raise ValueError(f"damp={damp}: use a fraction of the mean Hessian diagonal in [0, 1)")
         self.enabled = enabled
         self.act_order = act_order
         self.damp = damp
         self.block = block
+        self.clip_ratios = tuple(clip_ratios)
+        self.signed_scales = signed_scales
+        self.sequential = sequential
         self.required = required
         self.hessian_budget = hessian_budget_mb * 2**20
         self.threads = threads
@@ -89,6 +111,11 @@ class GPTQ(Pass):
                 stats = input_statistics(stream, [g.source for g in chunk])
                 for group in chunk:
                     per_layer += self._round_group(graph, group, stats.pop(group.source).hessian, rounding)
+                    if self.sequential:
+                        for lin in group.linears:
+                            q, scale, zero = rounding[weight_key(graph, lin.op, 1, lin.spec)]
+                            stored = dequantize_kn(*_kn(lin, q, scale, zero), lin.spec)
+                            stream.substitute(graph.inputs_of(lin.op)[1].name, stored.T if lin.transposed else stored)
             passes = stream.passes
         ctx.artifacts[self.name] = per_layer
         rtn = [r["rtn_error"] for r in per_layer]
@@ -99,8 +126,6 @@ class GPTQ(Pass):
             "layers_improved": int(sum(g < r for g, r in zip(gptq, rtn)))})
 
     def _round_group(self, graph: Graph, group: LinearGroup, hessian: np.ndarray, rounding: dict) -> list[dict]:
-        from edgeq.passes.insert_qdq import weight_key
-
         by_spec = defaultdict(list)  # linears of one spec are rounded together (same H, same order)
         for lin in group.linears:
             by_spec[lin.spec].append(lin)
@@ -113,7 +138,8 @@ class GPTQ(Pass):
             for part in parts:
                 w = np.concatenate(part, axis=1) if len(part) > 1 else part[0]
                 q, scale, zero = gptq_quantize(w, hessian, spec, damp=self.damp, act_order=self.act_order,
-                                               block=self.block)
+                                               block=self.block, clip_ratios=self.clip_ratios,
+                                               full_range=self.signed_scales)
                 outputs += _split_columns(q, scale, zero, [p.shape[1] for p in part])
             for lin, w, (q, scale, zero) in zip(linears, weights, outputs):
                 rounding[weight_key(graph, lin.op, 1, spec)] = lin.to_stored(q, scale, zero)
@@ -122,6 +148,13 @@ class GPTQ(Pass):
                 results.append({"op": lin.op.name, "input": group.source, "rtn_error": rtn_error,
                                 "gptq_error": gptq_error})
         return results
+
+
+def _kn(lin, q, scale, zero):
+    """Stored-layout arrays back in the [K, N] layout."""
+    if not lin.transposed:
+        return q, scale, zero
+    return q.T, (scale.T if scale.ndim == 2 else scale), (zero.T if zero.ndim == 2 else zero)
 
 
 def _split_columns(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, widths: list[int]):

@@ -1,7 +1,7 @@
 """Hadamard rotation (QuaRot / SpinQuant computational invariance): spread activation outliers
 over all channels with orthogonal Hadamard matrices folded into the weights, so that per-tensor
 activation quantization loses less. Before quantization the rotated model computes the same
-function (exactly in real arithmetic; float32 rounding apart).
+function (exactly in real arithmetic; float32 rounding apart: 2e-6 relative on SmolLM2).
 
 Two ways to rotate, chosen by the graph's structure (found by patterns, never by names):
 
@@ -11,6 +11,11 @@ Two ways to rotate, chosen by the graph's structure (found by patterns, never by
   embedding tables E -> E Q; every linear reading a norm (q/k/v, gate/up, lm_head)
   W -> Q^T diag(gamma) W and the norm's gamma Mul is removed; every linear writing to the
   stream (o_proj, down_proj) W -> W Q, bias b -> b Q. Nothing is added to the graph for it.
+  Pre-norm *LayerNorm* streams (GPT-2/OPT style, fused LayerNormalization) are handled too:
+  with Q's first column constant (no random signs), 1^T Q = sqrt(d) e_0^T, so mean-centring
+  in the rotated basis is zeroing channel 0 and LayerNorm(x) Q = RMSNorm((x Q) * [0, 1, .., 1])
+  (mean of squares over all d channels, as LayerNorm's variance); the LayerNormalization
+  becomes that masked RMSNorm, gamma goes into the readers and beta becomes their bias beta W.
 - **online** (everything else, in particular post-norm encoders such as BERT/MiniLM): the
   input x of each group of linears reading the same activation is rotated by an explicit
   x -> x H (H a Hadamard of x's width) and H^T is folded into their weights. This is exact
@@ -24,18 +29,28 @@ In both modes:
 - **MLP down-projection**: the activation between the MLP's up and down projections has its
   own outliers and no norm to fold into, so it gets an online Hadamard (QuaRot's
   "online Hadamard before down_proj"), H^T folded into down_proj.
-- **attention** (`attention="fold"`): a per-head Hadamard of the head dimension is folded
-  into the value projection's output columns and the output projection's input rows
-  (V -> V (I (x) H_hd) commutes with softmax(QK^T) V and with the head reshapes/transposes),
-  so the o_proj input is rotated within each head at no cost. Where the value path is not
-  pure data movement (a KV cache Concat: the cache would change) it falls back to an online
-  Hadamard before o_proj. `attention="online"` uses the online form (mixing across heads too).
+- **smoothing before the online Hadamards** (SmoothRot): LLM MLPs have "massive activations",
+  a few channels of a few tokens hundreds of times larger than the rest; a rotation spreads
+  them over the whole token, whose norm then sets the static per-tensor range. Dividing x
+  per channel by s = max|x|^a / max|W|^(1-a) first (s into the readers, 1/s into SwiGLU's up
+  projection or an explicit float Mul), with a chosen per group by simulated quantized error
+  on calibration samples (0 = none), removes most of that (+8..12 dB on SmolLM2's worst layers).
+- **attention** (`attention="fold+online"`, the default): a per-head Hadamard of the head
+  dimension is folded into the value projection's output columns and the output projection's
+  input rows (V -> V (I (x) H_hd) commutes with softmax(QK^T) V and with the head reshapes and
+  transposes), then an online Hadamard of o_proj's full input mixes across heads. Where the
+  value path is not pure data movement (a KV cache Concat: the cache outputs would change) the
+  fold is refused and only the online Hadamard is used.
+- **queries and keys** (`qk=True`): an online per-head Hadamard on q and k of every
+  attention score MatMul (q H (k H)^T = q k^T), after RoPE so it cannot be folded.
 
-The online Hadamards are `Reshape -> Einsum per Kronecker factor -> Reshape` (H = F1 (x) F2 ...;
-1536 = 12 (x) 128 costs 140 MACs per element instead of 1536 for a dense MatMul). They stay in
-float (high precision): their input is exactly the outlier-laden activation the rotation is
-there to fix, so quantizing it would reintroduce the error. Einsum has no integer kernel on
-the x86 targets, so select-precision keeps them high without any special case.
+The online Hadamards are `Reshape -> (Einsum on the last axis, Transpose)* -> Einsum -> Reshape`,
+one Einsum per Kronecker factor (H = F1 (x) F2 ...; 1536 = 12 (x) 128 costs 140 MACs per element
+instead of 1536 for a dense MatMul); contracting only last axes leaves the output in a cycled
+axis order, a permutation P folded into the weights with H (x H P is as orthogonal as x H).
+They stay float (high precision): their input is exactly the outlier-laden activation the
+rotation is there to fix, so quantizing it would reintroduce the error. Einsum has no integer
+kernel on the x86 targets, so select-precision keeps them high without any special case.
 """
 
 from __future__ import annotations
@@ -53,6 +68,9 @@ from edgeq.ir import Graph, Op, Value
 from edgeq.pass_infra import Pass, PassContext, PassResult
 from edgeq.patterns import DATA_MOVEMENT, Role, Roles, find_roles
 from edgeq.registry import register_pass
+from edgeq.targets.base import Granularity, QSpec
+
+CALIBRATION_DATA = "calibration-data"
 
 NAME = "hadamard-rotation"
 
@@ -89,6 +107,9 @@ class _Norm:
     gamma: Value | None
     fused: Op | None               # RMSNormalization / SimplifiedLayerNormalization (gain = input 1)
     readers: list[_Linear] = field(default_factory=list)
+    beta: Value | None = None      # LayerNormalization's bias (pre-norm LayerNorm streams)
+    layer_norm: bool = False       # centring LayerNorm: rewritten as RMSNorm of the masked rotated stream
+    bias_adds: list[tuple[Op, np.ndarray]] = field(default_factory=list)  # (reader, beta W) without a bias
 
 
 @dataclass
@@ -101,6 +122,19 @@ class _Stream:
 
 
 @dataclass
+class _Online:
+    """An explicit Hadamard before a group of linears reading x (optionally smoothed first:
+    x / s, with s folded into the readers and 1/s into x's producer or an explicit Mul)."""
+
+    x: Value
+    ops: list[Op]
+    rotation: Rotation
+    attention: bool = False
+    smooth: np.ndarray | None = None
+    fold: _Linear | None = None
+
+
+@dataclass
 class RotationSummary:
     """What the pass did (ctx.artifacts['hadamard-rotation']): the mode, the orders, and every
     structure it left alone with the reason."""
@@ -110,6 +144,7 @@ class RotationSummary:
     stream_factors: tuple[int, ...] = ()
     online: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)   # (input, factors)
     attention_folds: list[tuple[str, int]] = field(default_factory=list)     # (v weight, head dim)
+    smoothing: list[tuple[str, float]] = field(default_factory=list)          # (input, alpha) before rotation
     skipped: list[tuple[str, str]] = field(default_factory=list)              # (what, why)
     notes: list[str] = field(default_factory=list)
 
@@ -120,27 +155,54 @@ class HadamardRotation(Pass):
     description = "rotate the residual stream / linear inputs by Hadamard matrices folded into weights (QuaRot)"
 
     def __init__(self, enabled: bool = True, *, mode: Literal["auto", "stream", "online"] = "auto",
-                 online_mlp: bool = True, attention: Literal["fold", "online", "none"] = "fold",
-                 random_signs: bool = True, max_factor: int = 128):
+                 online_mlp: bool = True, attention: Literal["fold", "online", "fold+online", "none"] = "fold+online",
+                 qk: bool = True, random_signs: bool = True, max_factor: int = 128,
+                 smooth_grid: tuple[float, ...] = (0.0, 0.5, 0.7, 0.85), smooth_samples: int = 6,
+                 activation_spec: QSpec | None = None, weight_spec: QSpec | None = None):
         """mode: 'stream' folds the rotation of a pre-norm residual stream (refuses other graphs),
         'online' rotates every linear input group explicitly, 'auto' tries stream then online.
         online_mlp: online Hadamard before the MLP down-projection (stream mode; online mode
-        always rotates it). attention: per-head fold, online before o_proj, or nothing.
-        random_signs: Q = diag(+-1) H for the stream (seeded by the context's seed)."""
+        always rotates it). attention: for the o_proj input, the per-head fold into V/o_proj,
+        an online Hadamard of its full width, both (fold, then online), or nothing.
+        qk: online per-head Hadamard on the query and key of every attention score MatMul
+        (q H (k H)^T = q k^T; after RoPE, so it cannot be folded into weights).
+        random_signs: Q = diag(+-1) H for the stream (seeded by the context's seed).
+        smooth_grid: SmoothRot - before an online Hadamard that is not on an attention output,
+        divide x per channel by s = max|x|^a / max|W|^(1-a) (s folded into the readers, 1/s into
+        x's producer when exact, else an explicit float Mul), with a chosen per group from the
+        grid (0: no smoothing) by the simulated quantized output error on `smooth_samples`
+        calibration samples. It tames token outliers concentrated in few channels (the
+        "massive activations" of LLM MLPs), which a rotation alone spreads over the whole
+        token. Needs calibration data in the context; skipped (and noted) without.
+        activation_spec/weight_spec: the quantization simulated by that search (from_options
+        takes them from the target and options)."""
         if mode not in ("auto", "stream", "online"):
             raise ValueError(f"unknown rotation mode {mode!r}")
-        if attention not in ("fold", "online", "none"):
+        if attention not in ("fold", "online", "fold+online", "none"):
             raise ValueError(f"unknown attention rotation {attention!r}")
         self.enabled = enabled
         self.mode = mode
         self.online_mlp = online_mlp
         self.attention = attention
+        self.qk = qk
+        self.smooth_grid = tuple(smooth_grid)
+        self.smooth_samples = smooth_samples
+        self.activation_spec = activation_spec or QSpec("uint8", symmetric=False)
+        self.weight_spec = weight_spec or QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
         self.random_signs = random_signs
         self.max_factor = max_factor
 
     @classmethod
     def from_options(cls, options, target) -> "HadamardRotation":
-        return cls(enabled=options.rotate)
+        if not options.rotate or target is None:
+            return cls(enabled=options.rotate)
+        from edgeq.quant_plan import Scheme
+
+        rule = Scheme.resolve(target, options).rules.get("MatMul")
+        activation = rule.activations[0] if rule is not None and rule.activations else None
+        weight = rule.weight if rule is not None else None
+        return cls(enabled=True, activation_spec=activation, weight_spec=weight,
+                   smooth_grid=(0.0, 0.5, 0.7, 0.85) if activation is not None else ())
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:
@@ -162,7 +224,7 @@ class HadamardRotation(Pass):
         summary = RotationSummary(mode="stream" if stream is not None else "online")
         if stream is None and why_not_stream:
             summary.notes.append(f"residual stream not folded: {why_not_stream}")
-        online: list[tuple[Value, list[Op], Rotation]] = []
+        online: list[_Online] = []
         if stream is not None:
             self._plan_stream(graph, stream, ctx, plan, summary)
             handled = {r.op for n in stream.norms for r in n.readers}
@@ -185,6 +247,23 @@ class HadamardRotation(Pass):
                     self._plan_attention(graph, x, ops, plan, summary, online)
                 else:
                     self._plan_online(x, ops, plan, summary, online)
+        scores = _score_matmuls(graph) if self.qk else []
+        qk_rotations = []
+        for op in scores:
+            try:
+                qk_rotations.append((op, _qk_head_dim(graph, op)))
+            except (_Refuse, HadamardOrderError) as err:
+                summary.skipped.append((op.name, f"q/k rotation: {err}"))
+        self._choose_smoothing(graph, online, ctx, summary)
+        for entry in online:
+            for op in entry.ops:
+                if entry.smooth is not None:
+                    plan.add_scale(plan.weight_of(op), 0, entry.smooth)   # diag(s) W
+                plan.add(plan.weight_of(op), 0, entry.rotation)           # H^T (.)
+            if entry.smooth is not None and entry.fold is not None:       # producer / s
+                plan.add_scale(entry.fold.weight, 1, 1.0 / entry.smooth)
+                if entry.fold.bias is not None:
+                    plan.add_scale(entry.fold.bias, 0, 1.0 / entry.smooth)
         if stream is None and not online and not summary.attention_folds:
             reasons = "; ".join([why_not_stream] + [f"{w}: {r}" for w, r in summary.skipped[:3]])
             raise RotationError(f"nothing to rotate in this graph ({reasons or 'no linear layers'})",
@@ -194,8 +273,11 @@ class HadamardRotation(Pass):
         if stream is not None:
             for norm in stream.norms:
                 _make_scale_free(graph, norm)
-        for x, readers, rotation in online:
-            _insert_online(graph, x, readers, rotation)
+        for entry in online:
+            scale = None if entry.smooth is None or entry.fold is not None else 1.0 / entry.smooth
+            _insert_online(graph, entry.x, entry.ops, entry.rotation, inv_scale=scale)
+        for op, head_dim in qk_rotations:
+            _insert_qk(graph, op, head_dim)
         ctx.artifacts[self.name] = summary
         stats = {"rotated": 1, "stream": int(stream is not None),
                  "hidden": stream.width if stream else 0,
@@ -203,6 +285,7 @@ class HadamardRotation(Pass):
                  "embeddings": len(stream.embeddings) if stream else 0,
                  "writers": len(stream.writers) if stream else 0,
                  "online_hadamards": len(online), "attention_folds": len(summary.attention_folds),
+                 "qk_rotations": len(qk_rotations), "smoothed": sum(1 for _, alpha in summary.smoothing if alpha),
                  "weights_changed": len(plan.transforms), "skipped": len(summary.skipped)}
         return PassResult(graph, True, stats)
 
@@ -210,8 +293,13 @@ class HadamardRotation(Pass):
 
     def _plan_stream(self, graph: Graph, stream: _Stream, ctx: PassContext, plan: "_WeightPlan",
                      summary: RotationSummary) -> None:
-        q = Rotation.of_order(stream.width, seed=ctx.seed if self.random_signs else None,
+        centring = any(n.layer_norm for n in stream.norms)
+        q = Rotation.of_order(stream.width, seed=ctx.seed if self.random_signs and not centring else None,
                               max_factor=self.max_factor)
+        if centring:   # first column constant: 1^T Q = sqrt(d) e_0^T, so centring = zeroing channel 0
+            q = Rotation(q.factors, signs=_first_column_signs(q))
+            summary.notes.append("LayerNorm stream: Q has a constant first column (no random signs); "
+                                 "LayerNorm(x) Q = RMSNorm((x Q) * [0, 1, ..., 1])")
         summary.stream_order = stream.width
         summary.stream_factors = tuple(f.shape[0] for f in q.factors)
         for table in stream.embeddings:
@@ -219,6 +307,13 @@ class HadamardRotation(Pass):
         for norm in stream.norms:
             gain = _gain(graph, norm, stream.width)
             for reader in norm.readers:
+                if norm.beta is not None:                   # beta W joins the reader's bias
+                    shift = np.asarray(norm.beta.const.numpy(), np.float64).reshape(-1) @ \
+                        np.asarray(reader.weight.const.numpy(), np.float64)
+                    if reader.bias is not None:
+                        plan.add_offset(reader.bias, shift)
+                    else:
+                        norm.bias_adds.append((reader.op, shift))
                 if gain is not None:
                     plan.add_scale(reader.weight, 0, gain)  # diag(gamma) W
                 plan.add(reader.weight, 0, q)           # Q^T (.)
@@ -228,16 +323,14 @@ class HadamardRotation(Pass):
                 plan.add(writer.bias, 0, q)             # b Q
 
     def _plan_online(self, x: Value, ops: list[Op], plan: "_WeightPlan", summary: RotationSummary,
-                     online: list) -> None:
+                     online: list, attention: bool = False) -> None:
         width = plan.weight_of(ops[0]).const.dims[0]
         try:
-            rotation = Rotation.of_order(width, max_factor=self.max_factor)
+            rotation = Rotation.of_order(width, max_factor=self.max_factor).last_axis_form()
         except HadamardOrderError as err:
             summary.skipped.append((x.name, str(err)))
             return
-        for op in ops:
-            plan.add(plan.weight_of(op), 0, rotation)   # H^T W
-        online.append((x, ops, rotation))
+        online.append(_Online(x, ops, rotation, attention=attention))
         summary.online.append((x.name, tuple(f.shape[0] for f in rotation.factors)))
 
     def _plan_attention(self, graph: Graph, x: Value, ops: list[Op], plan: "_WeightPlan",
@@ -245,7 +338,7 @@ class HadamardRotation(Pass):
         if self.attention == "none":
             summary.skipped.append((x.name, "attention output (attention rotation off)"))
             return
-        if self.attention == "fold" and len(ops) == 1:
+        if self.attention in ("fold", "fold+online") and len(ops) == 1:
             try:
                 value_linear, head_dim = _match_value_path(graph, x, ops[0])
                 rows = plan.weight_of(ops[0]).const.dims[0]
@@ -257,10 +350,140 @@ class HadamardRotation(Pass):
                 plan.add(plan.weight_of(ops[0]), 0,
                          Rotation(per_head.factors, rows // head_dim))      # (I (x) H)^T W_o
                 summary.attention_folds.append((value_linear.weight.name, head_dim))
-                return
+                if self.attention == "fold":
+                    return
             except (_Refuse, HadamardOrderError) as err:
                 summary.notes.append(f"{x.name}: per-head fold refused ({err}); online Hadamard instead")
-        self._plan_online(x, ops, plan, summary, online)
+        self._plan_online(x, ops, plan, summary, online, attention=True)
+
+
+    def _choose_smoothing(self, graph: Graph, online: list[_Online], ctx: PassContext,
+                          summary: RotationSummary) -> None:
+        candidates = [e for e in online if not e.attention]
+        if not self.smooth_grid or not candidates or not any(self.smooth_grid):
+            return
+        data = ctx.artifacts.get(CALIBRATION_DATA)
+        if data is None:
+            summary.notes.append("no calibration data: no smoothing before the online Hadamards")
+            return
+        samples = _activation_samples(graph, data, [e.x.name for e in candidates], self.smooth_samples)
+        for entry in candidates:
+            x = samples[entry.x.name]
+            weights = [np.asarray(graph.inputs_of(op)[1].const.numpy(), np.float64) for op in entry.ops]
+            alpha, scale = _search_smoothing(x, weights, entry.rotation, self.smooth_grid,
+                                             self.activation_spec, self.weight_spec)
+            summary.smoothing.append((entry.x.name, alpha))
+            if alpha:
+                entry.smooth = scale
+                entry.fold = _scalable_producer(graph, entry.x)
+
+
+# ---- smoothing before an online rotation (SmoothRot) ------------------------------------------
+
+
+def _activation_samples(graph: Graph, data, names: list[str], count: int) -> dict[str, np.ndarray]:
+    """The tensors `names` of the current graph on the first `count` calibration samples, as
+    float64 [tokens, channels]."""
+    import tempfile
+    from pathlib import Path
+
+    from edgeq.runtime import make_session
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-rotation-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        model = graph.to_onnx()
+        del model.graph.output[:]
+        for name in names:
+            model.graph.output.add().name = name
+        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+        del model
+        session = make_session(path)
+        rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        for index, feed in enumerate(data):
+            if index >= count:
+                break
+            for name, value in zip(names, session.run(names, dict(feed))):
+                rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float64))
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def _fake_quant_weight(w: np.ndarray, spec: QSpec) -> np.ndarray:
+    from edgeq.quant_math import quantize_weight
+
+    q, scale, zero = quantize_weight(w.astype(np.float32), spec, channel_axis=1)
+    q = q.astype(np.float64)
+    if spec.granularity == Granularity.BLOCK:
+        block = int(spec.block_size)
+        scale = np.repeat(scale, block, axis=0)[: w.shape[0]]
+        zero = np.repeat(zero, block, axis=0)[: w.shape[0]]
+    elif np.ndim(scale) == 1:
+        scale, zero = scale.reshape(1, -1), zero.reshape(1, -1)
+    return (q - zero.astype(np.float64)) * scale.astype(np.float64)
+
+
+def _search_smoothing(x: np.ndarray, weights: list[np.ndarray], rotation: Rotation, grid: tuple[float, ...],
+                      act_spec: QSpec, w_spec: QSpec) -> tuple[float, np.ndarray | None]:
+    """The alpha of `grid` (0: none) whose smoothing + rotation gives the lowest simulated
+    quantized output error of the group (activation range: min/max over the samples)."""
+    from edgeq.quant_math import dequantize, qparams, quantize
+
+    act_max = np.abs(x).max(axis=0)
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    probe = x[:: max(1, len(x) // 2048)]
+    reference = [probe @ w for w in weights]
+    best, best_err, best_scale = 0.0, np.inf, None
+    for alpha in sorted(grid):
+        scale = np.ones_like(act_max) if not alpha else np.clip(
+            np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1.0 - alpha), 1e-4, 1e4)
+        rotated = rotation.apply(x / scale, -1)
+        s, z = qparams(rotated.min(), rotated.max(), act_spec)
+        probe_rot = rotation.apply(probe / scale, -1)
+        xq = dequantize(quantize(probe_rot, s, z, act_spec), s, z).astype(np.float64)
+        err = 0.0
+        for w, ref in zip(weights, reference):
+            wq = _fake_quant_weight(rotation.apply(w * scale[:, None], 0), w_spec)
+            err += float(np.sum((xq @ wq - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+        if err < best_err * (0.98 if alpha else 1.0):   # smoothing must earn its keep
+            best, best_err, best_scale = alpha, err, (scale if alpha else None)
+    return best, best_scale
+
+
+def _scalable_producer(graph: Graph, x: Value) -> _Linear | None:
+    """The linear whose output columns can take 1/s exactly: x = Mul(a, b) with b (or a) a
+    linear's output read only by that Mul - SwiGLU's up projection."""
+    producer = graph.producer(x)
+    if producer is None or producer.op_type != "Mul" or producer.domain:
+        return None
+    ins = graph.inputs_of(producer)
+    if len(ins) != 2 or any(v is None or graph.is_const(v) for v in ins) or ins[0] is ins[1]:
+        return None
+    for value in ins:
+        if graph.consumers(value) != [producer] or graph.is_graph_output(value):
+            continue
+        linear = _linear_producing(graph, value)
+        if linear is not None:
+            return linear
+    return None
+
+
+def _linear_producing(graph: Graph, value: Value) -> _Linear | None:
+    source = graph.producer(value)
+    if source is None:
+        return None
+    if source.op_type == "MatMul":
+        return _as_linear(graph, source)
+    if source.op_type == "Add":
+        data = next((i for i in graph.inputs_of(source) if i is not None and i.const is None), None)
+        matmul = graph.producer(data) if data is not None else None
+        linear = _as_linear(graph, matmul) if matmul is not None else None
+        if linear is None:
+            return None
+        try:
+            linear = _with_bias(graph, linear, linear.weight.const.dims[1])
+        except _Refuse:
+            return None
+        return linear if linear.bias_op is source else None
+    return None
 
 
 # ---- weight transforms ------------------------------------------------------------------------
@@ -281,6 +504,9 @@ class _WeightPlan:
     def add_scale(self, value: Value, axis: int, vector: np.ndarray) -> None:
         self.transforms[value].append(("scale", axis, vector))
 
+    def add_offset(self, value: Value, vector: np.ndarray) -> None:
+        self.transforms[value].append(("offset", 0, vector))
+
     def weight_of(self, op: Op) -> Value:
         return self.graph.inputs_of(op)[1]
 
@@ -289,7 +515,9 @@ class _WeightPlan:
             original = value.const.numpy()
             array = np.asarray(original, dtype=np.float64)
             for kind, axis, arg in steps:
-                if kind == "scale":
+                if kind == "offset":
+                    array = array + np.asarray(arg, dtype=np.float64).reshape(array.shape)
+                elif kind == "scale":
                     shape = [1] * array.ndim
                     shape[axis] = -1
                     array = array * np.asarray(arg, dtype=np.float64).reshape(shape)
@@ -462,8 +690,24 @@ def _match_norm(graph: Graph, role: Role | None, block: list[Op], x: Value, widt
                for v in outputs for r in graph.consumers(v)):
             raise _Refuse(f"LayerNorm {block[0].name!r} is post-norm (its output feeds a residual Add, so "
                           "the stream carries its gamma/beta, which cannot be folded into the readers)")
-        raise _Refuse(f"LayerNorm {block[0].name!r} reads the stream: its mean-centring does not commute "
-                      "with the stream rotation (pre-norm LayerNorm streams are not supported)")
+        if len(block) != 1 or block[0].op_type != "LayerNormalization" or block[0].domain:
+            raise _Refuse(f"LayerNorm at {block[0].name!r} is decomposed; only a fused LayerNormalization "
+                          "can be rewritten for a rotated stream")
+        op = block[0]
+        ins = graph.inputs_of(op)
+        outs = graph.outputs_of(op)
+        if ins[0] is not x or not (op.attr("axis", -1) == -1 or (rank is not None and op.attr("axis") == rank - 1)):
+            raise _Refuse(f"{op.name!r} does not normalise the stream's last axis")
+        if any(v is not None and (graph.consumers(v) or graph.is_graph_output(v)) for v in outs[1:]):
+            raise _Refuse(f"{op.name!r}: its mean/inv-std outputs are used")
+        beta = ins[2] if len(ins) > 2 else None
+        for const in (ins[1], beta):
+            if const is not None and (not _private_const(graph, const, op) or
+                                      int(np.prod(const.const.dims)) != width):
+                raise _Refuse(f"{op.name!r}: gamma/beta are not private [{width}] constants")
+        norm = _Norm([op], outs[0], outs[0], None, ins[1], op, beta=beta, layer_norm=True)
+        _attach_readers(graph, norm, width, with_bias=True)
+        return norm
     if len(block) == 1 and block[0].op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
         op = block[0]
         ins = graph.inputs_of(op)
@@ -508,6 +752,11 @@ def _match_norm(graph: Graph, role: Role | None, block: list[Op], x: Value, widt
         if any(op in inside for op in graph.consumers(output)):
             raise _Refuse(f"RMSNorm at {block[0].name!r} has a bias (unsupported)")
         norm = _Norm(list(block), output, normed, gamma_op, gamma, None)
+    _attach_readers(graph, norm, width, with_bias=False)
+    return norm
+
+
+def _attach_readers(graph: Graph, norm: _Norm, width: int, *, with_bias: bool) -> None:
     if graph.is_graph_output(norm.output):
         raise _Refuse(f"normalised stream {norm.output.name!r} is a graph output")
     for reader in graph.consumers(norm.output):
@@ -517,8 +766,9 @@ def _match_norm(graph: Graph, role: Role | None, block: list[Op], x: Value, widt
                           "not only by linears with private weights")
         if linear.weight.const.dims[0] != width:
             raise _Refuse(f"{reader.name!r} weight has {linear.weight.const.dims[0]} rows, the stream {width}")
+        if with_bias:
+            linear = _with_bias(graph, linear, linear.weight.const.dims[1])
         norm.readers.append(linear)
-    return norm
 
 
 def _match_writer(graph: Graph, value: Value, add: Op, width: int) -> _Linear:
@@ -692,6 +942,9 @@ def _check_movement(graph: Graph, op: Op, width: int, block: int) -> int:
 
 def _make_scale_free(graph: Graph, norm: _Norm) -> None:
     """Remove the norm's gain now that the readers carry it."""
+    if norm.layer_norm:
+        _layer_norm_to_masked_rms(graph, norm)
+        return
     if norm.fused is not None:
         scale = norm.gamma
         graph.set_const(scale, np.ones(scale.const.dims, dtype=scale.const.dtype))
@@ -705,9 +958,12 @@ def _make_scale_free(graph: Graph, norm: _Norm) -> None:
         graph.remove_value(norm.gamma)
 
 
-def _insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation) -> Value:
-    """x -> Reshape [.., f1, .., fk] -> Einsum with each normalised factor -> Reshape [.., n];
-    the readers read the result (x @ H)."""
+def _insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation,
+                   inv_scale: np.ndarray | None = None) -> Value:
+    """x -> Reshape [.., f1, .., fk] -> (Einsum on the last axis, Transpose it to the front of
+    the factor axes)* -> Einsum -> Reshape [.., n]: x K P with K = kron(normalised factors) and P
+    the axis cycle (`Rotation.last_axis_form`); ORT's Einsum is several times slower on any other
+    axis. The readers read the result."""
     orders = [f.shape[0] for f in rotation.factors]
     width = rotation.order
     first = min(readers, key=lambda op: op.order)
@@ -720,27 +976,165 @@ def _insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation
         merge = graph.add_constant(f"{base}_merge", np.array([0] * (rank - 1) + [width], dtype=np.int64))
     else:                     # rank unknown: flatten the leading dims, restore x's own shape
         lead = None
+        rank = 2
         split = graph.add_constant(f"{base}_split", np.array([-1] + orders, dtype=np.int64))
         merge = graph.outputs_of(graph.add_op("Shape", [x], [f"{base}_shape"], before=first))[0]
         merge.set_type(onnx.TensorProto.INT64, [None])
-    reshape = graph.add_op("Reshape", [x, split], [f"{base}_split_out"], before=first)
-    y = graph.outputs_of(reshape)[0]
-    y.set_type(elem, None if lead is None else lead + orders)
-    letters = "abcdefghijklmnopqrstuvwxy"[:len(orders)]
+    y = x
+    if inv_scale is not None:   # smoothing: x / s, in float like the rotation
+        factor = graph.add_constant(f"{base}_smooth_inv_scale",
+                                    inv_scale.astype(np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32))
+        y = graph.outputs_of(graph.add_op("Mul", [x, factor], [f"{base}_smoothed"], before=first))[0]
+        y.set_type(elem, None if x.shape is None else list(x.shape))
+    if len(orders) > 1:
+        reshape = graph.add_op("Reshape", [y, split], [f"{base}_split_out"], before=first)
+        y = graph.outputs_of(reshape)[0]
+        y.set_type(elem, None if lead is None else lead + orders)
     dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
-    for i, factor in enumerate(rotation.normalised_factors(dtype)):
-        out_letters = letters[:i] + "z" + letters[i + 1:]
-        equation = f"...{letters},{letters[i]}z->...{out_letters}"
+    factors = rotation.normalised_factors(dtype)
+    layout = list(orders)
+    n_lead = (rank - 1) if lead is not None else 1
+    for step, i in enumerate(reversed(range(len(factors)))):
+        factor = factors[i]
         matrix = graph.add_constant(f"{base}_factor{i}_{factor.shape[0]}", factor)
-        einsum = graph.add_op("Einsum", [y, matrix], [f"{base}_{i}"], attrs={"equation": equation},
+        einsum = graph.add_op("Einsum", [y, matrix], [f"{base}_{step}"], attrs={"equation": "...a,az->...z"},
                               before=first)
         y = graph.outputs_of(einsum)[0]
-        y.set_type(elem, None if lead is None else lead + orders)
-    back = graph.add_op("Reshape", [y, merge], [f"{base}_out"], before=first)
-    out = graph.outputs_of(back)[0]
-    out.set_type(elem, None if x.shape is None else list(x.shape))
+        y.set_type(elem, None if lead is None else lead + layout)
+        if i > 0:   # bring the next factor's axis last: move the contracted one to the front
+            k = len(layout)
+            perm = list(range(n_lead)) + [n_lead + k - 1] + [n_lead + j for j in range(k - 1)]
+            transpose = graph.add_op("Transpose", [y], [f"{base}_{step}_t"], attrs={"perm": perm}, before=first)
+            layout = [layout[-1]] + layout[:-1]
+            y = graph.outputs_of(transpose)[0]
+            y.set_type(elem, None if lead is None else lead + layout)
+    if len(orders) > 1:
+        back = graph.add_op("Reshape", [y, merge], [f"{base}_out"], before=first)
+        y = graph.outputs_of(back)[0]
+    y.set_type(elem, None if x.shape is None else list(x.shape))
     for reader in readers:
         for slot, value in enumerate(graph.inputs_of(reader)):
             if value is x and slot == 0:
-                graph.set_input(reader, slot, out)
-    return out
+                graph.set_input(reader, slot, y)
+    return y
+
+
+def _score_matmuls(graph: Graph) -> list[Op]:
+    """MatMul(q, k^T) of two activations whose output reaches a Softmax through scaling,
+    masking and adding only."""
+    found = []
+    for op in graph.ops_of_type("MatMul"):
+        ins = graph.inputs_of(op)
+        if op.domain or len(ins) != 2 or any(v is None or graph.is_const(v) for v in ins):
+            continue
+        value = graph.outputs_of(op)[0]
+        for _ in range(4):
+            readers = graph.consumers(value)
+            if len(readers) != 1:
+                break
+            reader = readers[0]
+            if reader.op_type == "Softmax":
+                found.append(op)
+                break
+            if reader.op_type not in ("Mul", "Div", "Add", "Where"):
+                break
+            value = graph.outputs_of(reader)[0]
+    return found
+
+
+def _qk_head_dim(graph: Graph, op: Op) -> int:
+    q, kt = graph.inputs_of(op)
+    head_dim = _last_dim(graph, q)
+    k_shape = kt.shape
+    if head_dim is None or k_shape is None or len(k_shape) < 2 or k_shape[-2] != head_dim:
+        raise _Refuse("head dimension of q/k unknown")
+    factor_orders(head_dim)   # raises HadamardOrderError when there is no Hadamard matrix
+    return head_dim
+
+
+def _insert_qk(graph: Graph, op: Op, head_dim: int) -> None:
+    """q -> q H (last axis) and k^T -> H^T k^T (second-to-last axis): scores unchanged."""
+    q, kt = graph.inputs_of(op)
+    h = graph.add_constant(f"{op.name}_qk_hadamard", Rotation.of_order(head_dim).dense().astype(np.float32))
+    targets = [(op, 0, q, "...a,az->...z"), (op, 1, kt, "...dt,dz->...zt")]
+    transpose = graph.producer(kt)
+    if transpose is not None and transpose.op_type == "Transpose" and not transpose.domain:
+        perm = list(transpose.attr("perm") or [])
+        k = graph.inputs_of(transpose)[0]
+        rank = len(perm)
+        if rank >= 2 and perm == list(range(rank - 2)) + [rank - 1, rank - 2] and \
+                graph.consumers(k) == [transpose] and not graph.is_graph_output(k):
+            # rotate k on its last axis before the transpose: ORT's Einsum is slow on axis -2
+            targets[1] = (transpose, 0, k, "...a,az->...z")
+    for reader, slot, value, equation in targets:
+        einsum = graph.add_op("Einsum", [value, h], [f"{value.name}_hadamard"], attrs={"equation": equation},
+                              before=reader)
+        out = graph.outputs_of(einsum)[0]
+        out.set_type(value.elem_type or onnx.TensorProto.FLOAT, value.shape)
+        graph.set_input(reader, slot, out)
+
+
+def _first_column_signs(rotation: Rotation) -> np.ndarray:
+    """Row signs making the first column of kron(factors) positive."""
+    signs = np.ones(1)
+    for factor in rotation.factors:
+        signs = np.kron(signs, np.sign(factor[:, 0]).astype(np.float64))
+    return np.tile(signs, rotation.blocks)
+
+
+def _layer_norm_to_masked_rms(graph: Graph, norm: _Norm) -> None:
+    """LayerNormalization(x) on the stream, now x' = x Q with Q's first column constant:
+    channel 0 of x' is sqrt(d) mean(x), the others are the centred x rotated, so
+    LayerNorm(x) Q = m / sqrt(mean(m^2) + eps) with m = x' * [0, 1, ..., 1] (mean over all d
+    channels, as LayerNorm's variance). gamma/beta are already in the readers."""
+    op = norm.fused
+    x = graph.inputs_of(op)[0]
+    out = graph.outputs_of(op)[0]
+    width = int(np.prod(norm.gamma.const.dims))
+    dtype = norm.gamma.const.dtype
+    eps = float(op.attr("epsilon", 1e-5))
+    elem = x.elem_type or onnx.TensorProto.FLOAT
+    base = f"{op.name}_rotated"
+    mask = np.ones(width, dtype=dtype)
+    mask[0] = 0
+    mask_v = graph.add_constant(f"{base}_mask", mask)
+    two = graph.add_constant(f"{base}_two", np.array(2.0, dtype=dtype))
+    eps_v = graph.add_constant(f"{base}_eps", np.array(eps, dtype=dtype))
+
+    def new(op_type, inputs, **attrs):
+        created = graph.add_op(op_type, inputs, [f"{base}_{op_type}"], attrs=attrs or None, before=op)
+        value = graph.outputs_of(created)[0]
+        value.set_type(elem, x.shape if op_type not in ("ReduceMean", "Add", "Sqrt", "Reciprocal")
+                       else (None if x.shape is None else list(x.shape[:-1]) + [1]))
+        return value
+
+    masked = new("Mul", [x, mask_v])
+    square = new("Pow", [masked, two])
+    opset = graph.model.opset_imports.get("", graph.model.opset_imports.get("ai.onnx", 17)) if graph.model else 17
+    if opset >= 18:
+        axes = graph.add_constant(f"{base}_axes", np.array([-1], dtype=np.int64))
+        mean = new("ReduceMean", [square, axes], keepdims=1)
+    else:
+        mean = new("ReduceMean", [square], axes=[-1], keepdims=1)
+    inv = new("Reciprocal", [new("Sqrt", [new("Add", [mean, eps_v])])])
+    normed = graph.add_op("Mul", [masked, inv], [f"{base}_out"], before=op)
+    result = graph.outputs_of(normed)[0]
+    result.type = out.type
+    graph.replace_all_uses(out, result)
+    graph.remove_op(op)
+    for const in (norm.gamma, norm.beta):
+        if const is not None and not graph.consumers(const):
+            graph.remove_value(const)
+    for reader, shift in norm.bias_adds:   # the Add takes over the reader's output name
+        reader_out = graph.outputs_of(reader)[0]
+        name = reader_out.name
+        graph.rename_value(reader_out, graph.unique_name(f"{name}_unbiased"))
+        weight = graph.inputs_of(reader)[1]
+        bias = graph.add_constant(f"{weight.name}_bias", shift.astype(weight.const.dtype))
+        add = graph.add_op("Add", [reader_out, bias], [name], after=reader)
+        biased = graph.outputs_of(add)[0]
+        biased.type = reader_out.type
+        for consumer, slot in graph.uses(reader_out):
+            if consumer is not add:
+                graph.set_input(consumer, slot, biased)
+        graph.outputs = [biased if v is reader_out else v for v in graph.outputs]

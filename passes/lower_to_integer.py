@@ -6,15 +6,23 @@ Between the first QuantizeLinear and the final DequantizeLinear every op is inte
   is quantized to int8 with a power-of-two scale (`first_norm="integer"`, the default), or the
   host also runs the first LayerNorm and its output is quantized (`first_norm="host"`);
 - linear layers: MatMulInteger (int8 x int8 -> int32) with weights quantized symmetric, per
-  output channel (or per tensor) with power-of-two scales, plus an int32 bias at the
-  accumulator's scale s_x * s_w;
+  output channel (or per tensor) with power-of-two scales (rounded to nearest, or with GPTQ),
+  plus an int32 bias at the accumulator's scale s_x * s_w;
+- channel scales: an int8 tensor read only by linear layers, residual adds and norms (the
+  embedding sum, LayerNorm and GELU outputs) has one scale s and a power-of-two factor
+  2^-k_c per channel (`equalization`), so outlier channels do not cost the other channels
+  their precision; a linear layer groups its input channels by k, runs one MatMulInteger per
+  group and adds the group accumulators after a left shift by kmax - k (int64), so the
+  factors cost shifts of partial sums, never weight precision; adds and norms shift per
+  channel. With equalization=None every tensor has a single scale;
 - requantization: every change of scale is a shift (`Shift`: multiply by 2^e, right shifts
   rounding half up, saturating), since all scales are powers of two; an int32 accumulator
   becomes int8 with the calibrated scale of the float tensor it stands for;
 - attention: Q.K^T in MatMulInteger, the 1/sqrt(d) folded into the softmax's scale (I-BERT
   folds the input scale into i-exp's constants, so no multiplier is needed), the 0/1 key mask
-  as an additive int32 mask (0 / -2^31), integer softmax to uint8 probabilities (scale 1/256),
-  then MatMulInteger with V and a shift to int8;
+  as an additive int32 mask (0 / -2^31), integer softmax to uint16 probabilities (scale 2^-16;
+  `probability_bits=8`: uint8, 1/256), then P.V as two MatMulIntegers of P's high and low
+  8-bit digits with V (the high one shifted by 8) and a shift to int8;
 - residual adds: both operands shifted onto a common power-of-two grid in int32 (exact left
   shifts, or rounding right shifts where a channel is finer than WIDE_BITS of headroom allow),
   added, and fed to the integer LayerNorm (exact isqrt, block floating point) -> int8;
@@ -51,10 +59,11 @@ from onnx import numpy_helper
 from edgeq.calibrate import CalibrationOptions as StatsOptions
 from edgeq.calibrate import calibrate
 from edgeq.errors import CalibrationError, OptionError
+from edgeq.hessian import ActivationStream, gptq_quantize, input_statistics
 from edgeq.integer.builder import IntGraphBuilder
 from edgeq.integer.fixedpoint import pow2_exponent
-from edgeq.integer.program import (AddInt, AttentionMask, Dequantize, GeluInt, IntegerProgram, LayerNormInt,
-                                   MatMulInt, Move, Quantize, Shift, SoftmaxInt)
+from edgeq.integer.program import (METADATA_KEY, AddInt, AttentionMask, Dequantize, Digit, GeluInt, IntegerProgram,
+                                   LayerNormInt, MatMulInt, Move, Quantize, Shift, SoftmaxInt)
 from edgeq.ir import Graph, Op, Tensor, Value, save
 from edgeq.options import CalibrationOptions
 from edgeq.pass_infra import Pass, PassContext, PassResult
@@ -64,7 +73,7 @@ from edgeq.quant_plan import OpPlan
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 
-PROGRAM_KEY = "edgeq.integer.program"
+PROGRAM_KEY = METADATA_KEY
 HOST_OPS_KEY = "edgeq.host_ops"
 INPUT_SHAPES_KEY = "edgeq.fpga.input_shapes"
 UNIT_KEY = "edgeq.unit"
@@ -77,10 +86,12 @@ WIDE_BITS = 24
 INT8 = np.dtype(np.int8)
 UINT8 = np.dtype(np.uint8)
 INT32 = np.dtype(np.int32)
+INT64 = np.dtype(np.int64)
+UINT16 = np.dtype(np.uint16)
+PROBABILITY_DIGIT_BITS = 8   # 16-bit probabilities = high * 2^8 + low, two 8-bit digits
 FIRST_NORM = ("integer", "host")
 WEIGHT_ROUNDING = ("gptq", "nearest")
-GPTQ_DAMPING = 0.01   # GPTQ's default: 1% of the mean diagonal added to the Hessian
-GPTQ_BLOCK = 128
+GPTQ_DAMPING = 0.01   # GPTQ's: 1% of the Hessian's mean diagonal
 # A mask constant at or below this is "minus infinity" for softmax in float32.
 MASK_LIMIT = -1e4
 
@@ -93,15 +104,17 @@ class LowerToInteger(Pass):
 
     def __init__(self, calibration: CalibrationOptions | None = None, *, weight_bits: int = 8,
                  weight_granularity: str = "channel", first_norm: str = "integer",
-                 equalization: float | None = 1.0, max_channel_shift: int = 8, weight_rounding: str = "gptq",
-                 threads: int = 1):
+                 equalization: float | None = 1.0, max_channel_shift: int = 8, weight_rounding: str = "nearest",
+                 probability_bits: int = 16, threads: int = 1):
         """equalization: strength alpha in [0, 1] of the power-of-two channel factors of int8
-        tensors whose readers take them (linear layers fold them into their weight rows,
+        tensors whose readers take them (linear layers shift the partial sums of channel groups,
         residual adds and norms shift per channel); None quantizes every tensor with one scale.
         max_channel_shift caps a channel's factor at 2^-max_channel_shift.
         weight_rounding: "gptq" rounds each weight matrix on its power-of-two grid with GPTQ's
         error compensation (Frantar et al., 2023) against the second moments of the layer's
-        input on the calibration data; "nearest" rounds to nearest."""
+        input on the calibration data; "nearest" rounds to nearest.
+        probability_bits: 8 (softmax to uint8, scale 1/256, one 8-bit P.V product) or 16
+        (uint16, scale 2^-16, P.V as two 8-bit products of P's high and low digits)."""
         if weight_bits not in (8, 4, 2):
             raise OptionError(f"weight_bits must be 8, 4 or 2, not {weight_bits}")
         if weight_granularity not in ("channel", "tensor"):
@@ -117,6 +130,9 @@ class LowerToInteger(Pass):
         self.equalization = equalization
         self.max_channel_shift = max_channel_shift
         self.weight_rounding = weight_rounding
+        if probability_bits not in (8, 16):
+            raise OptionError(f"probability_bits must be 8 or 16, not {probability_bits}")
+        self.probability_bits = probability_bits
         self.calibration = calibration or CalibrationOptions()
         self.weight_bits = weight_bits
         self.weight_granularity = weight_granularity
@@ -131,8 +147,12 @@ class LowerToInteger(Pass):
         if options.activations not in (None, "int8"):
             raise OptionError(f"target {target.name} runs int8 activations only",
                               fix="drop --activations or use int8")
+        rounding = getattr(options, "weight_rounding", "rtn")
+        if rounding not in ("auto", "rtn", "gptq"):
+            raise OptionError(f"target {target.name} rounds weights to nearest or with GPTQ, not {rounding!r}",
+                              fix="use --weight-rounding rtn or gptq")
         return cls(options.calibration, weight_bits=4 if options.weights == "int4" else 8,
-                   threads=options.threads or 1)
+                   weight_rounding="gptq" if rounding == "gptq" else "nearest", threads=options.threads or 1)
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         if ctx.target is None:
@@ -180,7 +200,8 @@ class LowerToInteger(Pass):
         return PassResult(graph, True, stats)
 
     def _lowering(self, graph: Graph, act: QSpec, weight: QSpec, ranges: _Ranges) -> _Lowering:
-        return _Lowering(graph, act, weight, self.first_norm, ranges, self.equalization, self.max_channel_shift)
+        return _Lowering(graph, act, weight, self.first_norm, ranges, self.equalization, self.max_channel_shift,
+                         self.probability_bits)
 
     def _ranges(self, graph: Graph, ctx: PassContext, recorder: _RecordingRanges) -> _Ranges:
         """Statistics of the requested tensors: the calibrate pass's where they carry
@@ -207,7 +228,9 @@ class LowerToInteger(Pass):
             if data is None:
                 raise CalibrationError("GPTQ weight rounding needs calibration data",
                                        fix="pass calibration data, or weight_rounding='nearest'")
-            ranges.moments = _second_moments(graph, data, recorder.linear_inputs, self.threads)
+            with ActivationStream(graph, data, self.threads) as stream:
+                stats = input_statistics(stream, recorder.linear_inputs)
+            ranges.moments = {name: entry.hessian for name, entry in stats.items()}
         return ranges
 
     @staticmethod
@@ -317,8 +340,9 @@ def _exponent(ratio: np.ndarray, what: str) -> int | tuple[int, ...]:
 
 class _Lowering:
     def __init__(self, graph: Graph, act: QSpec, weight: QSpec, first_norm: str, ranges: _Ranges,
-                 equalization: float | None = None, max_channel_shift: int = 8):
+                 equalization: float | None = None, max_channel_shift: int = 8, probability_bits: int = 8):
         self.graph = graph
+        self.probability_bits = probability_bits
         self.equalization = equalization
         self.max_channel_shift = max_channel_shift
         self.act_spec = act
@@ -332,6 +356,7 @@ class _Lowering:
         self.lowered: list[Op] = []
         self.host: set[Op] = set()
         self.masks: dict[str, str] = {}
+        self.gathered: dict[tuple[str, bytes], str] = {}
         self.outputs: list[tuple[Value, str]] = []
         self.roles = find_roles(graph)
 
@@ -421,16 +446,23 @@ class _Lowering:
         min(floor(alpha * log2(s_t / s_c)), max_channel_shift), s_c covering channel c's max."""
         if self.equalization is None or not self.takes_channel_scales(value):
             return np.asarray(self.act_scale(value.name), np.float64)
+        return self.channel_scales(value, self.alpha_for(value))
+
+    def alpha_for(self, value: Value) -> float:
+        return self.equalization
+
+    def channel_scales(self, value: Value, alpha: float) -> np.ndarray:
         amax = self.ranges.channel(value.name)
         tensor = float(qparams(-amax.max(), amax.max(), self.act_spec)[0])
         channel = qparams(-amax, amax, self.act_spec)[0].astype(np.float64)
-        k = np.floor(self.equalization * np.log2(tensor / channel) + 1e-9)
+        k = np.floor(alpha * np.log2(tensor / channel) + 1e-9)
         k = np.clip(k, 0, self.max_channel_shift)
         return tensor * np.exp2(-k)
 
     def takes_channel_scales(self, value: Value) -> bool:
         """Whether every reader of `value` takes one power-of-two scale per last-axis channel:
-        linear layers (folded into weight rows), residual adds and norms (shifts per channel)."""
+        linear layers (partial sums per channel group, shifted), residual adds and norms
+        (shifts per channel)."""
         graph = self.graph
         for reader, slot in graph.uses(value):
             ins = graph.inputs_of(reader)
@@ -489,6 +521,11 @@ class _Lowering:
 
     # ---- rules ------------------------------------------------------------------------------
     def linear(self, op: Op) -> None:
+        """x [..., K] @ W [K, N] (+ bias) -> an int32/int64 accumulator with one power-of-two
+        scale per output channel. W is quantized per output channel (powers of two). When x
+        has per-channel scales s * 2^-k_c, the channels are grouped by k, each group is one
+        MatMulInteger, and the group accumulators are added after a left shift by kmax - k:
+        x's channel scales cost shifts of partial sums, never weight precision."""
         graph = self.graph
         x_value, w_value = graph.inputs_of(op)
         x = self.forms[x_value.name]
@@ -497,40 +534,72 @@ class _Lowering:
         w = graph.constant(w_value).numpy().astype(np.float32)
         if w.ndim != 2:
             raise OptionError(f"MatMul '{op.name}': weight of rank {w.ndim}; the fpga lowering takes [K, N] weights")
-        x_scale = float(np.max(x.scale))
-        if not x.per_tensor:  # channel factors (powers of two, exact) move into the weight rows
-            w = w * (x.scale / x_scale).astype(np.float32)[:, None]
-        q, w_scale = _pow2_weight(w, self.weight_spec)
         moment = self.ranges.second_moment(x_value.name)
-        if moment is not None:  # the quantized input's second moments: x / factor per channel
-            factor = np.ones(w.shape[0]) if x.per_tensor else x.scale / x_scale
-            q = _gptq(w, moment / np.outer(factor, factor), w_scale, self.weight_spec)
-        acc_scale = x_scale * w_scale
+        if moment is None:
+            q, w_scale = _pow2_weight(w, self.weight_spec)
+        else:  # GPTQ against the second moments of the layer's input
+            q, scale, _ = gptq_quantize(w, moment, self.weight_spec, damp=GPTQ_DAMPING, clip_ratios=(1.0, 0.5))
+            q, w_scale = q.astype(np.int8), np.asarray(scale, np.float64)
+        x_scale = float(np.max(x.scale))
+        shifts = np.zeros(w.shape[0], np.int64) if x.per_tensor else np.asarray(
+            [-_exponent(np.asarray(r), f"input channels of '{op.name}'") for r in x.scale / x_scale], np.int64)
+        finest = int(shifts.max())
+        acc_scale = x_scale * 2.0**-finest * w_scale
         out = graph.outputs_of(op)[0]
-        bias_name, result = None, out
+        bias, result = None, out
         readers = graph.consumers(out)
         if len(readers) == 1 and readers[0].op_type == "Add" and not graph.is_graph_output(out):
             add = readers[0]
             other = [v for v in graph.inputs_of(add) if v is not out]
-            bias = graph.constant(other[0]) if len(other) == 1 else None
-            if bias is not None and bias.numpy().size == w.shape[1] and bias.numpy().ndim <= 1:
-                values = np.round(bias.numpy().astype(np.float64).reshape(-1) / acc_scale)
-                if np.any(np.abs(values) >= 2**31):
+            const = graph.constant(other[0]) if len(other) == 1 else None
+            if const is not None and const.numpy().size == w.shape[1] and const.numpy().ndim <= 1:
+                bias = np.round(const.numpy().astype(np.float64).reshape(-1) / acc_scale)
+                if np.any(np.abs(bias) >= 2**31):
                     raise OptionError(f"bias of '{op.name}' overflows int32 at the accumulator's scale")
-                bias_name = self.b.const(values.astype(np.int32), INT32, "bias")
                 self.done.add(add)
                 self.lowered.append(add)
                 result = graph.outputs_of(add)[0]
         unit = f"linear@{op.name}"
-        name = self.emit(MatMulInt(x.name, self.b.const(q, INT8, "weight"), bias_name, unit=unit))
-        self.forms[result.name] = _Form(name, INT32, np.asarray(acc_scale, np.float64), unit)
+        groups = sorted(set(shifts.tolist()), reverse=True)  # finest first: it takes the bias
+        if len(groups) == 1:
+            bias_name = None if bias is None else self.b.const(bias.astype(np.int32), INT32, "bias")
+            name = self.emit(MatMulInt(x.name, self.b.const(q, INT8, "weight"), bias_name, unit=unit))
+            self.forms[result.name] = _Form(name, INT32, np.asarray(acc_scale, np.float64), unit)
+            return
+        total = None
+        for k in groups:
+            rows = np.flatnonzero(shifts == k)
+            part = self.channels(x, rows)
+            bias_name = None if bias is None or total is not None else self.b.const(bias.astype(np.int32), INT32,
+                                                                                   "bias")
+            acc = self.emit(MatMulInt(part, self.b.const(q[rows], INT8, "weight"), bias_name, unit=unit))
+            acc = self.emit(Shift(acc, finest - k, "int64", unit=unit))
+            total = acc if total is None else self.emit(AddInt(total, acc, "int64", unit=unit))
+        self.forms[result.name] = _Form(total, INT64, np.asarray(acc_scale, np.float64), unit)
+
+    def channels(self, x: _Form, rows: np.ndarray) -> str:
+        """x's last-axis channels `rows` (a Gather, shared by the linears reading x)."""
+        key = (x.name, rows.tobytes())
+        if key not in self.gathered:
+            self.gathered[key] = self.emit(Move(x.name, "Gather", indices=tuple(int(r) for r in rows)))
+        return self.gathered[key]
 
     def act_matmul(self, op: Op) -> None:
+        """Activation x activation (Q.K^T, P.V) in MatMulInteger. 16-bit probabilities enter as
+        two 8-bit digits, P = high * 2^8 + low: two products, the high one shifted by 8."""
         a_value, b_value = self.graph.inputs_of(op)
-        self.form(a_value)
-        self.form(b_value)
-        a, b = self.int8(a_value.name), self.int8(b_value.name)
         unit = f"attention@{op.name}"
+        a = self.form(a_value)
+        b = self.int8(b_value.name)
+        if a.dtype == UINT16 and a.per_tensor and a.unit.startswith("softmax@"):
+            high = self.emit(Digit(a.name, PROBABILITY_DIGIT_BITS, True, unit=unit))
+            low = self.emit(Digit(a.name, PROBABILITY_DIGIT_BITS, False, unit=unit))
+            high = self.emit(Shift(self.emit(MatMulInt(high, b.name, unit=unit)), PROBABILITY_DIGIT_BITS, "int64",
+                                   unit=unit))
+            name = self.emit(AddInt(high, self.emit(MatMulInt(low, b.name, unit=unit)), "int64", unit=unit))
+            self.forms[self.graph.outputs_of(op)[0].name] = _Form(name, INT64, a.scale * b.scale, unit)
+            return
+        a = self.int8(a_value.name)
         name = self.emit(MatMulInt(a.name, b.name, unit=unit))
         self.forms[self.graph.outputs_of(op)[0].name] = _Form(name, INT32, a.scale * b.scale, unit)
 
@@ -625,8 +694,10 @@ class _Lowering:
         if not x.per_tensor or x.dtype not in (INT8, INT32):
             raise OptionError(f"Softmax '{op.name}': scores must be int8/int32 with one scale")
         unit = f"softmax@{op.name}"
-        name = self.emit(SoftmaxInt(x.name, float(x.scale), x.mask, "uint8", unit=unit))
-        self.forms[self.graph.outputs_of(op)[0].name] = _Form(name, UINT8, np.asarray(2.0**-8), unit)
+        wide = self.probability_bits == 16
+        name = self.emit(SoftmaxInt(x.name, float(x.scale), x.mask, "uint16" if wide else "uint8", unit=unit))
+        self.forms[self.graph.outputs_of(op)[0].name] = _Form(name, UINT16 if wide else UINT8,
+                                                              np.asarray(2.0**-16 if wide else 2.0**-8), unit)
 
     def move(self, op: Op) -> None:
         ins = self.graph.inputs_of(op)
@@ -739,65 +810,6 @@ def _pow2_weight(w: np.ndarray, spec: QSpec) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), np.asarray(scale, np.float64)
 
 
-def _gptq(w: np.ndarray, moment: np.ndarray, scale: np.ndarray, spec: QSpec) -> np.ndarray:
-    """GPTQ (Frantar et al., 2023) on a fixed grid: round w [K, N] to `scale` (per output
-    channel N, or one) input row by input row, pushing each row's rounding error onto the rows
-    not yet rounded through the inverse Hessian of the layer's input (H = X^T X, damped), so
-    the output error on the calibration inputs is what is minimised, not the weight error."""
-    k_dim = w.shape[0]
-    weights = np.array(w.T, np.float64)                       # [N, K]: columns are input channels
-    hessian = np.array(moment, np.float64)
-    dead = np.diag(hessian) <= 0
-    hessian[dead, dead] = 1.0
-    weights[:, dead] = 0.0
-    hessian[np.diag_indices(k_dim)] += GPTQ_DAMPING * np.mean(np.diag(hessian))
-    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T      # H^-1 = U^T U, U upper triangular
-    step = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (weights.shape[0],))
-    quantized = np.zeros_like(weights)
-    for start in range(0, k_dim, GPTQ_BLOCK):
-        stop = min(start + GPTQ_BLOCK, k_dim)
-        block = weights[:, start:stop].copy()
-        errors = np.zeros_like(block)
-        u = upper[start:stop, start:stop]
-        for i in range(stop - start):
-            column = block[:, i]
-            q = np.clip(np.round(column / step), spec.qmin, spec.qmax)
-            quantized[:, start + i] = q
-            error = (column - q * step) / u[i, i]
-            block[:, i:] -= np.outer(error, u[i, i:])
-            errors[:, i] = error
-        weights[:, stop:] -= errors @ upper[start:stop, stop:]
-    return quantized.T.astype(np.int8)
-
-
-def _second_moments(graph: Graph, data, names: list[str], threads: int) -> dict[str, np.ndarray]:
-    """X^T X of each named float tensor ([..., K] -> [K, K]) over every token of the calibration
-    samples, from one ONNX Runtime run of the float graph with those tensors as outputs."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="edgeq-gptq-") as tmp:
-        path = Path(tmp) / "float.onnx"
-        save(graph, path)
-        model = onnx.load(str(path), load_external_data=False)
-        have = {o.name for o in model.graph.output}
-        for name in names:
-            if name not in have:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        onnx.save(model, str(path))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
-    moments: dict[str, np.ndarray] = {}
-    for feed in data:
-        values = session.run(names, {k: v for k, v in feed.items() if k in inputs})
-        for name, value in zip(names, values):
-            rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-            moments[name] = moments.get(name, 0.0) + rows.T @ rows
-    return moments
-
-
 # ---- splicing the emitted nodes into the graph -------------------------------------------------
 
 
@@ -876,13 +888,3 @@ def _sample_shapes(ctx: PassContext) -> dict[str, list[int]]:
     for feed in data:
         return {name: [int(d) for d in np.shape(array)] for name, array in feed.items()}
     return {}
-
-
-def read_program(model: onnx.ModelProto | Graph) -> IntegerProgram:
-    """The integer program a lowered model carries in its metadata."""
-    props = dict(model.model.metadata_props) if isinstance(model, Graph) else {
-        p.key: p.value for p in model.metadata_props}
-    if PROGRAM_KEY not in props:
-        raise OptionError("the model carries no integer program", fix="compile it for the fpga target")
-    return IntegerProgram.from_json(props[PROGRAM_KEY])
-

@@ -9,6 +9,7 @@ the quantization passes elsewhere).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -224,8 +225,6 @@ def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
     """The integer-only rule: the region between a QuantizeLinear and a DequantizeLinear of
     activations (ops with a Q upstream and a DQ downstream) holds no float value except in the
     listed host ops, and no float value enters it other than through a QuantizeLinear."""
-    import json
-
     def is_q(op, kind):
         return op.op_type == kind and not op.domain and not graph.is_const(graph.inputs_of(op)[0])
 
@@ -273,7 +272,17 @@ def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
             if any(elem(v) in _FLOAT_ELEMS for v in graph.inputs_of(producer) if v is not None):
                 violations.append(Violation(producer.name, f"{producer.op_type} turns float into integer without "
                                                            "QuantizeLinear at the datapath's edge"))
+    for op in quantizers + dequantizers:  # the datapath's edges carry the target's activation dtypes
+        ins = graph.inputs_of(op)
+        zero = graph.constant(ins[2]) if len(ins) > 2 and ins[2] is not None else None
+        dtype = dtype_name(zero.elem_type if zero is not None else onnx.TensorProto.UINT8)
+        if dtype not in target.activation_dtypes:
+            violations.append(Violation(op.name, f"activation dtype {dtype} is not one of "
+                                                 f"{', '.join(sorted(target.activation_dtypes))}"))
     for op in order:
+        if op.op_type == "DequantizeLinear" and graph.is_const(graph.inputs_of(op)[0]) and op.attr("block_size"):
+            violations.append(Violation(op.name, "block-wise weight scales; the target takes per-channel or "
+                                                 "per-tensor weights"))
         slots = _INTEGER_MATMULS.get(op.op_type) if not op.domain else None
         if slots is None:
             continue

@@ -1,8 +1,11 @@
 """The FPGA target: an integer-only datapath from the first QuantizeLinear to the last
 DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model of the design.
 
-- activations int8, symmetric, one power-of-two scale per tensor; softmax probabilities are
-  uint8 with scale 1/256 (the integer softmax's output, not a Q/DQ);
+- activations int8, symmetric, power-of-two scales: one per tensor, times a power-of-two factor
+  per channel where every reader can take it (linear layers add the partial sums of channel
+  groups after a shift, residual adds and norms shift per channel); softmax probabilities are
+  uint16 with scale 2^-16 (the integer softmax's output, not a Q/DQ), multiplied with V as two
+  8-bit digits, so every multiplier input is 8 bits wide;
 - weights int8 (or narrower: int4, int2 values stored in int8 for MatMulInteger), symmetric,
   per output channel or per tensor, power-of-two scales;
 - requantization is shift-only (scales are powers of two, so every ratio is a shift);
@@ -23,16 +26,23 @@ from typing import Any
 import onnx
 
 from edgeq.errors import CostModelError
+from edgeq.integer.program import METADATA_KEY as PROGRAM_KEY
 from edgeq.registry import register_target
 from edgeq.targets.base import CostModel, Granularity, OpRule, QSpec, Target
 
 ACTIVATION = QSpec("int8", symmetric=True, scale_pow2=True)
 WEIGHT = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, axis=-1, scale_pow2=True)
-INPUT_SHAPES_KEY = "edgeq.fpga.input_shapes"
+INTEGER_DATAPATH_NOTE = (
+    "integer datapath (edgeq lower-to-integer): each integer matmul's requantization is a shift (round, "
+    "saturate), priced as part of the matmul engine with no threshold stage; channel groups of one layer "
+    "share one engine (partial sums shifted); softmax, GELU and LayerNorm run as I-BERT-style integer "
+    "kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with edgeq.fpga.nonlinear's unit prices "
+    "(table-based exp/GELU, 8-bit lanes), not gate by gate; host ops (embedding lookup) are not priced")
 
-_PREPROCESS = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
-_PIPELINE = _PREPROCESS + ("select-precision", "calibrate", "lower-to-integer", "dead-code-elimination",
-                           "topological-sort")
+_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+# No `calibrate` pass: lower-to-integer calibrates every tensor it quantizes itself, in one run,
+# with the per-channel statistics its channel scales need (the calibrate pass keeps none).
+_PIPELINE = _PREPROCESS + ("select-precision", "lower-to-integer", "dead-code-elimination", "topological-sort")
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,19 @@ class FpgaCostModel(CostModel):
         raise CostModelError("the fpga cost model prices a compiled model on a device, not work counts",
                              fix="use `edgeq estimate MODEL --target fpga --device D`")
 
+    def device(self, name: str):
+        """The catalog device `name` (a part key or board alias); unknown names raise."""
+        from edgeq.targets.fpga_devices import get_device
+
+        return get_device(name)
+
     def estimate(self, model: str | Path | onnx.ModelProto, device: str, *, fps: float | None = None,
                  folding: str | Path | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
                  **options: Any):
         """An `edgeq.fpga.EstimateReport` of `model` on `device`. Symbolic input dims take the
         shapes given, else those a compile recorded from its calibration samples."""
         from edgeq.fpga import estimate_onnx
+        from edgeq.passes.lower_to_integer import INPUT_SHAPES_KEY
 
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model), load_external_data=True)
@@ -70,7 +87,10 @@ class FpgaCostModel(CostModel):
             note = "input shapes " + ", ".join(f"{k}={list(v)}" for k, v in input_shapes.items()) + ": given"
         report = estimate_onnx(model, device, input_shapes=input_shapes or None, fps=fps, folding=folding,
                                **options)
-        return replace(report, assumptions=(note, *report.assumptions)) if note else report
+        notes = [note] if note else []
+        if any(p.key == PROGRAM_KEY for p in model.metadata_props):
+            notes += [INTEGER_DATAPATH_NOTE]
+        return replace(report, assumptions=(*notes, *report.assumptions)) if notes else report
 
 
 FPGA = register_target(Target(
@@ -93,6 +113,11 @@ FPGA = register_target(Target(
                "edgeq.targets.fpga_devices"),
     notes=("integer-only between the first QuantizeLinear and the last DequantizeLinear; host ops (embedding "
            "lookup) are listed in the model metadata 'edgeq.host_ops'",
+           "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.integer, emitted by the "
+           "lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
+           "activation scales: one power of two per tensor, times a power-of-two factor per channel where every "
+           "reader takes it (linear layers shift channel-group partial sums, adds and norms shift channels); "
+           "LowerToInteger(equalization=None) keeps strictly one scale per tensor",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
            "(edgeq.integer.program, stored in the model metadata 'edgeq.integer.program')"),
 ))

@@ -104,3 +104,20 @@ def test_rotation_with_signs_and_blocks_is_orthogonal_and_matches_dense():
     np.testing.assert_allclose(rotation.apply(w, axis=0), q.T @ w, atol=1e-12)     # Q^T W
     np.testing.assert_allclose(rotation.apply(w.T, axis=1), w.T @ q, atol=1e-12)   # W Q
     np.testing.assert_allclose(rotation.apply(w.T, axis=1, transpose=True), w.T @ q.T, atol=1e-12)
+
+
+def test_last_axis_form_is_the_kronecker_product_with_cycled_axes():
+    """What `Reshape -> (Einsum last axis, Transpose last to front)* -> Einsum -> Reshape`
+    computes: x kron(F1..Fk) followed by the permutation of the cycled layout [f2..fk, f1]."""
+    rotation = Rotation.of_order(12 * 4 * 2, max_factor=4)   # factors 12, 4, 2
+    assert [f.shape[0] for f in rotation.factors] == [12, 4, 2]
+    permuted = rotation.last_axis_form()
+    x = np.random.default_rng(0).standard_normal((5, 96))
+    z = x.reshape(5, 12, 4, 2)
+    for f in reversed(rotation.normalised_factors(np.float64)):   # contract last, move it first
+        z = np.moveaxis(np.tensordot(z, f, axes=([3], [0])), 3, 1)
+    z = np.moveaxis(z, 1, 3)                                       # no transpose after the last one
+    np.testing.assert_allclose(permuted.apply(x), z.reshape(5, 96), atol=1e-12)
+    q = permuted.dense()
+    np.testing.assert_allclose(q @ q.T, np.eye(96), atol=1e-12)
+    np.testing.assert_allclose(permuted.apply(x, transpose=True), x @ q.T, atol=1e-12)

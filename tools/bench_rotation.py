@@ -12,9 +12,6 @@ SmolLM2: static per-tensor int8 activations on every linear layer (x86-vnni,
 MiniLM: same activations, 16 calibration paragraphs (disjoint from the 256 evaluation ones),
 cosine of the 256 paragraph embeddings against the float model's.
 
-int4 weights make insert-qdq raise the model's opset to 21 without converting the ops
-(ReduceMean's `axes` attribute becomes invalid at opset 18); for W4A8 the float model is first
-converted to opset 21 with onnx's version converter (a no-op on the function).
 Each run appends one JSON row (command, date, options, metrics, times) to --out.
 """
 
@@ -43,17 +40,20 @@ from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions
 
 def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smooth: float | None = None,
                   smooth_search: bool = False, method: str = "minmax", sensitivity: bool = False,
-                  shared: Path = DEFAULT_SHARED, threads: int = 0, keep: Path | None = None) -> dict:
-    """Compile one configuration and evaluate it; returns the result row."""
+                  shared: Path = DEFAULT_SHARED, threads: int = 0, keep: Path | None = None,
+                  exclude_regex: tuple[str, ...] = (), evaluate: bool = True) -> dict:
+    """Compile one configuration and evaluate it; returns the result row. `exclude_regex`
+    (diagnostics only: which ops' quantization costs the accuracy) keeps matching ops float."""
     from edgeq.compiler import compile as compile_model
+    from edgeq.options import PrecisionOverrides
 
     options = CompileOptions(
         weights=weights, group=128 if weights == "int4" else None, activations="int8", rotate=rotate,
         smooth_alpha=smooth, smooth_alpha_grid=SMOOTH_SEARCH_GRID if smooth_search else (),
-        sensitivity=sensitivity, threads=threads,
+        sensitivity=sensitivity, threads=threads, overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
         calibration=CalibrationOptions(method=method, holdout=2))
-    row: dict = {"task": task, "weights": weights, "rotate": rotate, "smooth": smooth,
-                 "smooth_search": smooth_search, "method": method,
+    row: dict = {"task": task, "weights": weights, "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
+                 "smooth_search": smooth_search, "method": method, "exclude_regex": list(exclude_regex),
                  "command": shlex.join([Path(sys.executable).name, *sys.argv]),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "machine": machine_line(), "load_start": load_line("at start")}
@@ -61,8 +61,6 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
         tmp = Path(tmp)
         float_path = catalog.cached("smollm2" if task == "smollm2" else "minilm")
         source = float_path
-        if weights == "int4":
-            source = _opset21(float_path, tmp)
         if task == "smollm2":
             calibration = evaluation.smollm2_calibration_feeds(shared, 18)
         else:
@@ -79,6 +77,9 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
                          if r.name in ("hadamard-rotation", "smooth-quant", "insert-qdq")}
         if sensitivity:
             row["sensitivity_worst"] = report.sensitivity[:15]
+        if not evaluate:
+            row["load_end"] = load_line("at end")
+            return row
         start = time.perf_counter()
         if task == "smollm2":
             result = evaluation.evaluate_smollm2(out, shared, threads)
@@ -147,7 +148,7 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
     ctx = PassContext(target=get_target("x86-vnni"))
     names = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
     from edgeq.passes.select_precision import SelectPrecision
-    PassManager([get_pass(n)() for n in names] + [HadamardRotation(enabled=rotate),
+    PassManager([get_pass(n)() for n in names] + [HadamardRotation(enabled=rotate, **_VARIANT),
                 SelectPrecision(CompileOptions(activations="int8"))])(graph, ctx)
     plan = ctx.artifacts["select-precision"]
     sources = plan.activation_sources(graph)
@@ -186,20 +187,10 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
                      "peak_to_rms": round(float(np.abs(x).max() / np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1),
                      "token_max_over_median": round(float(tokens.max() / max(np.median(tokens), 1e-30)), 1)})
     rows.sort(key=lambda r: r["sqnr_db"])
-    return {"task": task, "check": "activation stats", "rotate": rotate, "tensors": len(rows),
+    return {"task": task, "check": "activation stats", "rotate": rotate, "variant": dict(_VARIANT), "tensors": len(rows),
             "median_sqnr_db": float(np.median([r["sqnr_db"] for r in rows])), "worst": rows[:25],
             "all": rows, "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def _opset21(path: Path, tmp: Path) -> Path:
-    import onnx
-    from onnx import version_converter
-
-    model = version_converter.convert_version(onnx.load(str(path)), 21)
-    out = tmp / f"{path.stem}.opset21.onnx"
-    onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data")
-    return out
 
 
 @click.command()
@@ -209,25 +200,49 @@ def _opset21(path: Path, tmp: Path) -> Path:
 @click.option("--rotate/--no-rotate", default=False)
 @click.option("--smooth", type=float, help="SmoothQuant alpha.")
 @click.option("--smooth-search", is_flag=True, help="SmoothQuant alpha searched per layer.")
-@click.option("--method", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "mse", "entropy"]), default="minmax",
+              show_default=True)
+@click.option("--exclude-regex", multiple=True, help="Diagnostics: keep ops matching this float.")
+@click.option("--no-eval", is_flag=True, help="Compile and verify on the holdout only.")
 @click.option("--sensitivity", is_flag=True, help="Per-op SQNR ranking (report's 15 worst ops).")
+@click.option("--attention", type=click.Choice(["fold", "online", "fold+online", "none"]),
+              help="Rotation of the o_proj input (default: the pass's default).")
+@click.option("--qk/--no-qk", default=None, help="Online Hadamard on q/k (default: the pass's default).")
 @click.option("--threads", type=int, default=0)
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Keep the compiled model here.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Append the JSON row here.")
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
-def main(task, weights, rotate, smooth, smooth_search, method, sensitivity, threads, keep, out, shared) -> None:
+def main(task, weights, rotate, smooth, smooth_search, method, exclude_regex, no_eval, sensitivity, attention, qk,
+         threads, keep, out, shared) -> None:
+    _rotation_variant(attention, qk)
     if task.endswith("float-check"):
         row = float_check(task.split("-")[0], shared)
     elif task.endswith("-stats"):
         row = activation_stats(task.split("-")[0], rotate, shared)
     else:
         row = rotation_rows(task, weights=weights, rotate=rotate, smooth=smooth, smooth_search=smooth_search,
-                            method=method, sensitivity=sensitivity, shared=shared, threads=threads, keep=keep)
+                            method=method, sensitivity=sensitivity, shared=shared, threads=threads, keep=keep,
+                            exclude_regex=exclude_regex, evaluate=not no_eval)
     text = json.dumps(row, default=_json_default)
     click.echo(text)
     if out:
         with open(out, "a") as f:
             f.write(text + "\n")
+
+
+def _rotation_variant(attention: str | None, qk: bool | None) -> None:
+    """Experiments only: build the pass with other attention/q-k settings than its defaults
+    (compile() builds passes from CompileOptions, which has just `rotate`)."""
+    if attention is None and qk is None:
+        return
+    from edgeq.passes.hadamard_rotation import HadamardRotation
+
+    changes = {k: v for k, v in (("attention", attention), ("qk", qk)) if v is not None}
+    HadamardRotation.from_options = classmethod(lambda cls, options, target: cls(enabled=options.rotate, **changes))
+    _VARIANT.update(changes)
+
+
+_VARIANT: dict = {}
 
 
 def _json_default(obj):

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 import numpy as np
@@ -268,7 +269,8 @@ def _weightless_copy(model: onnx.ModelProto,
     g.name = graph.name
     g.node.extend(graph.node)
     g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
+    if not input_shapes:  # with fixed input shapes, stale symbolic value_info would block inference
+        g.value_info.extend(graph.value_info)
     overrides = dict(input_shapes or {})
     initializer_names = {t.name for t in graph.initializer}
     for vi in graph.input:
@@ -306,10 +308,63 @@ def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tupl
     return dtypes, shapes
 
 
+# Ops evaluated at estimate time when all their inputs are known small integer constants: the
+# shape arithmetic exporters write (position ids sliced to Shape(input_ids)[1], ...), which
+# onnx's data propagation does not always carry into Slice/Range.
+_SHAPE_ARITHMETIC = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Add",
+                               "Sub", "Mul", "Div", "Range", "Equal", "Where", "ConstantOfShape", "Reshape"})
+
+
+def _fold_shape_arithmetic(lean: onnx.ModelProto) -> onnx.ModelProto:
+    """`lean` with shape arithmetic on static shapes replaced by constants, so that inference
+    sees e.g. a Slice's computed end; nothing larger than _SMALL_CONSTANT elements is folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    inferred = onnx.shape_inference.infer_shapes(lean, data_prop=True)
+    _, shapes = _value_types(inferred)
+    values = {t.name: numpy_helper.to_array(t) for t in lean.graph.initializer}
+    kept, folded = [], []
+    for node in lean.graph.node:
+        value = None
+        if node.op_type == "Shape" and shapes.get(node.input[0]) is not None \
+                and all(d is not None for d in shapes[node.input[0]]):
+            dims = np.array(shapes[node.input[0]], np.int64)
+            value = dims[_attr(node, "start", 0):_attr(node, "end", len(dims))]
+        elif node.op_type in _SHAPE_ARITHMETIC and len(node.output) == 1 and node.input and all(
+                not i or (i in values and values[i].size <= _SMALL_CONSTANT and values[i].dtype.kind in "iub")
+                for i in node.input):
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(
+                    node.output[0], TensorProto.UNDEFINED, None)],
+                    [numpy_helper.from_array(values[i], i) for i in dict.fromkeys(node.input) if i]),
+                opset_imports=lean.opset_import)
+            try:
+                value = np.asarray(ReferenceEvaluator(single).run(None, {})[0])
+            except Exception:  # noqa: BLE001 - not foldable here: inference decides as before
+                value = None
+            if value is not None and value.size > _SMALL_CONSTANT:
+                value = None
+        if value is None:
+            kept.append(node)
+            continue
+        values[node.output[0]] = value
+        folded.append(numpy_helper.from_array(value, node.output[0]))
+    if not folded:
+        return lean
+    out = onnx.ModelProto()
+    out.CopyFrom(lean)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(folded)
+    return out
+
+
 def _index_graph(model: onnx.ModelProto,
                  input_shapes: Mapping[str, Sequence[int]] | None) -> _Graph:
-    inferred = onnx.shape_inference.infer_shapes(_weightless_copy(model, input_shapes),
-                                                 data_prop=True)
+    lean = _weightless_copy(model, input_shapes)
+    if input_shapes:
+        lean = _fold_shape_arithmetic(lean)
+    inferred = onnx.shape_inference.infer_shapes(lean, data_prop=True)
     dtypes, shapes = _value_types(inferred)
     graph = model.graph
     constants = _constant_tensors(graph)
@@ -597,6 +652,65 @@ def _layout_reason(g: _Graph, node: onnx.NodeProto) -> str:
     return "data movement"
 
 
+# Integer-lowered models (edgeq.passes.lower_to_integer) tag every node they emit with the
+# hardware unit it belongs to, as node metadata UNIT_KEY = "kind@instance"; a unit's nodes form
+# one layer. Ops the host runs are listed in the model metadata HOST_OPS_KEY.
+UNIT_KEY = "edgeq.unit"
+HOST_OPS_KEY = "edgeq.host_ops"
+_MATMUL_UNITS = frozenset({"linear", "attention"})
+_NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add"})
+
+
+def _unit_label(node: onnx.NodeProto) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == UNIT_KEY), None)
+
+
+def _unit_layer(g: _Graph, label: str, members: list[onnx.NodeProto], narrow: bool) -> Layer:
+    """One layer for the nodes of one emitted unit: an integer matmul absorbs its bias and
+    requantization shifts (FINN's MVAU threshold stage); a nonlinear unit spans its nodes."""
+    kind, _, instance = label.partition("@")
+    last = members[-1]
+    if kind in _MATMUL_UNITS:
+        matmuls = [n for n in members if n.op_type in ("MatMulInteger", "MatMul")]
+        if not matmuls:
+            raise UnpricedOpError(kind, instance, "unit without an integer matmul")
+        parts = [_matmul_layer(g, n, narrow)[0] for n in matmuls]
+        layer = parts[0]
+        if len(parts) > 1 and all(isinstance(p, MatVecLayer) for p in parts):
+            # input channels split by scale (partial sums shifted): one engine over all of them
+            if any((p.mh, p.vectors) != (layer.mh, layer.vectors) for p in parts):
+                raise UnpricedOpError(kind, instance, "integer matmuls of one unit do not share outputs")
+            layer = replace(layer, mw=sum(p.mw for p in parts), weight_bits=max(p.weight_bits for p in parts))
+        elif len(parts) > 1 and all(isinstance(p, AttentionMatMul) for p in parts):
+            # a wide first operand as 8-bit digits, one product each: a product of their widths
+            if any((p.heads, p.rows, p.cols, p.depth) != (layer.heads, layer.rows, layer.cols, layer.depth)
+                   for p in parts):
+                raise UnpricedOpError(kind, instance, "integer matmuls of one unit do not share operands")
+            layer = replace(layer, a_bits=sum(p.a_bits for p in parts), a_signed=False)
+        elif len(parts) > 1:
+            raise UnpricedOpError(kind, instance, "a unit mixes weight and activation products")
+        # The unit's requantization is a shift (round, saturate), not an activation: no
+        # threshold stage is priced (out_bits None), whatever the output width.
+        return replace(layer, name=instance, out_bits=None,
+                       absorbed=tuple(g.name(n) for n in members if n is not matmuls[0]))
+    if kind in _NONLINEAR_UNITS:
+        shape = g.static_shape(last.output[0], last)
+        row = int(shape[-1]) if shape else 1
+        in_type = _int_type(g, members[0].input[0])
+        return NonlinearUnit(instance, kind, _shape_numel(shape) // row, row,
+                             in_type[0] if in_type is not None else None)
+    if kind == "mask":
+        return LayoutOp(instance, "AttentionMask", "additive attention mask from the 0/1 key mask: a select "
+                                                   "in the softmax unit, not priced separately")
+    raise UnpricedOpError(kind, instance, "no FPGA price for this integer unit kind",
+                          fix=f"known units: {', '.join(sorted(_MATMUL_UNITS | _NONLINEAR_UNITS | {'mask'}))}")
+
+
+def _host_ops(model: onnx.ModelProto) -> set[str]:
+    raw = next((p.value for p in model.metadata_props if p.key == HOST_OPS_KEY), "[]")
+    return {entry["name"] for entry in json.loads(raw)}
+
+
 def _layer_for(g: _Graph, node: onnx.NodeProto, narrow: bool) -> tuple[Layer, list]:
     op = node.op_type
     if op in ("MatMul", "MatMulInteger"):
@@ -609,6 +723,10 @@ def _layer_for(g: _Graph, node: onnx.NodeProto, narrow: bool) -> tuple[Layer, li
         return LayoutOp(g.name(node), op, _layout_reason(g, node)), []
     if op in NONLINEAR_OPS:
         return _nonlinear_layer(g, node), []
+    if op == "Gather" and node.input[0] in g.constants:
+        return LayoutOp(g.name(node), op, "embedding lookup: a table read, not priced"), []
+    if op == "Gather" and node.input[1] in g.constants:
+        return LayoutOp(g.name(node), op, "data movement (a fixed selection of elements)"), []
     raise UnpricedOpError(op, g.name(node), "no FPGA price for this op type",
                           fix="extend edgeq.fpga (layers.NONLINEAR_OPS / nonlinear.PRICES) or "
                               "remove the op")
@@ -626,10 +744,23 @@ def layers_from_onnx(model: onnx.ModelProto, *,
     g = _index_graph(model, input_shapes)
     layers: list[Layer] = []
     folded_ids: set[int] = set()
+    host = _host_ops(model)
+    units: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.nodes:
+        label = _unit_label(node)
+        if label is not None:
+            units.setdefault(label, []).append(node)
     for node in g.nodes:
         if id(node) in folded_ids:
             continue
-        layer, folded = _layer_for(g, node, narrow_weight_bits)
+        label = _unit_label(node)
+        if g.name(node) in host:
+            layer, folded = LayoutOp(g.name(node), node.op_type, "host op (model metadata edgeq.host_ops): runs "
+                                                                 "on the host CPU, not priced"), []
+        elif label is not None:
+            layer, folded = _unit_layer(g, label, units[label], narrow_weight_bits), units[label]
+        else:
+            layer, folded = _layer_for(g, node, narrow_weight_bits)
         folded_ids.update(id(n) for n in folded)
         layers.append(layer)
     return layers

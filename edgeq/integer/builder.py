@@ -20,7 +20,7 @@ from edgeq.errors import OptionError
 
 OPSET = 21
 # The integer dtypes a kernel may receive or produce (int64/uint64 stay internal).
-IO_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32))
+IO_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
 # QuantizeLinear (opset 21) cannot produce int32, so int32 inputs stay integer graph inputs.
 _QUANTIZABLE = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16))
 _COMPARISONS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"}

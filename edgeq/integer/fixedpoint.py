@@ -89,15 +89,17 @@ def saturation_limit(out_scale: float, grid_scale: float, at_least: int) -> int:
     return max(at_least, math.ceil(129 * out_scale / grid_scale))
 
 
-# Probability outputs (softmax, sigmoid): fraction bits by dtype, i.e. scale 1/256 or 1/128.
-PROB_FRAC_BITS = {np.dtype(np.uint8): 8, np.dtype(np.int8): 7}
+# Probability outputs (softmax, sigmoid): fraction bits by dtype, i.e. scale 1/256, 1/128, or
+# 2^-16 for uint16 (a product takes it as two 8-bit digits, see edgeq.integer.program.Digit).
+PROB_FRAC_BITS = {np.dtype(np.uint8): 8, np.dtype(np.int8): 7, np.dtype(np.uint16): 16}
 
 
 def probability_frac_bits(out_dtype: np.dtype | type) -> int:
-    """Fraction bits of a probability output; raises for dtypes other than uint8/int8."""
+    """Fraction bits of a probability output; raises for dtypes other than uint8/int8/uint16."""
     dtype = np.dtype(out_dtype)
     if dtype not in PROB_FRAC_BITS:
-        raise OptionError(f"probability output dtype {dtype} is not supported", fix="use uint8 (1/256) or int8 (1/128)")
+        raise OptionError(f"probability output dtype {dtype} is not supported",
+                          fix="use uint8 (1/256), int8 (1/128) or uint16 (2^-16)")
     return PROB_FRAC_BITS[dtype]
 
 

@@ -7,6 +7,7 @@ Every step reads and writes named integer tensors (real = int * scale, symmetric
     MatMulInt      MatMulInteger (int8/uint8 x int8 -> int32), plus an int32 bias constant
     Shift          y = saturate(x * 2^e): the shift-only requantization, e per tensor or per
                    last-axis channel, right shifts rounding half up
+    Digit          high or low 8-bit digit of a wide non-negative integer (two-pass products)
     AddInt         a + b in int64, saturated (residual adds on scales aligned by Shift first)
     Move           Reshape / Transpose of integer data
     AttentionMask  0/1 attention mask -> additive int32 mask (0 or -2^31)
@@ -42,6 +43,7 @@ from edgeq.integer.norm import Normalization
 from edgeq.integer.softmax import Softmax
 
 F32 = np.dtype(np.float32)
+METADATA_KEY = "edgeq.integer.program"   # model metadata holding the program's JSON
 MASKED = -(1 << 31)   # additive mask of a masked key: int32 minimum, exp() of it is exactly 0
 
 
@@ -182,6 +184,36 @@ class Shift(Step):
 
 
 @dataclass(frozen=True)
+class Digit(Step):
+    """One 8-bit digit of a non-negative integer: `high` = floor(x / 2^bits), `low` = x mod
+    2^bits, as uint8 (x = high * 2^bits + low): a wide operand of an 8-bit product in two
+    passes."""
+
+    x: str
+    bits: int
+    high: bool
+    out: str = ""
+    unit: str = ""
+    kind: ClassVar[str] = "Digit"
+
+    def inputs(self):
+        return (self.x,)
+
+    def emit(self, b):
+        x = ops.cast(b, self.x, ops.I64)
+        if self.high:
+            digit = ops.shift_right_floor(b, x, self.bits)
+        else:
+            digit = b.op("BitwiseAnd", [x, b.const((1 << self.bits) - 1, ops.I64, "digit_mask")], "low_digit")
+        return ops.saturate(b, digit, np.uint8)
+
+    def run(self, env):
+        x = env[self.x].astype(np.int64)
+        digit = np.right_shift(x, self.bits) if self.high else np.bitwise_and(x, (1 << self.bits) - 1)
+        return np_saturate(digit, np.dtype(np.uint8))
+
+
+@dataclass(frozen=True)
 class AddInt(Step):
     a: str
     b: str
@@ -203,12 +235,14 @@ class AddInt(Step):
 
 @dataclass(frozen=True)
 class Move(Step):
-    """Reshape (ONNX semantics: 0 copies the input dim, -1 is inferred) or Transpose."""
+    """Reshape (ONNX semantics: 0 copies the input dim, -1 is inferred), Transpose, or Gather
+    of last-axis channels `indices`."""
 
     x: str
     op: str
     shape: tuple[int, ...] = ()
     perm: tuple[int, ...] = ()
+    indices: tuple[int, ...] = ()
     out: str = ""
     unit: str = ""
     kind: ClassVar[str] = "Move"
@@ -221,6 +255,9 @@ class Move(Step):
             return b.op("Reshape", [self.x, b.const(np.asarray(self.shape, np.int64), ops.I64, "shape")], "reshaped")
         if self.op == "Transpose":
             return b.op("Transpose", [self.x], "transposed", perm=list(self.perm))
+        if self.op == "Gather":
+            return b.op("Gather", [self.x, b.const(np.asarray(self.indices, np.int64), ops.I64, "channels")],
+                        "channels", axis=-1)
         raise OptionError(f"unknown data movement {self.op!r}")
 
     def run(self, env):
@@ -228,6 +265,8 @@ class Move(Step):
         if self.op == "Reshape":
             shape = [x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)]
             return x.reshape(shape)
+        if self.op == "Gather":
+            return np.take(x, np.asarray(self.indices, np.int64), axis=-1)
         return np.transpose(x, self.perm)
 
 
@@ -340,7 +379,7 @@ class GeluInt(Step):
         return self.plan().reference(env[self.x])
 
 
-STEP_TYPES: dict[str, type] = {cls.kind: cls for cls in (Quantize, Dequantize, MatMulInt, Shift, AddInt, Move,
+STEP_TYPES: dict[str, type] = {cls.kind: cls for cls in (Quantize, Dequantize, MatMulInt, Shift, Digit, AddInt, Move,
                                                           AttentionMask, SoftmaxInt, LayerNormInt, GeluInt)}
 
 
@@ -415,6 +454,65 @@ class IntegerProgram:
             steps.append(STEP_TYPES[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}))
         probes = {k: (v[0], v[1]) for k, v in data.get("probes", {}).items()}
         return cls(steps, list(data["inputs"]), [tuple(o) for o in data["outputs"]], probes=probes)
+
+
+    @classmethod
+    def from_model(cls, model) -> IntegerProgram:
+        """The program a lowered model (onnx.ModelProto or edgeq Graph) carries in its metadata."""
+        props = dict(model.model.metadata_props) if hasattr(model, "model") else {
+            p.key: p.value for p in model.metadata_props}
+        if METADATA_KEY not in props:
+            raise OptionError("the model carries no integer program", fix="compile it for the fpga target")
+        return cls.from_json(props[METADATA_KEY])
+
+
+@dataclass
+class ReferenceCheck:
+    """ONNX Runtime's execution of a lowered model against the program's numpy reference."""
+
+    tensors: int                 # tensors compared (graph outputs and, optionally, every probe)
+    elements: int                # their elements
+    mismatched: list[str]        # tensors whose values differ in any element
+
+    @property
+    def bit_exact(self) -> bool:
+        return not self.mismatched
+
+
+def check_against_onnxruntime(model, feeds: Mapping[str, np.ndarray], *, intermediates: bool = True,
+                              threads: int = 1) -> ReferenceCheck:
+    """Run the lowered `model` (onnx.ModelProto) in ONNX Runtime on `feeds`, also fetching the
+    host tensors the datapath starts from; run the program's numpy reference from those; compare
+    the outputs and (with `intermediates`) every integer tensor of the datapath, bit for bit."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    program = IntegerProgram.from_model(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    host = [n for n in program.inputs if n not in graph_inputs]
+    probes = sorted({name for name, _ in program.probes.values()}) if intermediates else []
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in host + probes:
+        if name not in present:
+            extended.graph.output.append(onnx.helper.make_tensor_value_info(
+                name, types.get(name, onnx.TensorProto.FLOAT), None))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(extended.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in graph_inputs})))
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    reference = program.reference({n: got[n] if n in got else feeds[n] for n in program.inputs}, constants,
+                                  keep=True)
+    compared = [graph_name for _, graph_name in program.outputs] + probes
+    mismatched = [n for n in compared if not np.array_equal(reference[n], got[n])
+                  or reference[n].dtype != got[n].dtype]
+    return ReferenceCheck(len(compared), int(sum(got[n].size for n in compared)), mismatched)
 
 
 class _Lookup(Mapping[str, np.ndarray]):

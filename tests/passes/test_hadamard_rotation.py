@@ -116,13 +116,15 @@ def test_llama_stream_rotation_changes_the_weights_as_the_algebra_says(synthetic
     after = _weights(graph)
     stats = _stats(ctx)
     assert stats == {"rotated": 1, "stream": 1, "hidden": 64, "norms_fused": 5, "embeddings": 1, "writers": 4,
-                     "online_hadamards": 2, "attention_folds": 2, "weights_changed": 16, "skipped": 0}
+                     "online_hadamards": 4, "attention_folds": 2, "qk_rotations": 2, "smoothed": 0,
+                     "weights_changed": 16, "skipped": 0}
     q = Rotation.of_order(64, seed=SEED).dense()
     np.testing.assert_allclose(q @ q.T, np.eye(64), atol=1e-12)
     config = synthetic.TINY_LLAMA
     per_head = np.kron(np.eye(config.hidden_size // config.head_dim), Rotation.of_order(config.head_dim).dense())
     per_kv_head = np.kron(np.eye(config.num_kv_heads), Rotation.of_order(config.head_dim).dense())
-    ffn = Rotation.of_order(config.intermediate_size).dense()
+    ffn = Rotation.of_order(config.intermediate_size).last_axis_form().dense()   # online: permuted output
+    full = Rotation.of_order(config.hidden_size).dense()
 
     def close(name, expected):
         np.testing.assert_allclose(after[name], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
@@ -135,15 +137,17 @@ def test_llama_stream_rotation_changes_the_weights_as_the_algebra_says(synthetic
         close(f"{p}.self_attn.q_proj.weight", q.T @ (g_in * before[f"{p}.self_attn.q_proj.weight"]))
         close(f"{p}.self_attn.k_proj.weight", q.T @ (g_in * before[f"{p}.self_attn.k_proj.weight"]))
         close(f"{p}.self_attn.v_proj.weight", q.T @ (g_in * before[f"{p}.self_attn.v_proj.weight"]) @ per_kv_head)
-        close(f"{p}.self_attn.o_proj.weight", per_head.T @ before[f"{p}.self_attn.o_proj.weight"] @ q)
+        # per-head fold, then the online full-width Hadamard before o_proj, then the stream
+        close(f"{p}.self_attn.o_proj.weight", full.T @ per_head.T @ before[f"{p}.self_attn.o_proj.weight"] @ q)
         close(f"{p}.mlp.gate_proj.weight", q.T @ (g_post * before[f"{p}.mlp.gate_proj.weight"]))
         close(f"{p}.mlp.up_proj.weight", q.T @ (g_post * before[f"{p}.mlp.up_proj.weight"]))
         close(f"{p}.mlp.down_proj.weight", ffn.T @ before[f"{p}.mlp.down_proj.weight"] @ q)
     close("lm_head.weight", q.T @ (before["model.norm.weight"][:, None] * before["lm_head.weight"]))
-    # The gains are gone from the graph (folded), one online Hadamard per MLP, in float.
+    # The gains are gone from the graph (folded). Online Hadamards per layer: the MLP's
+    # (192 = 12 (x) 16: two Einsums), o_proj's (64: one), q's and k's (one each).
     assert not any(name.endswith("norm.weight") for name in after)
     einsums = graph.ops_of_type("Einsum")
-    assert len(einsums) == 2 * 2   # 192 = 12 (x) 16: two factors per online Hadamard
+    assert len(einsums) == 2 * (2 + 1 + 2)
     downs = [op for op in graph.ops_of_type("MatMul") if graph.inputs_of(op)[1].name.endswith("down_proj.weight")]
     for down in downs:
         reshape = graph.producer(graph.inputs_of(down)[0])
@@ -173,7 +177,9 @@ def test_bert_post_norm_gets_online_rotations_and_keeps_its_layer_norms(syntheti
     graph, ctx = _rotate(synthetic_bert)
     after = _weights(graph)
     stats = _stats(ctx)
-    assert stats["stream"] == 0 and stats["online_hadamards"] == 6 and stats["attention_folds"] == 2
+    # per layer: online before q/k/v, intermediate, output.dense and attention.output.dense
+    assert stats["stream"] == 0 and stats["online_hadamards"] == 8 and stats["attention_folds"] == 2
+    assert stats["qk_rotations"] == 2
     summary = ctx.artifacts["hadamard-rotation"]
     assert any("LayerNorm" in note and "post-norm" in note for note in summary.notes)
     # LayerNorm gamma/beta are untouched: its centring and gain stay exact where they are.
@@ -181,7 +187,7 @@ def test_bert_post_norm_gets_online_rotations_and_keeps_its_layer_norms(syntheti
         if "LayerNorm" in name or "embeddings" in name:
             np.testing.assert_array_equal(after[name], value)
     h = Rotation.of_order(64).dense()
-    h_ffn = Rotation.of_order(256).dense()
+    h_ffn = Rotation.of_order(256).last_axis_form().dense()
     head = np.kron(np.eye(4), Rotation.of_order(16).dense())
     for i in range(2):
         p = f"encoder.layer.{i}"
@@ -193,10 +199,93 @@ def test_bert_post_norm_gets_online_rotations_and_keeps_its_layer_norms(syntheti
         np.testing.assert_allclose(after[f"{p}.attention.self.value.bias"],
                                    before[f"{p}.attention.self.value.bias"] @ head, atol=1e-6)
         np.testing.assert_allclose(after[f"{p}.attention.output.dense.weight"],
-                                   head.T @ before[f"{p}.attention.output.dense.weight"], atol=1e-6)
+                                   h.T @ head.T @ before[f"{p}.attention.output.dense.weight"], atol=1e-6)
         np.testing.assert_allclose(after[f"{p}.output.dense.weight"], h_ffn.T @ before[f"{p}.output.dense.weight"],
                                    atol=1e-6)
     assert len(graph.ops_of_type("LayerNormalization")) == 5
+
+
+def _pre_norm_layer_norm_model(d: int = 24, ffn: int = 32, vocab: int = 40) -> onnx.ModelProto:
+    """A GPT-2-shaped pre-norm decoder with fused LayerNormalization (gamma with outlier
+    channels, beta), readers with and without bias, writers with and without bias, and an LM
+    head whose output is the graph output. d = 24 = 12 (x) 2 exercises a Paley factor."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape, scale=0.2):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    inits = {"E": w(vocab, d, scale=1.0), "W1": w(d, ffn), "c1": w(ffn), "W2": w(ffn, d), "c2": w(d),
+             "W3": w(d, ffn), "W4": w(ffn, d), "Wh": w(d, vocab)}
+    for i in (1, 2, 3):
+        gain = 1 + 0.1 * rng.standard_normal(d)
+        gain[[3, 17]] *= 30
+        inits[f"g{i}"], inits[f"b{i}"] = gain.astype(np.float32), w(d, scale=0.5)
+    nodes = [node("Gather", ["E", "ids"], ["x0"]),
+             node("LayerNormalization", ["x0", "g1", "b1"], ["n1"], axis=-1, epsilon=1e-5),
+             node("MatMul", ["n1", "W1"], ["m1"]), node("Add", ["m1", "c1"], ["h1"]), node("Relu", ["h1"], ["r1"]),
+             node("MatMul", ["r1", "W2"], ["m2"]), node("Add", ["c2", "m2"], ["y1"]), node("Add", ["x0", "y1"], ["x1"]),
+             node("LayerNormalization", ["x1", "g2", "b2"], ["n2"], axis=-1, epsilon=1e-5),
+             node("MatMul", ["n2", "W3"], ["m3"]), node("Relu", ["m3"], ["r3"]), node("MatMul", ["r3", "W4"], ["y3"]),
+             node("Add", ["y3", "x1"], ["x2"]),
+             node("LayerNormalization", ["x2", "g3", "b3"], ["n3"], axis=-1, epsilon=1e-5),
+             node("MatMul", ["n3", "Wh"], ["logits"])]
+    return model(nodes, [vi("ids", ["batch", "seq"], onnx.TensorProto.INT64)],
+                 [vi("logits", ["batch", "seq", vocab])], inits)
+
+
+def test_pre_norm_layer_norm_stream_handles_centring_gain_and_bias():
+    """LayerNorm's mean-centring: with Q's first column constant, centring in the rotated basis
+    is zeroing channel 0, so LayerNorm(x) Q = RMSNorm(x Q * [0, 1, ..., 1]); gamma and beta
+    (as a bias beta W) go into the readers."""
+    proto = _pre_norm_layer_norm_model()
+    graph, ctx = _rotate(proto)
+    assert_valid(graph)
+    stats = _stats(ctx)
+    assert stats["stream"] == 1 and stats["norms_fused"] == 3 and stats["online_hadamards"] == 2
+    assert not graph.ops_of_type("LayerNormalization")
+    assert [v.name for v in graph.outputs] == ["logits"]
+    feeds = [{"ids": np.random.default_rng(i).integers(0, 40, size=(2, 7)).astype(np.int64)} for i in range(3)]
+    _assert_same_function(proto, graph, feeds)
+    q = Rotation(Rotation.of_order(24).factors, signs=None).dense()
+    first = np.sign(q[:, 0])
+    rotated_embedding = graph.value("E").const.numpy()
+    q_used = first[:, None] * q
+    np.testing.assert_allclose(q_used[:, 0], 1 / np.sqrt(24), atol=1e-12)
+    np.testing.assert_allclose(rotated_embedding, onnx.numpy_helper.to_array(
+        next(t for t in proto.graph.initializer if t.name == "E")) @ q_used, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["llama", "bert"])
+def test_smoothing_before_the_online_hadamards_keeps_the_function(which, synthetic_llama, synthetic_bert,
+                                                                   llama_feeds, bert_feeds):
+    """SmoothRot: with calibration data, an online group's input is divided per channel by s
+    (alpha searched per group) before its Hadamard: folded into SwiGLU's up projection in the
+    Llama, an explicit float Mul after BERT's GELU / LayerNorms."""
+    from edgeq.calib_data import open_source
+
+    path, feeds = (synthetic_llama, llama_feeds) if which == "llama" else (synthetic_bert, bert_feeds)
+    graph = edgeq.load(path)
+    ctx = PassContext(seed=SEED, instruments=[VerifyInstrument()])
+    ctx.artifacts["calibration-data"] = open_source(feeds[:4], str(path))
+    PassManager([get_pass(n)() for n in PREPROCESS] + [HadamardRotation()])(graph, ctx)
+    assert_valid(graph)
+    summary = ctx.artifacts["hadamard-rotation"]
+    smoothed = [name for name, alpha in summary.smoothing if alpha]
+    assert smoothed and _stats(ctx)["smoothed"] == len(smoothed)
+    # never on an attention context (its input is rotated per head already); names only checked
+    assert not any("self_attn/" in name or "attention/self/" in name for name, _ in summary.smoothing)
+    explicit = [v for v in graph.values() if v.name.endswith("_smoothed")]
+    if which == "llama":
+        assert not explicit   # 1/s went into up_proj's columns
+    else:
+        assert len(explicit) == len(smoothed)
+    _assert_same_function(onnx.load(str(path)), graph, feeds[4:])
+
+
+def test_no_smoothing_without_calibration_data(synthetic_llama):
+    graph, ctx = _rotate(synthetic_llama)
+    summary = ctx.artifacts["hadamard-rotation"]
+    assert _stats(ctx)["smoothed"] == 0 and any("no calibration data" in n for n in summary.notes)
 
 
 # ---- refusals -----------------------------------------------------------------------------------
@@ -285,8 +374,8 @@ def test_compiled_w8a8_llama_loses_less_with_rotation(synthetic_llama):
     feeds = [synthetic.llama_feeds(seq=16, seed=i) for i in range(8)]
     errors = {}
     for rotate in (False, True):
-        options = CompileOptions(activations="int8", rotate=rotate, threads=1,
-                                 calibration=CalibrationOptions(method="minmax", holdout=3))
+        options = CompileOptions(activations="int8", rotate=rotate, threads=1, smooth_alpha=None,
+                                 smooth_alpha_grid=(), calibration=CalibrationOptions(method="minmax", holdout=3))
         compiled = compile_model(synthetic_llama, "x86-vnni", options, calibration=feeds)
         errors[rotate] = compiled.report.verification.outputs[0].relative_l2
         if rotate:
