@@ -104,7 +104,10 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
 @click.option("--keep-high", type=int, help="Keep the K most sensitive quantized ops high.")
 @click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
 @click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
-@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer.")
+@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer (the default).")
+@click.option("--no-smooth", is_flag=True, help="No SmoothQuant.")
+@click.option("--two-digit", multiple=True, metavar="REGEX",
+              help="Quantize these ops' activation input as two int8 digits (integer, 2x MACs, near-int16 accuracy).")
 @click.option("--weight-rounding", type=click.Choice(["auto", "rtn", "gptq", "awq", "awq+gptq"]),
               help="Weight rounding: round-to-nearest, GPTQ, AWQ, AWQ scaling + GPTQ (needs calibration data).")
 @click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
@@ -119,7 +122,7 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
 def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
                     first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
                     exclude_op, nodes_to_exclude, tensor_overrides, keep_high, sensitivity, smooth_alpha,
-                    smooth_search, weight_rounding, act_order, rotate, accuracy_budget, config, report, threads, external_data, as_json,
+                    smooth_search, no_smooth, two_digit, weight_rounding, act_order, rotate, accuracy_budget, config, report, threads, external_data, as_json,
                     device=None, fps=None, folding=None) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.compiler import compile as compile_model
@@ -149,8 +152,11 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
                                            ("threads", threads), ("sensitivity", sensitivity),
                                            ("smooth_alpha", smooth_alpha), ("rotate", rotate),
                                            ("weight_rounding", weight_rounding), ("act_order", act_order),
-                                           ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None))
+                                           ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None),
+                                           ("two_digit", tuple(two_digit)))
                          if v})
+    if no_smooth:
+        options = replace(options, smooth_alpha=None, smooth_alpha_grid=())
     spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)
     compiled = compile_model(model, target, options, calibration=spec)
     compiled.save(output, external_data=external_data)

@@ -159,7 +159,7 @@ class CompileOptions:
     rotate: bool = False                  # Hadamard rotation (QuaRot) before quantization
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
     # GPTQ rounding; "auto": the target's choice (x86: GPTQ for int4 when calibration data is given).
-    weight_rounding: Literal["auto", "rtn", "gptq", "awq", "awq+gptq"] = "rtn"
+    weight_rounding: Literal["auto", "rtn", "gptq", "awq", "awq+gptq"] = "auto"
     act_order: bool = False              # GPTQ: round input channels by decreasing Hessian diagonal
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
     quantize_embeddings: bool = True

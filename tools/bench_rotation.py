@@ -41,18 +41,19 @@ from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions
 def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smooth: float | None = None,
                   smooth_search: bool = False, method: str = "minmax", sensitivity: bool = False,
                   shared: Path = DEFAULT_SHARED, threads: int = 0, keep: Path | None = None,
-                  exclude_regex: tuple[str, ...] = (), evaluate: bool = True) -> dict:
+                  exclude_regex: tuple[str, ...] = (), evaluate: bool = True, activations: str = "int8",
+                  rounding: str = "rtn") -> dict:
     """Compile one configuration and evaluate it; returns the result row. `exclude_regex`
     (diagnostics only: which ops' quantization costs the accuracy) keeps matching ops float."""
     from edgeq.compiler import compile as compile_model
     from edgeq.options import PrecisionOverrides
 
     options = CompileOptions(
-        weights=weights, group=128 if weights == "int4" else None, activations="int8", rotate=rotate,
+        weights=weights, group=128 if weights == "int4" else None, activations=activations, rotate=rotate,
         smooth_alpha=smooth, smooth_alpha_grid=SMOOTH_SEARCH_GRID if smooth_search else (),
-        sensitivity=sensitivity, threads=threads, overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
+        sensitivity=sensitivity, threads=threads, weight_rounding=rounding, overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
         calibration=CalibrationOptions(method=method, holdout=2))
-    row: dict = {"task": task, "weights": weights, "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
+    row: dict = {"task": task, "weights": weights, "activations": activations, "rounding": rounding, "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
                  "smooth_search": smooth_search, "method": method, "exclude_regex": list(exclude_regex),
                  "command": shlex.join([Path(sys.executable).name, *sys.argv]),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -74,7 +75,7 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
         row["holdout"] = [{"output": o.name, "relative_l2": o.relative_l2, "cosine_mean": o.cosine_mean}
                           for o in (report.verification.outputs if report.verification else [])][:1]
         row["passes"] = {r.name: dict(r.stats) for r in report.passes
-                         if r.name in ("hadamard-rotation", "smooth-quant", "insert-qdq")}
+                         if r.name in ("hadamard-rotation", "smooth-quant", "gptq", "awq", "insert-qdq")}
         if sensitivity:
             row["sensitivity_worst"] = report.sensitivity[:15]
         if not evaluate:
@@ -147,15 +148,24 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
     graph = edgeq.load(float_path)
     ctx = PassContext(target=get_target("x86-vnni"))
     names = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+    from edgeq.calib_data import open_source
     from edgeq.passes.select_precision import SelectPrecision
+
+    # the same calibration samples the pass's smoothing search sees in compile()
+    if task == "smollm2":
+        ctx.artifacts["calibration-data"] = open_source(evaluation.smollm2_calibration_feeds(shared, 16),
+                                                        str(float_path))
+    else:
+        ctx.artifacts["calibration-data"] = open_source(evaluation.minilm_calibration_feeds(shared, 16),
+                                                        str(float_path))
     PassManager([get_pass(n)() for n in names] + [HadamardRotation(enabled=rotate, **_VARIANT),
                 SelectPrecision(CompileOptions(activations="int8"))])(graph, ctx)
     plan = ctx.artifacts["select-precision"]
     sources = plan.activation_sources(graph)
-    if task == "smollm2":
-        feeds = evaluation.smollm2_calibration_feeds(shared, samples + 1)
+    if task == "smollm2":   # ranges from `samples` windows, measured on the next one
+        feeds = evaluation.smollm2_calibration_feeds(shared, samples + 1, first=1100)
     else:
-        feeds = evaluation.minilm_calibration_feeds(shared, samples + 1)
+        feeds = evaluation.minilm_calibration_feeds(shared, 16 + samples + 1)[16:]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
         import onnx
@@ -197,6 +207,9 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
 @click.argument("task", type=click.Choice(["smollm2", "minilm", "smollm2-float-check", "minilm-float-check",
                                            "smollm2-stats", "minilm-stats"]))
 @click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
+@click.option("--activations", type=click.Choice(["int8", "float"]), default="int8", show_default=True)
+@click.option("--rounding", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True,
+              help="Weight rounding (GPTQ/AWQ passes).")
 @click.option("--rotate/--no-rotate", default=False)
 @click.option("--smooth", type=float, help="SmoothQuant alpha.")
 @click.option("--smooth-search", is_flag=True, help="SmoothQuant alpha searched per layer.")
@@ -208,13 +221,15 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
 @click.option("--attention", type=click.Choice(["fold", "online", "fold+online", "none"]),
               help="Rotation of the o_proj input (default: the pass's default).")
 @click.option("--qk/--no-qk", default=None, help="Online Hadamard on q/k (default: the pass's default).")
+@click.option("--smoothrot/--no-smoothrot", default=None,
+              help="Smoothing before the online Hadamards (default: the pass's default, on).")
 @click.option("--threads", type=int, default=0)
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Keep the compiled model here.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Append the JSON row here.")
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
-def main(task, weights, rotate, smooth, smooth_search, method, exclude_regex, no_eval, sensitivity, attention, qk,
-         threads, keep, out, shared) -> None:
-    _rotation_variant(attention, qk)
+def main(task, weights, activations, rounding, rotate, smooth, smooth_search, method, exclude_regex, no_eval, sensitivity, attention, qk,
+         smoothrot, threads, keep, out, shared) -> None:
+    _rotation_variant(attention, qk, smoothrot)
     if task.endswith("float-check"):
         row = float_check(task.split("-")[0], shared)
     elif task.endswith("-stats"):
@@ -222,7 +237,8 @@ def main(task, weights, rotate, smooth, smooth_search, method, exclude_regex, no
     else:
         row = rotation_rows(task, weights=weights, rotate=rotate, smooth=smooth, smooth_search=smooth_search,
                             method=method, sensitivity=sensitivity, shared=shared, threads=threads, keep=keep,
-                            exclude_regex=exclude_regex, evaluate=not no_eval)
+                            exclude_regex=exclude_regex, evaluate=not no_eval, activations=activations,
+                            rounding=rounding)
     text = json.dumps(row, default=_json_default)
     click.echo(text)
     if out:
@@ -230,15 +246,25 @@ def main(task, weights, rotate, smooth, smooth_search, method, exclude_regex, no
             f.write(text + "\n")
 
 
-def _rotation_variant(attention: str | None, qk: bool | None) -> None:
+def _rotation_variant(attention: str | None, qk: bool | None, smoothrot: bool | None = None) -> None:
     """Experiments only: build the pass with other attention/q-k settings than its defaults
     (compile() builds passes from CompileOptions, which has just `rotate`)."""
-    if attention is None and qk is None:
+    if attention is None and qk is None and smoothrot is None:
         return
     from edgeq.passes.hadamard_rotation import HadamardRotation
 
     changes = {k: v for k, v in (("attention", attention), ("qk", qk)) if v is not None}
-    HadamardRotation.from_options = classmethod(lambda cls, options, target: cls(enabled=options.rotate, **changes))
+    if smoothrot is False:
+        changes["smooth_grid"] = ()
+    original = HadamardRotation.from_options.__func__
+
+    def from_options(cls, options, target):
+        built = original(cls, options, target)
+        for key, value in changes.items():
+            setattr(built, key, value)
+        return built
+
+    HadamardRotation.from_options = classmethod(from_options)
     _VARIANT.update(changes)
 
 

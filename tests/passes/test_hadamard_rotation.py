@@ -358,6 +358,13 @@ def _rms(x: str, out: str, tag: str) -> list:
 def test_option_pipeline_and_disabled_pass(synthetic_llama):
     assert not HadamardRotation.from_options(CompileOptions(), None).enabled
     assert HadamardRotation.from_options(CompileOptions(rotate=True), None).enabled
+    # the smoothing search simulates the quantization the target and options ask for
+    w4 = HadamardRotation.from_options(CompileOptions(rotate=True, weights="int4", group=64), get_target("x86-vnni"))
+    assert w4.weight_spec.dtype == "int4" and w4.weight_spec.block_size == 64
+    assert w4.activation_spec.dtype == "uint8" and not w4.activation_spec.symmetric
+    weight_only = HadamardRotation.from_options(CompileOptions(rotate=True, activations="float"),
+                                                get_target("x86-vnni"))
+    assert weight_only.enabled and weight_only.smooth_grid == ()
     for name in ("x86-vnni", "x86-avx2", "x86-amx"):
         pipeline = get_target(name).default_pipeline
         assert pipeline.index("hadamard-rotation") < pipeline.index("select-precision")
