@@ -27,9 +27,9 @@ from edgeq.models import catalog  # noqa: E402
 
 VARIANTS = {
     "w8-weight-only": ["--weights", "int8", "--activations", "float"],
-    "w8a8-minmax": ["--calib-method", "minmax"],
-    "w8a8-percentile": ["--calib-method", "percentile"],
-    "w8a8-smoothquant": ["--calib-method", "minmax", "--smooth-search"],
+    "w8a8-minmax-no-smooth": ["--calib-method", "minmax", "--no-smooth"],
+    "w8a8-minmax (default: smooth search)": ["--calib-method", "minmax"],
+    "w8a8-minmax-two-digit-down_proj": ["--calib-method", "minmax", "--no-smooth", "--two-digit", "down_proj"],
 }
 
 
@@ -47,7 +47,7 @@ def run_compile(args: list[str]) -> tuple[float, int, str]:
 
 
 @click.command()
-@click.option("--variants", default="w8-weight-only,w8a8-minmax,w8a8-percentile", show_default=True)
+@click.option("--variants", default=",".join(VARIANTS), show_default=True)
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
 @click.option("--threads", type=int, default=0)
 def main(variants: str, shared: Path, threads: int) -> None:
@@ -60,7 +60,7 @@ def main(variants: str, shared: Path, threads: int) -> None:
     rows.append(("float32", "-", "-", reference))
     with tempfile.TemporaryDirectory(prefix="edgeq-smollm2-") as tmp:
         for name in variants.split(","):
-            out = Path(tmp) / f"{name}.onnx"
+            out = Path(tmp) / f"{name.split()[0]}.onnx"
             args = ["compile", str(float_path), "--target", "x86-vnni", "-o", str(out), *VARIANTS[name]]
             if "float" not in VARIANTS[name]:  # weight-only needs no calibration data
                 args += ["--calib-text", str(text), "--tokenizer", str(tokenizer), "--seq-len", "256",
