@@ -240,6 +240,8 @@ def input_statistics(stream: ActivationStream, names: Sequence[str], *, abs_mean
     return out
 
 
+_COLUMNS_PER_GEMM = 8192
+
 # Range shrink ratios tried per output channel and group (AWQ's grid: max_shrink 0.5, 20 steps).
 CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(11))   # 1.0, 0.95, ..., 0.5
 
@@ -270,10 +272,14 @@ def output_errors(hessian: np.ndarray, w: np.ndarray, *approximations: np.ndarra
     """Relative output error of replacing w by each approximation on the calibration inputs:
     tr(E^T H E) / tr(W^T H W), E = w_q - w (all [K, N]); one GEMM for all of them."""
     h = hessian.astype(np.float32)
-    n = w.shape[1]
-    stacked = np.concatenate([w, *[(a - w) for a in approximations]], axis=1).astype(np.float32)
-    per_column = np.sum((h @ stacked) * stacked, axis=0, dtype=np.float64)
-    sums = per_column.reshape(1 + len(approximations), n).sum(axis=1)
+    sums = np.zeros(1 + len(approximations))
+    step = max(1, _COLUMNS_PER_GEMM // (1 + len(approximations)))
+    for start in range(0, w.shape[1], step):  # bounded temporaries for wide layers (LM head)
+        cols = slice(start, start + step)
+        part = w[:, cols].astype(np.float32)
+        stacked = np.concatenate([part, *[(a[:, cols] - part) for a in approximations]], axis=1)
+        per_column = np.sum((h @ stacked) * stacked, axis=0, dtype=np.float64)
+        sums += per_column.reshape(1 + len(approximations), -1).sum(axis=1)
     den = float(sums[0])
     return [float(v) / den if den > 0 else float(v) for v in sums[1:]]
 

@@ -158,7 +158,8 @@ class CompileOptions:
     smooth_alpha_grid: tuple[float, ...] = SMOOTH_SEARCH_GRID
     rotate: bool = False                  # Hadamard rotation (QuaRot) before quantization
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
-    # GPTQ rounding; "auto": the target's choice (x86: GPTQ for int4 when calibration data is given).
+    # GPTQ rounding; "auto": GPTQ with act-order for int4 weights when calibration data is given,
+    # else round-to-nearest.
     weight_rounding: Literal["auto", "rtn", "gptq", "awq", "awq+gptq"] = "auto"
     act_order: bool = False              # GPTQ: round input channels by decreasing Hessian diagonal
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met

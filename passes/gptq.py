@@ -84,10 +84,11 @@ class GPTQ(Pass):
     @classmethod
     def from_options(cls, options, target) -> "GPTQ":
         mode = options.weight_rounding
-        # "auto": the x86 targets round int4 weights with GPTQ (BENCHMARKS: lower perplexity
-        # than RTN and AWQ on SmolLM2) and keep round-to-nearest for int8.
+        # "auto": int4 weights are rounded with GPTQ and act-order (SmolLM2 W4A16 g128, see
+        # tools/bench_low_bit.py: lower perplexity than RTN, AWQ and AWQ+GPTQ); int8 weights
+        # keep round-to-nearest. Without calibration data "auto" falls back to RTN.
         auto = mode == "auto" and options.weights == "int4"
-        return cls(mode in ("gptq", "awq+gptq") or auto, act_order=options.act_order, required=not auto,
+        return cls(mode in ("gptq", "awq+gptq") or auto, act_order=options.act_order or auto, required=not auto,
                    threads=options.threads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

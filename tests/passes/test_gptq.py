@@ -200,7 +200,7 @@ def test_gptq_needs_calibration_data_unless_automatic(llama_path, feeds):
     assert result.stats == {"layers": 0, "no_calibration_data": 1}
     assert "weight-rounding" not in ctx.artifacts
     auto = GPTQ.from_options(CompileOptions(weights="int4", weight_rounding="auto"), get_target("x86-vnni"))
-    assert auto.enabled and not auto.required
+    assert auto.enabled and not auto.required and auto.act_order
     assert not GPTQ.from_options(CompileOptions(weights="int8", weight_rounding="auto"), get_target("x86-vnni")).enabled
 
 
