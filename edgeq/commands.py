@@ -109,7 +109,8 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
 @click.option("--two-digit", multiple=True, metavar="REGEX",
               help="Quantize these ops' activation input as two int8 digits (integer, 2x MACs, near-int16 accuracy).")
 @click.option("--weight-rounding", type=click.Choice(["auto", "rtn", "gptq", "awq", "awq+gptq"]),
-              help="Weight rounding: round-to-nearest, GPTQ, AWQ, AWQ scaling + GPTQ (needs calibration data).")
+              help="Weight rounding: RTN, GPTQ, AWQ, AWQ scaling + GPTQ (these need calibration data); "
+                   "default auto: GPTQ with act-order for int4 weights given calibration data, else RTN.")
 @click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
 @click.option("--rotate", is_flag=True, help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first.")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")

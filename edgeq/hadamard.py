@@ -251,6 +251,9 @@ def hadamard(n: int, dtype=np.float64) -> np.ndarray:
 # ---- applying a rotation along an axis -----------------------------------------------------
 
 
+DENSE_LIMIT = 2048   # Rotation.apply multiplies by the dense block up to this order
+
+
 @dataclass(frozen=True)
 class Rotation:
     """Q = diag(signs) @ (I_blocks (x) H P) with H = kron(factors) / sqrt(prod(factors)) and P
@@ -297,21 +300,45 @@ class Rotation:
         """Each factor divided by sqrt(its order), so their Kronecker product is orthogonal."""
         return [(f.astype(np.float64) / math.sqrt(f.shape[0])).astype(dtype) for f in self.factors]
 
+    def block_matrix(self, dtype=np.float64) -> np.ndarray:
+        """H P of one block, dense (cached per dtype)."""
+        cache = self.__dict__.setdefault("_dense", {})
+        key = np.dtype(dtype).str
+        if key not in cache:
+            h = np.ones((1, 1))
+            for f in self.normalised_factors(np.float64):
+                h = np.kron(h, f)
+            if self.perm is not None:
+                h = h[:, self.perm]
+            cache[key] = np.ascontiguousarray(h, dtype=dtype)
+        return cache[key]
+
     def apply(self, x: np.ndarray, axis: int = -1, *, transpose: bool = False) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
+        """x @ Q (or x @ Q^T) along `axis`; float32 in float32 out, anything else in float64.
+        Orders up to DENSE_LIMIT multiply by the cached dense block (BLAS), larger ones contract
+        the Kronecker factors one axis at a time."""
+        dtype = np.float32 if np.asarray(x).dtype == np.float32 else np.float64
+        x = np.asarray(x, dtype=dtype)
         axis = axis % x.ndim
         if x.shape[axis] != self.order:
             raise ValueError(f"axis {axis} has {x.shape[axis]} entries, the rotation has order {self.order}")
         moved = np.moveaxis(x, axis, -1)
         lead = moved.shape[:-1]
         if not transpose and self.signs is not None:
-            moved = moved * self.signs
+            moved = moved * self.signs.astype(dtype)
+        if self.block_order <= DENSE_LIMIT:
+            block = self.block_matrix(dtype)
+            y = moved.reshape(*lead, self.blocks, self.block_order) @ (block.T if transpose else block)
+            y = y.reshape(*lead, self.order)
+            if transpose and self.signs is not None:
+                y = y * self.signs.astype(dtype)
+            return np.moveaxis(y, -1, axis)
         orders = [f.shape[0] for f in self.factors]
         if transpose and self.perm is not None:   # x P^T first
             moved = moved.reshape(*lead, self.blocks, self.block_order)[..., np.argsort(self.perm)]
         y = moved.reshape(*lead, self.blocks, *orders)
         k = len(orders)
-        for i, f in enumerate(self.normalised_factors(np.float64)):
+        for i, f in enumerate(self.normalised_factors(dtype)):
             mat = f.T if transpose else f
             # contract axis (-k + i) with the factor's first index; result lands at the end
             y = np.moveaxis(np.tensordot(y, mat, axes=([y.ndim - k + i], [0])), -1, y.ndim - k + i)
@@ -319,7 +346,7 @@ class Rotation:
             y = y.reshape(*lead, self.blocks, self.block_order)[..., self.perm]
         y = y.reshape(*lead, self.order)
         if transpose and self.signs is not None:
-            y = y * self.signs
+            y = y * self.signs.astype(dtype)
         return np.moveaxis(y, -1, axis)
 
     def dense(self) -> np.ndarray:

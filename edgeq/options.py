@@ -177,7 +177,8 @@ class CompileOptions:
         if self.keep_high < 0:
             raise OptionError("--keep-high must be >= 0")
         if self.weight_rounding not in ("auto", "rtn", "gptq", "awq", "awq+gptq"):
-            raise OptionError(f"--weight-rounding must be auto, rtn, gptq, awq or awq+gptq, not {self.weight_rounding!r}")
+            raise OptionError(f"--weight-rounding must be auto, rtn, gptq, awq or awq+gptq, "
+                              f"not {self.weight_rounding!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides) -> "CompileOptions":

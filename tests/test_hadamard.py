@@ -121,3 +121,15 @@ def test_last_axis_form_is_the_kronecker_product_with_cycled_axes():
     q = permuted.dense()
     np.testing.assert_allclose(q @ q.T, np.eye(96), atol=1e-12)
     np.testing.assert_allclose(permuted.apply(x, transpose=True), x @ q.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [12, 96, 576, 1536])
+def test_dense_and_kronecker_application_agree(n, monkeypatch):
+    rotation = Rotation.of_order(n, seed=1, max_factor=4 if n == 96 else 128).last_axis_form()
+    x = np.random.default_rng(0).standard_normal((5, n))
+    dense = [rotation.apply(x), rotation.apply(x, transpose=True), rotation.apply(x.T, 0)]
+    monkeypatch.setattr(hadamard, "DENSE_LIMIT", 0)
+    structured = [rotation.apply(x), rotation.apply(x, transpose=True), rotation.apply(x.T, 0)]
+    for a, b in zip(dense, structured):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    assert rotation.apply(x.astype(np.float32)).dtype == np.float32
