@@ -328,7 +328,8 @@ class Rotation:
             moved = moved * self.signs.astype(dtype)
         if self.block_order <= DENSE_LIMIT:
             block = self.block_matrix(dtype)
-            y = moved.reshape(*lead, self.blocks, self.block_order) @ (block.T if transpose else block)
+            # one 2-D GEMM (a [.., 1, n] @ [n, n] batch would run row by row)
+            y = np.ascontiguousarray(moved).reshape(-1, self.block_order) @ (block.T if transpose else block)
             y = y.reshape(*lead, self.order)
             if transpose and self.signs is not None:
                 y = y * self.signs.astype(dtype)

@@ -1,16 +1,22 @@
 """Hadamard rotation (QuaRot) experiments on the real models: one configuration per run.
 
-    python tools/bench_rotation.py smollm2 --weights int8 [--rotate] [--smooth 0.5 | --smooth-search]
-                                   [--method minmax|percentile] [--sensitivity] [--out rows.jsonl]
-    python tools/bench_rotation.py smollm2 --weights int4 --rotate          # W4A8, group 128
-    python tools/bench_rotation.py minilm --rotate [--smooth ...]
-    python tools/bench_rotation.py smollm2-float-check                      # rotated float == float
+    python tools/bench_rotation.py smollm2 --weights int8 --rotate [--method minmax|percentile] --out rows.jsonl
+    python tools/bench_rotation.py smollm2 --weights int8 --no-rotate                  # baseline
+    python tools/bench_rotation.py smollm2 --weights int4 --rotate --rounding auto     # W4A8 g128, GPTQ
+    python tools/bench_rotation.py smollm2 --weights int4 --activations float ...      # W4A16 floor
+    python tools/bench_rotation.py minilm --rotate
+    python tools/bench_rotation.py smollm2-float-check        # rotated float model == float model
+    python tools/bench_rotation.py smollm2-stats --rotate     # per-tensor simulated int8 SQNR
+Diagnostics: --exclude-regex RE (keep matching ops float), --no-eval (holdout error only),
+--sensitivity (the sensitivity pass's ranking), --attention/--qk/--no-smoothrot (pass variants),
+--smooth ALPHA / --smooth-search (SmoothQuant after the rotation).
 
 SmolLM2: static per-tensor int8 activations on every linear layer (x86-vnni,
 `CompileOptions(activations="int8")`), calibration `smollm2_calibration_feeds(shared, 18)` with
 2 held out, perplexity on the standard protocol (windows 0..31) in a child process.
 MiniLM: same activations, 16 calibration paragraphs (disjoint from the 256 evaluation ones),
 cosine of the 256 paragraph embeddings against the float model's.
+SmoothQuant is off unless asked (`smooth_alpha_grid=()`), whatever CompileOptions' default.
 
 Each run appends one JSON row (command, date, options, metrics, times) to --out.
 """
@@ -51,9 +57,11 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
     options = CompileOptions(
         weights=weights, group=128 if weights == "int4" else None, activations=activations, rotate=rotate,
         smooth_alpha=smooth, smooth_alpha_grid=SMOOTH_SEARCH_GRID if smooth_search else (),
-        sensitivity=sensitivity, threads=threads, weight_rounding=rounding, overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
+        sensitivity=sensitivity, threads=threads, weight_rounding=rounding,
+        overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
         calibration=CalibrationOptions(method=method, holdout=2))
-    row: dict = {"task": task, "weights": weights, "activations": activations, "rounding": rounding, "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
+    row: dict = {"task": task, "weights": weights, "activations": activations, "rounding": rounding,
+                 "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
                  "smooth_search": smooth_search, "method": method, "exclude_regex": list(exclude_regex),
                  "command": shlex.join([Path(sys.executable).name, *sys.argv]),
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -197,7 +205,8 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
                      "peak_to_rms": round(float(np.abs(x).max() / np.sqrt(np.mean(x.astype(np.float64) ** 2))), 1),
                      "token_max_over_median": round(float(tokens.max() / max(np.median(tokens), 1e-30)), 1)})
     rows.sort(key=lambda r: r["sqnr_db"])
-    return {"task": task, "check": "activation stats", "rotate": rotate, "variant": dict(_VARIANT), "tensors": len(rows),
+    return {"task": task, "check": "activation stats", "rotate": rotate, "variant": dict(_VARIANT),
+            "tensors": len(rows),
             "median_sqnr_db": float(np.median([r["sqnr_db"] for r in rows])), "worst": rows[:25],
             "all": rows, "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -208,7 +217,8 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
                                            "smollm2-stats", "minilm-stats"]))
 @click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
 @click.option("--activations", type=click.Choice(["int8", "float"]), default="int8", show_default=True)
-@click.option("--rounding", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True,
+@click.option("--rounding", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq", "auto"]), default="rtn",
+              show_default=True,
               help="Weight rounding (GPTQ/AWQ passes).")
 @click.option("--rotate/--no-rotate", default=False)
 @click.option("--smooth", type=float, help="SmoothQuant alpha.")
@@ -227,8 +237,8 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Keep the compiled model here.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Append the JSON row here.")
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
-def main(task, weights, activations, rounding, rotate, smooth, smooth_search, method, exclude_regex, no_eval, sensitivity, attention, qk,
-         smoothrot, threads, keep, out, shared) -> None:
+def main(task, weights, activations, rounding, rotate, smooth, smooth_search, method, exclude_regex, no_eval,
+         sensitivity, attention, qk, smoothrot, threads, keep, out, shared) -> None:
     _rotation_variant(attention, qk, smoothrot)
     if task.endswith("float-check"):
         row = float_check(task.split("-")[0], shared)
