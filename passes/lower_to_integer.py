@@ -8,13 +8,22 @@ Between the first QuantizeLinear and the final DequantizeLinear every op is inte
 - linear layers: MatMulInteger (int8 x int8 -> int32) with weights quantized symmetric, per
   output channel (or per tensor) with power-of-two scales (rounded to nearest, or with GPTQ),
   plus an int32 bias at the accumulator's scale s_x * s_w;
-- channel scales: an int8 tensor read only by linear layers, residual adds and norms (the
-  embedding sum, LayerNorm and GELU outputs) has one scale s and a power-of-two factor
-  2^-k_c per channel (`equalization`), so outlier channels do not cost the other channels
-  their precision; a linear layer groups its input channels by k, runs one MatMulInteger per
-  group and adds the group accumulators after a left shift by kmax - k (int64), so the
-  factors cost shifts of partial sums, never weight precision; adds and norms shift per
-  channel. With equalization=None every tensor has a single scale;
+- activation scales: one power of two per tensor (the default, the fpga target's rule). Two
+  integer devices keep the outlier channels of transformer activations from costing the other
+  channels their int8 precision, neither of them a per-channel scale:
+  * wide residual stream (`residual_bits=16`): LayerNorm outputs (the post-norm residual stream)
+    are int16 with one power-of-two scale, as I-BERT keeps the residual/LayerNorm input wide; a
+    linear layer reads them through the rotation below (or one shift to int8);
+  * online Walsh-Hadamard rotation (`rotate=True`, QuaRot's idea): a linear layer's int16 input
+    (a LayerNorm output, or a GELU output emitted as int16 for it) goes through Sylvester's +-1
+    transform on blocks of b channels (b the largest power of two dividing the width, <= 512),
+    integer adds and subtracts only, then one shift to int8 with the calibrated range of the
+    rotated float tensor; the orthogonal rotation and its 1/b fold into the layer's float weights
+    before they are quantized (x W = (x H)(H^T W) / b), so outliers are spread over their block;
+  `equalization=alpha` instead gives int8 tensors a power-of-two factor 2^-k_c per channel (the
+  earlier variant, an explicit option, not the target's rule): a linear layer groups its input
+  channels by k, runs one MatMulInteger per group and adds the group accumulators after a left
+  shift by kmax - k (int64); adds and norms shift per channel;
 - requantization: every change of scale is a shift (`Shift`: multiply by 2^e, right shifts
   rounding half up, saturating), since all scales are powers of two; an int32 accumulator
   becomes int8 with the calibrated scale of the float tensor it stands for;
@@ -59,11 +68,12 @@ from onnx import numpy_helper
 from edgeq.calibrate import CalibrationOptions as StatsOptions
 from edgeq.calibrate import calibrate
 from edgeq.errors import CalibrationError, OptionError
+from edgeq.hadamard import Rotation, sylvester
 from edgeq.hessian import ActivationStream, gptq_quantize, input_statistics
 from edgeq.integer.builder import IntGraphBuilder
 from edgeq.integer.fixedpoint import pow2_exponent
 from edgeq.integer.program import (METADATA_KEY, AddInt, AttentionMask, Dequantize, Digit, GeluInt, IntegerProgram,
-                                   LayerNormInt, MatMulInt, Move, Quantize, Shift, SoftmaxInt)
+                                   HadamardInt, LayerNormInt, MatMulInt, Move, Quantize, Shift, SoftmaxInt)
 from edgeq.ir import Graph, Op, Tensor, Value, save
 from edgeq.options import CalibrationOptions
 from edgeq.pass_infra import Pass, PassContext, PassResult
@@ -85,6 +95,7 @@ STATISTICS = "calibration-statistics"
 WIDE_BITS = 24
 INT8 = np.dtype(np.int8)
 UINT8 = np.dtype(np.uint8)
+INT16 = np.dtype(np.int16)
 INT32 = np.dtype(np.int32)
 INT64 = np.dtype(np.int64)
 UINT16 = np.dtype(np.uint16)
@@ -94,6 +105,10 @@ WEIGHT_ROUNDING = ("gptq", "nearest")
 GPTQ_DAMPING = 0.01   # GPTQ's: 1% of the Hessian's mean diagonal
 # A mask constant at or below this is "minus infinity" for softmax in float32.
 MASK_LIMIT = -1e4
+# Online Walsh-Hadamard blocks: the largest power of two dividing the channel count, capped
+# here (log2 of it is the adder stages; 384 -> 128, 1536 -> 512 for MiniLM).
+HADAMARD_MAX_BLOCK = 512
+ROTATED = "::hadamard"   # calibration name of a rotated tensor: f"{name}{ROTATED}{block}"
 
 
 @register_pass
@@ -104,11 +119,15 @@ class LowerToInteger(Pass):
 
     def __init__(self, calibration: CalibrationOptions | None = None, *, weight_bits: int = 8,
                  weight_granularity: str = "channel", first_norm: str = "integer",
-                 equalization: float | None = 1.0, max_channel_shift: int = 8, weight_rounding: str = "nearest",
-                 probability_bits: int = 16, threads: int = 1):
-        """equalization: strength alpha in [0, 1] of the power-of-two channel factors of int8
-        tensors whose readers take them (linear layers shift the partial sums of channel groups,
-        residual adds and norms shift per channel); None quantizes every tensor with one scale.
+                 equalization: float | None = None, max_channel_shift: int = 8, weight_rounding: str = "nearest",
+                 probability_bits: int = 16, residual_bits: int = 16, rotate: bool = True, threads: int = 1):
+        """equalization: None (default) quantizes every tensor with one power-of-two scale;
+        alpha in [0, 1] gives int8 tensors whose readers take them power-of-two channel factors
+        (linear layers shift the partial sums of channel groups, residual adds and norms shift per
+        channel): not per-tensor, so outside the fpga target's rule; an explicit option.
+        residual_bits: 16 keeps LayerNorm outputs (the residual stream) in int16, 8 in int8.
+        rotate: an online integer Walsh-Hadamard transform on a linear layer's int16 input before
+        its int8 requantization (rotation folded into the weights).
         max_channel_shift caps a channel's factor at 2^-max_channel_shift.
         weight_rounding: "gptq" rounds each weight matrix on its power-of-two grid with GPTQ's
         error compensation (Frantar et al., 2023) against the second moments of the layer's
@@ -133,6 +152,10 @@ class LowerToInteger(Pass):
         if probability_bits not in (8, 16):
             raise OptionError(f"probability_bits must be 8 or 16, not {probability_bits}")
         self.probability_bits = probability_bits
+        if residual_bits not in (8, 16):
+            raise OptionError(f"residual_bits must be 8 or 16, not {residual_bits}")
+        self.residual_bits = residual_bits
+        self.rotate = rotate
         self.calibration = calibration or CalibrationOptions()
         self.weight_bits = weight_bits
         self.weight_granularity = weight_granularity
@@ -157,6 +180,21 @@ class LowerToInteger(Pass):
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         if ctx.target is None:
             raise OptionError("lower-to-integer needs a target in the pass context")
+
+    def ensures(self, graph: Graph, ctx: PassContext) -> None:
+        """Per-tensor activations (equalization=None): no tensor of the datapath has channel
+        scales, and every multiplier input is 8 bits wide."""
+        program = ctx.artifacts.get(self.name)
+        if program is None or self.equalization is not None:
+            return
+        if program.channel_scaled():
+            raise OptionError(f"lower-to-integer left per-channel activation scales: {program.channel_scaled()[0]}")
+        for op in graph.topo_order():
+            if op.op_type == "MatMulInteger":
+                wide = [v.name for v in graph.inputs_of(op)[:2]
+                        if v.elem_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+                if wide:
+                    raise OptionError(f"MatMulInteger '{op.name}' reads {wide[0]}, which is not 8-bit")
 
     # ---- specs --------------------------------------------------------------------------
     def _specs(self, ctx: PassContext) -> tuple[QSpec, QSpec]:
@@ -201,7 +239,7 @@ class LowerToInteger(Pass):
 
     def _lowering(self, graph: Graph, act: QSpec, weight: QSpec, ranges: _Ranges) -> _Lowering:
         return _Lowering(graph, act, weight, self.first_norm, ranges, self.equalization, self.max_channel_shift,
-                         self.probability_bits)
+                         self.probability_bits, self.residual_bits, self.rotate)
 
     def _ranges(self, graph: Graph, ctx: PassContext, recorder: _RecordingRanges) -> _Ranges:
         """Statistics of the requested tensors: the calibrate pass's where they carry
@@ -219,7 +257,7 @@ class LowerToInteger(Pass):
                                    threads=self.threads)
             with tempfile.TemporaryDirectory(prefix="edgeq-lower-") as tmp:
                 path = Path(tmp) / "float.onnx"
-                save(graph, path)
+                save(_with_rotations(graph, missing), path)
                 result = calibrate(str(path), data, missing, options)
             stats.update((n, result[n]) for n in missing)
         ranges = _Ranges(stats, self.calibration)
@@ -340,8 +378,12 @@ def _exponent(ratio: np.ndarray, what: str) -> int | tuple[int, ...]:
 
 class _Lowering:
     def __init__(self, graph: Graph, act: QSpec, weight: QSpec, first_norm: str, ranges: _Ranges,
-                 equalization: float | None = None, max_channel_shift: int = 8, probability_bits: int = 8):
+                 equalization: float | None = None, max_channel_shift: int = 8, probability_bits: int = 8,
+                 residual_bits: int = 8, rotate: bool = False):
         self.graph = graph
+        self.residual_bits = residual_bits
+        self.rotate = rotate
+        self.rotations: dict[str, tuple[_Form, Rotation]] = {}   # wide tensor -> its rotated int8 form
         self.probability_bits = probability_bits
         self.equalization = equalization
         self.max_channel_shift = max_channel_shift
@@ -352,6 +394,7 @@ class _Lowering:
         self.b = IntGraphBuilder("fpga", reserved=[v.name for v in graph.values()])
         self.program = IntegerProgram()
         self.forms: dict[str, _Form] = {}
+        self.narrow: dict[str, _Form] = {}     # int8 per-tensor forms of wider tensors
         self.done: set[Op] = set()
         self.lowered: list[Op] = []
         self.host: set[Op] = set()
@@ -476,6 +519,13 @@ class _Lowering:
             return False
         return True
 
+    def int16_scale(self, name: str) -> np.ndarray:
+        """The power-of-two int16 scale covering the calibrated min/max bound of `name` (a wide
+        tensor saturates nothing that calibration saw; its int8 requantization clips)."""
+        bound = self.ranges.bound(name)
+        return np.asarray(math.ldexp(1.0, math.ceil(math.log2(bound / 32767.0))) if bound > 0 else 1.0,
+                          np.float64)
+
     def wide_scale(self, name: str, forms: Iterable[_Form]) -> float:
         """A power-of-two int32 grid for `name`: no finer than its inputs need, WIDE_BITS below
         the calibrated bound."""
@@ -504,12 +554,12 @@ class _Lowering:
             raise OptionError(f"masked scores '{name}' must go to a Softmax")
         if form.dtype in (INT8, UINT8) and form.per_tensor:
             return form
-        scale = self.act_scale(name)
-        exponent = _exponent(form.scale / scale, f"requantizing '{name}'")
-        out = self.emit(Shift(form.name, exponent, "int8", unit=form.unit))
-        narrowed = _Form(out, INT8, np.asarray(scale, np.float64), form.unit)
-        self.forms[name] = narrowed
-        return narrowed
+        if name not in self.narrow:  # kept apart: a residual add still reads the wide form
+            scale = self.act_scale(name)
+            exponent = _exponent(form.scale / scale, f"requantizing '{name}'")
+            out = self.emit(Shift(form.name, exponent, "int8", unit=form.unit))
+            self.narrow[name] = _Form(out, INT8, np.asarray(scale, np.float64), form.unit)
+        return self.narrow[name]
 
     def align(self, form: _Form, scale: float, unit: str, what: str) -> _Form:
         """`form` on the int32 grid `scale`."""
@@ -529,12 +579,21 @@ class _Lowering:
         graph = self.graph
         x_value, w_value = graph.inputs_of(op)
         x = self.forms[x_value.name]
-        if x.dtype not in (INT8, UINT8):
-            x = self.int8(x_value.name)
         w = graph.constant(w_value).numpy().astype(np.float32)
         if w.ndim != 2:
             raise OptionError(f"MatMul '{op.name}': weight of rank {w.ndim}; the fpga lowering takes [K, N] weights")
         moment = self.ranges.second_moment(x_value.name)
+        rotation = None
+        if x.dtype == INT16 and self.rotate and _hadamard_block(w.shape[0]) > 1:
+            x, rotation = self.rotated(x_value.name)
+            # x W = (x H)(H^T W) / b with H H^T = b I: the rotation and its 1/b fold into the
+            # float weights before they are quantized (Q = H / sqrt(b) orthogonal)
+            root = math.sqrt(rotation.block_order)
+            w = (rotation.apply(w.astype(np.float64), 0) / root).astype(np.float32)
+            if moment is not None:
+                moment = rotation.apply(rotation.apply(moment, 0), 1) * rotation.block_order
+        elif x.dtype not in (INT8, UINT8):
+            x = self.int8(x_value.name)
         if moment is None:
             q, w_scale = _pow2_weight(w, self.weight_spec)
         else:  # GPTQ against the second moments of the layer's input
@@ -576,6 +635,33 @@ class _Lowering:
             acc = self.emit(Shift(acc, finest - k, "int64", unit=unit))
             total = acc if total is None else self.emit(AddInt(total, acc, "int64", unit=unit))
         self.forms[result.name] = _Form(total, INT64, np.asarray(acc_scale, np.float64), unit)
+
+    def rotated(self, name: str) -> tuple[_Form, Rotation]:
+        """The wide (int16) tensor `name` after an online Walsh-Hadamard transform (integer adds
+        and subtracts, blocks of b channels), requantized once to int8 with one power-of-two
+        scale: the calibrated range of the float tensor x @ blockdiag(H_b). Outlier channels are
+        spread over their block, so one scale per tensor serves every channel."""
+        if name not in self.rotations:
+            x = self.forms[name]
+            channels = int(self.graph.value(name).shape[-1])
+            block = _hadamard_block(channels)
+            unit = f"hadamard@{name}"
+            y = self.emit(HadamardInt(x.name, block, "int32", unit=unit))
+            scale = self.act_scale(f"{name}{ROTATED}{block}")
+            exponent = _exponent(x.scale / scale, f"requantizing the rotated '{name}'")
+            out = self.emit(Shift(y, exponent, "int8", unit=unit))
+            rotation = Rotation((sylvester(block),), blocks=channels // block)
+            self.rotations[name] = (_Form(out, INT8, np.asarray(scale, np.float64), unit), rotation)
+        return self.rotations[name]
+
+    def wide_for_linears(self, value: Value) -> bool:
+        """Whether `value` is read only by linear layers (as their activation), so an int16
+        output feeding the online Hadamard transform can replace its int8 requantization."""
+        graph = self.graph
+        uses = graph.uses(value)
+        return bool(uses) and not graph.is_graph_output(value) and all(
+            reader.op_type == "MatMul" and slot == 0 and graph.is_const(graph.inputs_of(reader)[1])
+            for reader, slot in uses)
 
     def channels(self, x: _Form, rows: np.ndarray) -> str:
         """x's last-axis channels `rows` (a Gather, shared by the linears reading x)."""
@@ -732,13 +818,15 @@ class _Lowering:
         if not x.per_tensor or x.mask is not None:
             x = self.align(x, self.wide_scale(x_value.name, (x,)), unit, f"LayerNorm '{op.name}'")
         out = graph.outputs_of(op)[0]
-        scale = self.out_scale(out)
+        scale, dtype = self.out_scale(out), INT8
+        if self.residual_bits == 16 and scale.ndim == 0:
+            scale, dtype = self.int16_scale(out.name), INT16   # the residual stream
         step = LayerNormInt(x.name, float(x.scale), str(x.dtype),
                             tuple(float(g) for g in gamma.numpy().reshape(-1)),
                             None if beta is None else tuple(float(v) for v in beta.numpy().reshape(-1)),
-                            float(op.attr("epsilon", 1e-5)), _scale_field(scale), unit=unit)
+                            float(op.attr("epsilon", 1e-5)), _scale_field(scale), unit=unit, out_dtype=str(dtype))
         name = self.emit(step)
-        self.forms[out.name] = _Form(name, INT8, scale, unit)
+        self.forms[out.name] = _Form(name, dtype, scale, unit)
 
     def gelu(self, op: Op) -> None:
         graph = self.graph
@@ -750,13 +838,37 @@ class _Lowering:
         x = self.form(x_value)
         unit = f"gelu@{block[0].name}"
         x = self.align(x, self.wide_scale(x_value.name, (x,)), unit, f"GELU '{block[0].name}'")
-        scale = self.out_scale(out)
-        name = self.emit(GeluInt(x.name, float(x.scale), _scale_field(scale), unit=unit))
-        self.forms[out.name] = _Form(name, INT8, scale, unit)
+        scale, dtype = self.out_scale(out), INT8
+        if self.rotate and scale.ndim == 0 and self.wide_for_linears(out):
+            # int16 into the Hadamard transform; one int8 requantization after it
+            scale, dtype = self.int16_scale(out.name), INT16
+        name = self.emit(GeluInt(x.name, float(x.scale), _scale_field(scale), unit=unit, out_dtype=str(dtype)))
+        self.forms[out.name] = _Form(name, dtype, scale, unit)
         for member in block:
             if member is not op:
                 self.done.add(member)
                 self.lowered.append(member)
+
+
+def _hadamard_block(channels: int) -> int:
+    """The online Walsh-Hadamard block for `channels`: its largest power-of-two divisor, capped."""
+    return min(channels & -channels, HADAMARD_MAX_BLOCK) if channels > 0 else 1
+
+
+def _with_rotations(graph: Graph, names: Iterable[str]) -> Graph:
+    """`graph` plus a float x @ blockdiag(H_b) for every requested f"{x}{ROTATED}{b}" name, so
+    the calibration run measures the ranges of the rotated tensors the datapath requantizes."""
+    wanted = [n for n in names if ROTATED in n]
+    if not wanted:
+        return graph
+    graph = graph.clone()
+    for name in wanted:
+        source, block = name.rsplit(ROTATED, 1)
+        x = graph.value(source)
+        channels = int(x.shape[-1])
+        matrix = np.kron(np.eye(channels // int(block)), sylvester(int(block))).astype(np.float32)
+        graph.add_op("MatMul", [x, graph.add_constant(f"{source}_hadamard", matrix)], [name])
+    return graph
 
 
 def _gelu_block_io(graph: Graph, block: list[Op]) -> tuple[Value, Value]:

@@ -1,11 +1,12 @@
 """The FPGA target: an integer-only datapath from the first QuantizeLinear to the last
 DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model of the design.
 
-- activations int8, symmetric, power-of-two scales: one per tensor, times a power-of-two factor
-  per channel where every reader can take it (linear layers add the partial sums of channel
-  groups after a shift, residual adds and norms shift per channel); softmax probabilities are
-  uint16 with scale 2^-16 (the integer softmax's output, not a Q/DQ), multiplied with V as two
-  8-bit digits, so every multiplier input is 8 bits wide;
+- activations int8, symmetric, one power-of-two scale per tensor; wider integers only where the
+  datapath naturally has them: int32 accumulators, an int16 residual stream (LayerNorm outputs)
+  and int32 LayerNorm/GELU inputs, uint16 softmax probabilities (scale 2^-16) multiplied with V as
+  two 8-bit digits; a linear layer's wide input passes an online integer Walsh-Hadamard
+  transform (adds/subtracts, rotation folded into the weights) before its int8 requantization,
+  so every multiplier input is 8 bits wide with one scale;
 - weights int8 (or narrower: int4, int2 values stored in int8 for MatMulInteger), symmetric,
   per output channel or per tensor, power-of-two scales;
 - requantization is shift-only (scales are powers of two, so every ratio is a shift);
@@ -34,10 +35,11 @@ ACTIVATION = QSpec("int8", symmetric=True, scale_pow2=True)
 WEIGHT = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, axis=-1, scale_pow2=True)
 INTEGER_DATAPATH_NOTE = (
     "integer datapath (edgeq lower-to-integer): each integer matmul's requantization is a shift (round, "
-    "saturate), priced as part of the matmul engine with no threshold stage; channel groups of one layer "
-    "share one engine (partial sums shifted); softmax, GELU and LayerNorm run as I-BERT-style integer "
-    "kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with edgeq.fpga.nonlinear's unit prices "
-    "(table-based exp/GELU, 8-bit lanes), not gate by gate; host ops (embedding lookup) are not priced")
+    "saturate), priced as part of the matmul engine with no threshold stage; softmax, GELU and LayerNorm run "
+    "as I-BERT-style integer kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with "
+    "edgeq.fpga.nonlinear's unit prices (table-based exp/GELU, 8-bit lanes), not gate by gate; the online "
+    "Walsh-Hadamard transforms as adder-only units; the int16 residual stream is priced as 8-bit lanes; "
+    "host ops (embedding lookup) are not priced")
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
 # No `calibrate` pass: lower-to-integer calibrates every tensor it quantizes itself, in one run,
@@ -115,9 +117,10 @@ FPGA = register_target(Target(
            "lookup) are listed in the model metadata 'edgeq.host_ops'",
            "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.integer, emitted by the "
            "lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
-           "activation scales: one power of two per tensor, times a power-of-two factor per channel where every "
-           "reader takes it (linear layers shift channel-group partial sums, adds and norms shift channels); "
-           "LowerToInteger(equalization=None) keeps strictly one scale per tensor",
+           "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
+           "(residual stream) int16; linear inputs from LayerNorm/GELU pass an online integer Walsh-Hadamard "
+           "transform before the int8 shift (rotation folded into the weights); the earlier per-channel "
+           "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0), not this rule",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
            "(edgeq.integer.program, stored in the model metadata 'edgeq.integer.program')"),
 ))

@@ -658,7 +658,7 @@ def _layout_reason(g: _Graph, node: onnx.NodeProto) -> str:
 UNIT_KEY = "edgeq.unit"
 HOST_OPS_KEY = "edgeq.host_ops"
 _MATMUL_UNITS = frozenset({"linear", "attention"})
-_NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add"})
+_NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add", "hadamard"})
 
 
 def _unit_label(node: onnx.NodeProto) -> str | None:

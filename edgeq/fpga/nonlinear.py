@@ -22,6 +22,7 @@ from edgeq.fpga.layers import NonlinearUnit
 from edgeq.fpga.primitives import Resources
 
 _TABLE_LUTS = 32  # 256 x 8-bit lookup table in LUTRAM (64 bits per LUT6)
+HADAMARD_STAGES = 9  # log2 of the largest online Hadamard block (lower_to_integer.HADAMARD_MAX_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ PRICES: dict[str, UnitPrice] = {
         "residual_layernorm", 3, True, True, 16 + 16 + 8 + 24, 80, 5,
         "LayerNorm with the residual add fused in stage 1 (FQ-BERT: 'consumes two input vectors "
         "with two scaling factors'): 2 more DSPs per lane for the two rescalings"),
+    "hadamard": UnitPrice(
+        "hadamard", 1, False, True, HADAMARD_STAGES * 24 + 16, HADAMARD_STAGES * 24, 0,
+        f"online Walsh-Hadamard transform (edgeq lower-to-integer): {HADAMARD_STAGES} butterfly stages (blocks "
+        "up to 512 channels) of 24-bit add/subtract per lane, each stage's pipeline register per lane, then "
+        "the shift to int8 (16 LUTs); no multiplier; the stages' pairing delay lines (block - 1 words "
+        "per unit) are taken as the row buffer"),
     "gelu": _table("gelu", "GELU"),
     "erf": _table("erf", "erf"),
     "exp": _table("exp", "exp"),

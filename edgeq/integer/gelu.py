@@ -30,6 +30,10 @@ from edgeq.integer.fixedpoint import (DyadicAffine, dyadic_affine, np_dyadic, np
 ERF_A, ERF_B = -0.2888, -1.769
 GRID_BITS = 11
 OUT_DTYPE = np.dtype(np.int8)
+# int16: a wide output that an integer transform (edgeq.integer.program.HadamardInt) reads
+# before the one requantization to the int8 input of the next linear layer.
+OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.int16))
+_SATURATION_STEPS = {np.dtype(np.int8): 1, np.dtype(np.int16): 256}   # 129 int8 steps = 129*256 int16 ones
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,13 @@ class Gelu:
     limit: int           # clamp of x on the working grid
     requant: DyadicAffine
     out_scale: float | np.ndarray  # per tensor, or per last-axis channel (each a power of two)
+    out_dtype: np.dtype = OUT_DTYPE
 
     @classmethod
-    def plan(cls, in_scale: float, out_scale: float | np.ndarray) -> Gelu:
+    def plan(cls, in_scale: float, out_scale: float | np.ndarray, out_dtype: np.dtype | type = OUT_DTYPE) -> Gelu:
+        out_dtype = np.dtype(out_dtype)
+        if out_dtype not in OUT_DTYPES:
+            raise OptionError(f"GELU output dtype {out_dtype} must be int8 or int16")
         scales = np.atleast_1d(np.asarray(out_scale, np.float64))
         for scale in scales:
             require_pow2(float(scale), "GELU output")
@@ -55,12 +63,12 @@ class Gelu:
         erf_scale = grid / math.sqrt(2.0)
         clip_int = -math.floor(ERF_B / erf_scale)
         one_int = -math.floor(1.0 / (ERF_A * erf_scale**2))
-        limit = saturation_limit(coarsest, grid, at_least=clip_int)
+        limit = saturation_limit(coarsest * _SATURATION_STEPS[out_dtype], grid, at_least=clip_int)
         if limit > 1 << 28:
             raise OptionError(f"GELU output scale {out_scale!r} is too coarse for input scale {in_scale!r}")
         requant = dyadic_affine(-ERF_A * grid**3 / 4.0 / np.asarray(out_scale, np.float64),
                                 input_bound=limit * 2 * one_int)
-        return cls(prescale, clip_int, one_int, limit, requant, out_scale)
+        return cls(prescale, clip_int, one_int, limit, requant, out_scale, out_dtype)
 
     def emit(self, b: IntGraphBuilder, x: QTensor) -> QTensor:
         with b.scope("gelu"):
@@ -72,15 +80,15 @@ class Gelu:
             non_negative = b.op("GreaterOrEqual", [x_w, b.const(0, ops.I64, "zero")], "x_non_negative")
             one_plus_erf = b.op("Where", [non_negative, upper, square], "one_plus_erf")
             product = b.op("Mul", [x_w, one_plus_erf], "x_times_one_plus_erf")
-            out = ops.saturate(b, ops.dyadic(b, product, self.requant), OUT_DTYPE)
+            out = ops.saturate(b, ops.dyadic(b, product, self.requant), self.out_dtype)
         # Per-channel output scales: the QTensor carries the coarsest; channel c is out_scale[c].
-        return QTensor(out, OUT_DTYPE, float(np.max(self.out_scale)))
+        return QTensor(out, self.out_dtype, float(np.max(self.out_scale)))
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         x_w = np.clip(np_shift(np.asarray(x, np.int64), self.prescale), -self.limit, self.limit)
         square = (self.clip_int - np.minimum(np.abs(x_w), self.clip_int)) ** 2
         one_plus_erf = np.where(x_w >= 0, 2 * self.one_int - square, square)
-        return np_saturate(np_dyadic(x_w * one_plus_erf, self.requant), OUT_DTYPE)
+        return np_saturate(np_dyadic(x_w * one_plus_erf, self.requant), self.out_dtype)
 
 
 def emit_gelu(b: IntGraphBuilder, x: QTensor, *, out_scale: float) -> QTensor:

@@ -37,6 +37,9 @@ RECIP_BITS = 61             # factor = 2^61 // std, so |d * factor| <= 2^61
 NORMALIZED_BITS = 24        # |n| <= 2^24, scale sqrt(N) * 2^-24
 VALUE_BITS = 62             # |D| < 2^62 (N * 2^32 for N < 2^30)
 OUT_DTYPE = np.dtype(np.int8)
+# int16 output: the residual stream of a post-norm encoder (its LayerNorm outputs feed the next
+# residual add), kept wider than the int8 multiplier inputs, as I-BERT keeps it in int32.
+OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.int16))
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,15 @@ class Normalization:
     eps_exponent: int
     affine: DyadicAffine
     out_scale: float
+    out_dtype: np.dtype = OUT_DTYPE
 
     @classmethod
     def plan(cls, *, centered: bool, in_scale: float, in_dtype: np.dtype | type, gamma: np.ndarray,
-             beta: np.ndarray | None, eps: float, out_scale: float) -> Normalization:
+             beta: np.ndarray | None, eps: float, out_scale: float,
+             out_dtype: np.dtype | type = OUT_DTYPE) -> Normalization:
+        out_dtype = np.dtype(out_dtype)
+        if out_dtype not in OUT_DTYPES:
+            raise OptionError(f"normalization output dtype {out_dtype} must be int8 or int16")
         gamma = np.asarray(gamma, np.float64)
         channels = gamma.size
         if gamma.ndim != 1 or channels == 0 or (beta is not None and np.shape(beta) != gamma.shape):
@@ -81,7 +89,8 @@ class Normalization:
         gamma_real = gamma * math.sqrt(channels) * 2.0**-NORMALIZED_BITS / out_scale
         beta_real = None if beta is None else np.asarray(beta, np.float64) / out_scale
         affine = dyadic_affine(gamma_real, input_bound=1 << NORMALIZED_BITS, real_bias=beta_real)
-        return cls(centered, channels, work_bits, max_exponent, eps_mantissa, eps_exponent, affine, out_scale)
+        return cls(centered, channels, work_bits, max_exponent, eps_mantissa, eps_exponent, affine, out_scale,
+                   out_dtype)
 
     def emit(self, b: IntGraphBuilder, x: QTensor) -> QTensor:
         with b.scope("layernorm" if self.centered else "rmsnorm"):
@@ -94,8 +103,8 @@ class Normalization:
             factor = b.op("Div", [b.const(1 << RECIP_BITS, ops.I64, "recip_numerator"), std], "inv_std")
             normalized = ops.shift_right_rounding(b, b.op("Mul", [d, factor], "scaled"),
                                                   RECIP_BITS - NORMALIZED_BITS)
-            out = ops.saturate(b, ops.dyadic(b, normalized, self.affine), OUT_DTYPE)
-        return QTensor(out, OUT_DTYPE, self.out_scale)
+            out = ops.saturate(b, ops.dyadic(b, normalized, self.affine), self.out_dtype)
+        return QTensor(out, self.out_dtype, self.out_scale)
 
     def _emit_block_scaled(self, b: IntGraphBuilder, x: str) -> tuple[str, str]:
         """(d, k): the centred row scaled by 2^k to W significant bits, and k per row (int64)."""
@@ -127,7 +136,7 @@ class Normalization:
         std = np.maximum(ISqrt(SQUARE_SUM_BITS + 1).reference(square_sum), 1)
         normalized = np_shift_right_rounding(d * ((1 << RECIP_BITS) // std), RECIP_BITS - NORMALIZED_BITS,
                                              Rounding.HALF_UP)
-        return np_saturate(np_dyadic(normalized, self.affine), OUT_DTYPE)
+        return np_saturate(np_dyadic(normalized, self.affine), self.out_dtype)
 
     def _block_scaled(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         big = x * self.channels - x.sum(axis=-1, keepdims=True) if self.centered else x

@@ -14,6 +14,9 @@ Every step reads and writes named integer tensors (real = int * scale, symmetric
     SoftmaxInt     edgeq.integer.Softmax (I-BERT i-exp) with the additive mask
     LayerNormInt   edgeq.integer.Normalization (exact isqrt)
     GeluInt        edgeq.integer.Gelu (I-BERT i-erf)
+    HadamardInt    y = x @ blockdiag(H_b): Sylvester's +-1 Walsh-Hadamard matrix of order b = 2^m
+                   on each block of b last-axis channels, as m butterfly stages of adds and
+                   subtracts (no multiplier); spreads outlier channels before an int8 requantization
     Dequantize     int8 -> float (DequantizeLinear) at the datapath's end
 
 `IntegerProgram.add(step, builder)` appends the step's ONNX nodes to an `IntGraphBuilder` and
@@ -333,6 +336,7 @@ class LayerNormInt(Step):
     out_scale: Scale
     out: str = ""
     unit: str = ""
+    out_dtype: str = "int8"      # int16: a residual-stream output (post-norm encoders)
     kind: ClassVar[str] = "LayerNormInt"
 
     def inputs(self):
@@ -347,7 +351,8 @@ class LayerNormInt(Step):
         gamma = np.asarray(self.gamma, np.float64) * factor
         beta = None if self.beta is None else np.asarray(self.beta, np.float64) * factor
         return Normalization.plan(centered=True, in_scale=self.in_scale, in_dtype=_dtype(self.in_dtype),
-                                  gamma=gamma, beta=beta, eps=self.eps, out_scale=coarsest)
+                                  gamma=gamma, beta=beta, eps=self.eps, out_scale=coarsest,
+                                  out_dtype=_dtype(self.out_dtype))
 
     def emit(self, b):
         return self.plan().emit(b, QTensor(self.x, b.dtype(self.x), self.in_scale)).name
@@ -363,6 +368,7 @@ class GeluInt(Step):
     out_scale: Scale
     out: str = ""
     unit: str = ""
+    out_dtype: str = "int8"      # int16: read by a HadamardInt before its int8 requantization
     kind: ClassVar[str] = "GeluInt"
 
     def inputs(self):
@@ -370,7 +376,7 @@ class GeluInt(Step):
 
     def plan(self) -> Gelu:
         return Gelu.plan(self.in_scale, np.asarray(self.out_scale, np.float64) if isinstance(self.out_scale, tuple)
-                         else self.out_scale)
+                         else self.out_scale, _dtype(self.out_dtype))
 
     def emit(self, b):
         return self.plan().emit(b, QTensor(self.x, b.dtype(self.x), self.in_scale)).name
@@ -379,8 +385,51 @@ class GeluInt(Step):
         return self.plan().reference(env[self.x])
 
 
+@dataclass(frozen=True)
+class HadamardInt(Step):
+    """y = x @ blockdiag(H_block), H_block Sylvester's +-1 matrix (edgeq.hadamard.sylvester):
+    the fast Walsh-Hadamard transform, log2(block) stages of a + b, a - b on channel pairs at
+    stride 1, 2, .., block/2 (exact in int64; |y| <= block * max|x|, saturated to `dtype`)."""
+
+    x: str
+    block: int
+    dtype: str = "int32"
+    out: str = ""
+    unit: str = ""
+    kind: ClassVar[str] = "HadamardInt"
+
+    def inputs(self):
+        return (self.x,)
+
+    def emit(self, b):
+        shape = b.declare_value(b.op("Shape", [self.x], "shape"), ops.I64)
+        y = ops.cast(b, self.x, ops.I64)
+        axis, zero, one, two = (b.const(np.asarray([v], np.int64), ops.I64, name)
+                                for v, name in ((1, "axis"), (0, "zero"), (1, "one"), (2, "two")))
+        half = 1
+        while half < self.block:
+            # [pairs, 2, half]: the two halves of every 2*half block -> a + b, a - b
+            parts = b.op("Reshape", [y, b.const(np.asarray([-1, 2, half], np.int64), ops.I64, "butterfly")],
+                         "butterfly_in")
+            lo = b.op("Slice", [parts, zero, one, axis], "lo")
+            hi = b.op("Slice", [parts, one, two, axis], "hi")
+            y = b.op("Concat", [b.op("Add", [lo, hi], "sum"), b.op("Sub", [lo, hi], "difference")], "butterfly_out",
+                     axis=1)
+            half *= 2
+        return ops.saturate(b, b.op("Reshape", [y, shape], "transformed"), _dtype(self.dtype))
+
+    def run(self, env):
+        from edgeq.hadamard import sylvester
+
+        x = env[self.x].astype(np.int64)
+        blocks = x.reshape(*x.shape[:-1], -1, self.block)
+        y = np.matmul(blocks, sylvester(self.block).astype(np.int64))   # exact: int64 matmul
+        return np_saturate(y.reshape(x.shape), _dtype(self.dtype))
+
+
 STEP_TYPES: dict[str, type] = {cls.kind: cls for cls in (Quantize, Dequantize, MatMulInt, Shift, Digit, AddInt, Move,
-                                                          AttentionMask, SoftmaxInt, LayerNormInt, GeluInt)}
+                                                          AttentionMask, SoftmaxInt, LayerNormInt, GeluInt,
+                                                          HadamardInt)}
 
 
 @dataclass
@@ -428,6 +477,18 @@ class IntegerProgram:
         if keep:
             result.update(env)
         return result
+
+    def channel_scaled(self) -> list[str]:
+        """Steps that give an activation more than one scale: a per-channel Quantize/Dequantize
+        or norm/GELU output scale, a Gather of channel groups. Empty for a datapath with one
+        power-of-two scale per activation tensor. (A Shift with per-channel exponents is the
+        requantization of an accumulator of per-output-channel weights: the weights' scales.)"""
+        found = []
+        for step in self.steps:
+            fields = [getattr(step, name, None) for name in ("scale", "out_scale")]
+            if any(isinstance(v, (tuple, list)) for v in fields) or (isinstance(step, Move) and step.op == "Gather"):
+                found.append(f"{step.kind} {step.out}")
+        return found
 
     def to_json(self) -> str:
         steps = []
