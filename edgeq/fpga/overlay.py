@@ -179,12 +179,17 @@ def _cycles_per_output(cfg: OverlayConfig, layer: Layer) -> int | None:
     return None
 
 
-def _requant_unit(cfg: OverlayConfig, layers: Sequence[Layer], dsp_slice: str) -> Row:
-    # A PU emits at most PEs/ceil(K/k) outputs per cycle; provision pipelined requantisers
-    # (acc x 32-bit scale, FQ-BERT eq. 5) to keep up with the fastest layer.
+def requantizers_per_pu(cfg: OverlayConfig, layers: Sequence[Layer]) -> int:
+    """Pipelined requantisers (acc x 32-bit scale, FQ-BERT eq. 5) a PU needs to keep up with the
+    fastest layer: a PU emits at most PEs/ceil(K/k) outputs per cycle. Depends on the PU's
+    geometry, not on the PU count (sizing and pricing both use this one count)."""
     cycles = [_cycles_per_output(cfg, layer) for layer in layers]
     rates = [cfg.pes_per_pu / c for c in cycles if c]
-    per_pu = max(1, math.ceil(max(rates, default=1)))
+    return max(1, math.ceil(max(rates, default=1)))
+
+
+def _requant_unit(cfg: OverlayConfig, layers: Sequence[Layer], dsp_slice: str) -> Row:
+    per_pu = requantizers_per_pu(cfg, layers)
     units = cfg.pus * per_pu
     dsp = units * dsp_slices_per_product(cfg.acc_bits, cfg.scale_bits, dsp_slice)
     res = Resources(lut=units * 2 * cfg.acc_bits, ff=units * (cfg.acc_bits + cfg.scale_bits + 8),
@@ -275,6 +280,11 @@ def _assumptions(cfg: OverlayConfig, device: FpgaDevice, bw_note: str,
     return notes
 
 
+def _shared_units(cfg: OverlayConfig, compute: Sequence[Layer], dsp_slice: str) -> tuple[Row, ...]:
+    return (_array_unit(cfg, dsp_slice), _requant_unit(cfg, compute, dsp_slice),
+            *_nonlinear_units(cfg, compute), _buffer_unit(cfg, compute))
+
+
 def overlay_estimate(layers: Sequence[Layer], device: FpgaDevice, cfg: OverlayConfig,
                      dram_gbps: float | None = None) -> TemplateResult:
     """Per-layer cycles, shared-unit resources and sequential latency of the overlay."""
@@ -286,8 +296,7 @@ def overlay_estimate(layers: Sequence[Layer], device: FpgaDevice, cfg: OverlayCo
     bw, bw_note = _bandwidth_gbps(cfg, device, dram_gbps)
     bytes_per_cycle = bw * 1e9 / (cfg.clock_mhz * 1e6)
     rows = tuple(_layer_row(cfg, layer, bytes_per_cycle) for layer in compute)
-    units = (_array_unit(cfg, device.dsp_slice), _requant_unit(cfg, compute, device.dsp_slice),
-             *_nonlinear_units(cfg, compute), _buffer_unit(cfg, compute))
+    units = _shared_units(cfg, compute, device.dsp_slice)
     totals = Resources()
     for unit in units:
         totals = totals + unit.resources
@@ -296,18 +305,46 @@ def overlay_estimate(layers: Sequence[Layer], device: FpgaDevice, cfg: OverlayCo
                           tuple(_assumptions(cfg, device, bw_note, layers)))
 
 
+def _over_limits(cfg: OverlayConfig, compute: Sequence[Layer], device: FpgaDevice,
+                 limits: UtilisationLimits) -> list[str]:
+    """Resources of the array `cfg` above the device's utilisation limits (names)."""
+    totals = Resources()
+    for unit in _shared_units(cfg, compute, device.dsp_slice):
+        totals = totals + unit.resources
+    available = device.resource_counts()
+    return [name for name, used in totals.as_dict().items()
+            if used > math.floor(available[name] * getattr(limits, name))]
+
+
 def default_overlay(device: FpgaDevice, layers: Sequence[Layer], limits: UtilisationLimits,
                     clock_mhz: float) -> OverlayConfig:
-    """An array sized to the device's DSP budget, in FQ-BERT's (N, M) = (8, 16) PU layout."""
+    """An array in FQ-BERT's (N, M) = (8, 16) PU layout with as many PUs as fit: at most what the
+    DSP limit allows (the lanes and the requantisers each PU instantiates), then fewer until
+    every shared unit (array, requantisers, nonlinear units, buffers) is within the limits. When
+    no PU count fits, the DSP-bound array is returned and its report says what is over."""
     pes_per_pu, m, lanes_nl = 8, 16, 16
     pack = packing_fits(device.dsp_slice, 8, 4)
+    compute = [layer for layer in layers if not isinstance(layer, LayoutOp)]
+
+    def config(pus: int, source: str) -> OverlayConfig:
+        return OverlayConfig(pus=pus, pes_per_pu=pes_per_pu, mults_per_pe=m, clock_mhz=clock_mhz,
+                             pack_two_per_dsp=pack, nonlinear_lanes=lanes_nl, source=source)
+
+    requantizers = requantizers_per_pu(config(1, ""), compute)
     per_pu_dsp = math.ceil(pes_per_pu * m / (2 if pack else 1)) \
-        + dsp_slices_per_product(32, 32, device.dsp_slice)
-    one_per_kind = {u.op: u for u in layers if isinstance(u, NonlinearUnit)}
+        + requantizers * dsp_slices_per_product(32, 32, device.dsp_slice)
+    one_per_kind = {u.op: u for u in compute if isinstance(u, NonlinearUnit)}
     nonlinear_dsp = sum(unit_price(u).dsp_per_lane * lanes_nl for u in one_per_kind.values())
     budget = math.floor(device.dsp.require("DSP count", device.key) * limits.dsp) - nonlinear_dsp
-    pus = max(1, budget // per_pu_dsp)
-    return OverlayConfig(pus=pus, pes_per_pu=pes_per_pu, mults_per_pe=m, clock_mhz=clock_mhz,
-                         pack_two_per_dsp=pack, nonlinear_lanes=lanes_nl,
-                         source=f"edgeq default: FQ-BERT (N, M) = (8, 16) PUs, as many PUs as "
-                                f"{limits.dsp:.0%} of the DSPs allow")
+    dsp_pus = max(1, budget // per_pu_dsp)
+    layout = (f"edgeq default: FQ-BERT (N, M) = (8, 16) PUs ({per_pu_dsp} DSPs per PU: "
+              f"{math.ceil(pes_per_pu * m / (2 if pack else 1))} for the lanes, {requantizers} requantiser(s))")
+    for pus in range(dsp_pus, 0, -1):
+        over = _over_limits(config(pus, ""), compute, device, limits)
+        if not over:
+            bound = ("as many PUs as the DSP limit allows" if pus == dsp_pus else
+                     f"the most PUs whose LUT/FF/BRAM18/URAM/DSP fit the limits ({dsp_pus} by DSPs alone)")
+            return config(pus, f"{layout}, {pus} PUs: {bound}")
+    over = _over_limits(config(1, ""), compute, device, limits)
+    return config(dsp_pus, f"{layout}, {dsp_pus} PUs by the DSP limit: no PU count fits the device "
+                           f"(even 1 PU is over in {', '.join(over)})")

@@ -230,6 +230,59 @@ def test_auto_template_choice():
     assert bert.assumptions[0].startswith("auto: the dataflow template does not fit")
 
 
+def _units(report) -> dict:
+    return {row.name: row for row in report.units}
+
+
+def _minilm_w8a8_layers() -> list:
+    """A MiniLM-shaped encoder (hidden 384, 12 heads of 32, FFN 1536), W8A8, with a GELU whose
+    int32 input the activation buffer must hold: the shape `edgeq compile --target fpga` prices."""
+    base = fq_bert_layers(encoders=1, hidden=384, ffn=1536)
+    layers = [dataclasses.replace(x, weight_bits=8) if isinstance(x, MatVecLayer) else x for x in base]
+    return layers + [NonlinearUnit("gelu_int32_in", "gelu", 128, 1536, bits=32)]
+
+
+def test_default_overlay_reserves_the_requantisers_it_instantiates():
+    """The array sizing and the requantiser unit use one count per PU (Q.K^T of depth 32 over 8
+    PEs needs 2 per PU, not the 1 the sizing used to reserve); the DSPs stay within the limit."""
+    from edgeq.fpga.overlay import default_overlay, requantizers_per_pu
+    from edgeq.targets.fpga_devices import FINN_UTILISATION_LIMITS
+
+    layers = _minilm_w8a8_layers()
+    device = get_device("zcu102")
+    cfg = default_overlay(device, layers, FINN_UTILISATION_LIMITS, 214.0)
+    per_pu = requantizers_per_pu(cfg, layers)
+    assert per_pu == 2 and "72 DSPs per PU: 64 for the lanes, 2 requantiser(s)" in cfg.source
+    report = estimate(layers, "zcu102", template="overlay")
+    assert _units(report)["requant"].detail.startswith(f"2 per PU x {cfg.pus} PUs")
+    assert report.totals.dsp <= device.dsp.value * FINN_UTILISATION_LIMITS.dsp
+
+
+def test_default_overlay_shrinks_until_every_resource_fits():
+    """BRAM18 (weight tiles grow with the array) binds before the DSPs on ZCU102: fewer PUs than
+    the DSP limit allows, the report fits, and one PU more would not."""
+    from edgeq.fpga.overlay import OverlayConfig
+
+    layers = _minilm_w8a8_layers()
+    report = estimate(layers, "zcu102", template="overlay")
+    assert report.fits, report.over_limit
+    note = next(a for a in report.assumptions if a.startswith("template overlay"))
+    assert "the most PUs whose LUT/FF/BRAM18/URAM/DSP fit the limits (26 by DSPs alone)" in note
+    pus = int(note.split(" PUs: the most")[0].rsplit(" ", 1)[-1])
+    assert pus < 26
+    bigger = OverlayConfig(pus=pus + 1, pes_per_pu=8, mults_per_pe=16, clock_mhz=214.0)
+    assert estimate(layers, "zcu102", template="overlay", overlay=bigger).over_limit == ("bram18",)
+    # FQ-BERT-shaped W4A8 layers fit at the DSP bound
+    fq = estimate(fq_bert_layers(encoders=1), "zcu102", template="overlay")
+    assert fq.fits and any("as many PUs as the DSP limit allows" in a for a in fq.assumptions)
+
+
+def test_default_overlay_says_when_nothing_fits():
+    report = estimate(fq_bert_layers(encoders=1), "pynq-z1", template="overlay")
+    assert not report.fits
+    assert any("no PU count fits the device" in a for a in report.assumptions)
+
+
 # --- no op silently costs zero ------------------------------------------------------------------
 def test_unpriced_onnx_op_raises_naming_it():
     model = _unsw_onnx()
