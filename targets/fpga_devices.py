@@ -147,10 +147,26 @@ _U250_DDR = (
     "UG1120 DMA configurations: U250 4x DDR4 16 GB; 19 GB/s per channel "
     "(ThunderGP platform_memory_bandwidth_per_channel = 19)"
 )
-_UNVERIFIED_DDR = (
-    "PS DDR4 is 64-bit; its data rate was not confirmed from a readable source in this "
-    "session, so no bandwidth is stored"
-)
+# PS DDR4 of the Zynq UltraScale+ evaluation boards, from AMD's Vivado board files (the
+# processing-system preset every design built "for the board" starts from): a 64-bit bus at
+# DDR4-2133 (1067 MHz clock), i.e. 64/8 bytes x 2133 MT/s = 17.06 GB/s peak. The PS DDR is what
+# the PL reaches through the S_AXI_HP ports (the PL-side SODIMM of ZCU104 needs a MIG in fabric).
+_PS_DDR_2133_64 = 64 / 8 * 2133e6 / 1e9
+
+
+def _board_preset(board: str, version: str, commit: str, guide: str) -> str:
+    return (f"AMD Vivado board file Xilinx/XilinxBoardStore boards/Xilinx/{board}/{version}/preset.xml "
+            f"(commit {commit}), zynq_ultra_ps_e preset: PSU__DDRC__BUS_WIDTH '64 Bit', "
+            f"PSU__DDRC__SPEED_BIN 'DDR4_2133P', PSU__CRF_APB__DDR_CTRL__FREQMHZ 1067; 64-bit x 2133 MT/s "
+            f"= 17.06 GB/s peak (theoretical; sustained AXI throughput is lower); {guide}")
+
+
+_ZCU102_DDR = _board_preset("zcu102", "3.4", "6cb55a9f", "PSU__DDRC__COMPONENTS 'UDIMM' (the board's PS DDR4 "
+                            "module; the board guide UG1182 was not readable in this session)")
+_ZCU104_DDR = _board_preset("zcu104", "1.1", "1143dec6", "PSU__DDRC__COMPONENTS 'Components'; PYNQ docs "
+                            "pynq_overlays/zcu104.rst: 'PS DDR4 64-bit Component' (board guide UG1267)")
+_ZCU111_DDR = _board_preset("zcu111", "1.4", "1ab1c3f1", "PSU__DDRC__COMPONENTS 'UDIMM' (the board's PS DDR4 "
+                            "module; the board guide UG1271 was not readable in this session)")
 
 # U250 user region: ThunderGP xilinx_u250_xdma_201830_2.h per-SLR rows, summed over 4 SLRs.
 _U250_SLR_LUTS = (345171, 344533, 344878, 345158)
@@ -188,7 +204,7 @@ XCZU9EG = FpgaDevice(
     uram=_src(0, "FINN src/finn/util/platforms.py ZU9EG_Platform: 0 URAM; " + _DS891),
     dsp=_src(2_520, _FQBERT_T3 + " (ZCU102: DSP48E 2520); " + _DS891),
     clock_mhz=_src(214.0, _FQBERT_CLK),
-    dram_gbps=_src(None, _UNVERIFIED_DDR),
+    dram_gbps=_src(_PS_DDR_2133_64, _ZCU102_DDR),
 )
 
 XCZU7EV = FpgaDevice(
@@ -202,7 +218,7 @@ XCZU7EV = FpgaDevice(
     uram=_src(96, _ZU7EV_REPORTS),
     dsp=_src(1_728, _ZU7EV_REPORTS),
     clock_mhz=_src(100.0, _FINN_EX_ZYNQ_CLK),
-    dram_gbps=_src(None, _UNVERIFIED_DDR),
+    dram_gbps=_src(_PS_DDR_2133_64, _ZCU104_DDR),
 )
 
 XCK26 = FpgaDevice(
@@ -231,7 +247,7 @@ XCZU28DR = FpgaDevice(
     uram=_src(80, _ZU28DR_URAM),
     dsp=_src(4_272, _FQBERT_T3 + " (ZCU111: DSP48E 4272)"),
     clock_mhz=_src(214.0, _FQBERT_CLK),
-    dram_gbps=_src(None, _UNVERIFIED_DDR),
+    dram_gbps=_src(_PS_DDR_2133_64, _ZCU111_DDR),
 )
 
 XCU250 = FpgaDevice(

@@ -379,11 +379,22 @@ def test_catalog_numbers_all_have_sources():
         assert device.clock_mhz.value and device.clock_mhz.value > 0
 
 
+@pytest.mark.parametrize("board", ["zcu102", "zcu104", "zcu111"])
+def test_zynq_ultrascale_boards_have_sourced_ps_ddr_bandwidth(board):
+    device = get_device(board)
+    assert device.dram_gbps.value == pytest.approx(64 / 8 * 2133e6 / 1e9)
+    assert "XilinxBoardStore" in device.dram_gbps.source and "DDR4_2133P" in device.dram_gbps.source
+    assert all(d.dram_gbps.value for d in CATALOG.values())
+
+
 def test_missing_dram_bandwidth_is_named_not_guessed():
-    zcu102 = get_device("zcu102")
-    assert zcu102.dram_gbps.value is None
+    from edgeq.targets.fpga_devices import Sourced
+
+    unknown = dataclasses.replace(get_device("zcu102"), dram_gbps=Sourced(None, "not in any readable source"))
     with pytest.raises(CostModelError, match="dram_gbps"):
-        zcu102.dram_gbps.require("dram_gbps", zcu102.key)
+        unknown.dram_gbps.require("dram_gbps", unknown.key)
+    report = estimate(fq_bert_layers(encoders=1), unknown, template="overlay")
+    assert any("board DRAM bandwidth not in catalog" in a for a in report.assumptions)
 
 
 # --- report -------------------------------------------------------------------------------------
