@@ -3,8 +3,12 @@
 Between the first QuantizeLinear and the final DequantizeLinear every op is integer:
 
 - entry: the embedding lookup (Gather, adds, position ids) runs on the host in float; its sum
-  is quantized to int8 with a power-of-two scale (`first_norm="integer"`, the default), or the
-  host also runs the first LayerNorm and its output is quantized (`first_norm="host"`);
+  is quantized to int8 with one power-of-two scale (`first_norm="integer"`, the default), or the
+  host also runs the first LayerNorm and its output is quantized (`first_norm="host"`). With
+  `rotate`, when the sum is a sum of table rows, the tables are stored multiplied by H_b / b (a
+  weight change: the host still only looks rows up and adds them), the rotated sum is quantized
+  and the datapath's first step multiplies by H_b again (integer adds, H_b H_b = b I), giving
+  the int32 embedding sum the first LayerNorm reads;
 - linear layers: MatMulInteger (int8 x int8 -> int32) with weights quantized symmetric, per
   output channel (or per tensor) with power-of-two scales (rounded to nearest, or with GPTQ),
   plus an int32 bias at the accumulator's scale s_x * s_w;
@@ -14,8 +18,9 @@ Between the first QuantizeLinear and the final DequantizeLinear every op is inte
   * wide residual stream (`residual_bits=16`): LayerNorm outputs (the post-norm residual stream)
     are int16 with one power-of-two scale, as I-BERT keeps the residual/LayerNorm input wide; a
     linear layer reads them through the rotation below (or one shift to int8);
-  * online Walsh-Hadamard rotation (`rotate=True`, QuaRot's idea): a linear layer's int16 input
-    (a LayerNorm output, or a GELU output emitted as int16 for it) goes through Sylvester's +-1
+  * online Walsh-Hadamard rotation (`rotate=True`, QuaRot's idea): a linear layer's wide input
+    with one scale (a LayerNorm output, a GELU output emitted as int16 for it, the P.V
+    accumulator carried wide through its reshape, shifted to int16) goes through Sylvester's +-1
     transform on blocks of b channels (b the largest power of two dividing the width, <= 512),
     integer adds and subtracts only, then one shift to int8 with the calibrated range of the
     rotated float tensor; the orthogonal rotation and its 1/b fold into the layer's float weights
@@ -220,6 +225,8 @@ class LowerToInteger(Pass):
         lowering = self._lowering(graph, act, weight, ranges)
         lowering.run()
         replaced = _splice(graph, lowering)
+        for table, rows in lowering.table_updates:   # the host's embedding tables, pre-rotated
+            graph.set_const(table, rows)
         _raise_opset(graph, lowering.host)
         _set_metadata(graph, {
             PROGRAM_KEY: lowering.program.to_json(),
@@ -395,6 +402,7 @@ class _Lowering:
         self.program = IntegerProgram()
         self.forms: dict[str, _Form] = {}
         self.narrow: dict[str, _Form] = {}     # int8 per-tensor forms of wider tensors
+        self.table_updates: list[tuple[Value, np.ndarray]] = []   # host embedding tables, rotated
         self.done: set[Op] = set()
         self.lowered: list[Op] = []
         self.host: set[Op] = set()
@@ -416,9 +424,13 @@ class _Lowering:
         entry = graph.inputs_of(first)[0] if self.first_norm == "integer" else graph.outputs_of(first)[0]
         self.host = graph.ancestors(entry)
         self.done |= self.host
-        scale = self.out_scale(entry)
-        name = self.program.add(Quantize(entry.name, _scale_field(scale), unit=""), self.b)
-        self.forms[entry.name] = _Form(name, INT8, scale)
+        tables = self.rotatable_tables(entry, first) if self.rotate and self.first_norm == "integer" else None
+        if tables:
+            self.rotated_entry(entry, tables)
+        else:
+            scale = self.out_scale(entry)
+            name = self.program.add(Quantize(entry.name, _scale_field(scale), unit=""), self.b)
+            self.forms[entry.name] = _Form(name, INT8, scale)
         for op in order:
             if op in self.done:
                 continue
@@ -440,6 +452,52 @@ class _Lowering:
             if form.mask is None:
                 scale = float(form.scale) if form.per_tensor else [float(s) for s in form.scale]
                 self.program.probes[name] = (form.name, scale)
+
+    def rotatable_tables(self, entry: Value, norm: Op) -> list[Value] | None:
+        """The embedding tables whose rows sum to `entry` (an Add tree of Gathers of [V, C]
+        initializers read by nothing else, `entry` read only by the first norm), or None."""
+        graph = self.graph
+        channels = entry.shape[-1] if entry.shape else None
+        if not isinstance(channels, int) or _hadamard_block(channels) < 2 or graph.is_graph_output(entry) \
+                or [reader for reader, _ in graph.uses(entry)] != [norm]:
+            return None
+        tables, stack = [], [entry]
+        while stack:
+            value = stack.pop()
+            op = graph.producer(value)
+            if op is None or op.domain or (value is not entry and (len(graph.uses(value)) != 1
+                                                                  or graph.is_graph_output(value))):
+                return None
+            ins = graph.inputs_of(op)
+            if op.op_type == "Add" and len(ins) == 2 and not any(graph.is_const(v) for v in ins):
+                stack.extend(ins)
+            elif op.op_type == "Gather" and op.attr("axis", 0) == 0 and ins[0].const is not None \
+                    and ins[0].const.numpy().ndim == 2 and ins[0].const.numpy().shape[1] == channels \
+                    and len(graph.uses(ins[0])) == 1:
+                tables.append(ins[0])
+            else:
+                return None
+        return tables
+
+    def rotated_entry(self, entry: Value, tables: list[Value]) -> None:
+        """The embedding sum enters rotated: each table's rows are multiplied by H_b / b on the
+        host side (a weight change, the host still only looks rows up and adds them), the sum is
+        quantized to int8 with one scale (the outlier channels spread over their blocks), and the
+        datapath's first step multiplies by H_b again (integer adds; H_b H_b = b I): the int32
+        embedding sum on the same power-of-two scale, read by the first LayerNorm."""
+        channels = int(entry.shape[-1])
+        block = _hadamard_block(channels)
+        # range of x H_b / b: that of the calibrated x H_b over b (a power of two: exact)
+        scale = np.asarray(self.act_scale(f"{entry.name}{ROTATED}{block}") / block, np.float64)
+        unit = f"hadamard@{entry.name}"
+        name = self.program.add(Quantize(entry.name, float(scale), unit=""), self.b)
+        out = self.emit(HadamardInt(name, block, "int32", unit=unit))
+        self.forms[entry.name] = _Form(out, INT32, scale, unit)
+        rotation = Rotation((sylvester(block),), blocks=channels // block)
+        for table in tables:
+            rows = table.const.numpy()
+            self.table_updates.append(
+                (table, (rotation.apply(rows.astype(np.float64), 1) / math.sqrt(block)).astype(rows.dtype)))
 
     def host_ops(self) -> Iterable[tuple[Op, str]]:
         for op in self.graph.topo_order():
@@ -584,7 +642,7 @@ class _Lowering:
             raise OptionError(f"MatMul '{op.name}': weight of rank {w.ndim}; the fpga lowering takes [K, N] weights")
         moment = self.ranges.second_moment(x_value.name)
         rotation = None
-        if x.dtype == INT16 and self.rotate and _hadamard_block(w.shape[0]) > 1:
+        if x.dtype not in (INT8, UINT8) and x.per_tensor and self.rotate and _hadamard_block(w.shape[0]) > 1:
             x, rotation = self.rotated(x_value.name)
             # x W = (x H)(H^T W) / b with H H^T = b I: the rotation and its 1/b fold into the
             # float weights before they are quantized (Q = H / sqrt(b) orthogonal)
@@ -646,6 +704,10 @@ class _Lowering:
             channels = int(self.graph.value(name).shape[-1])
             block = _hadamard_block(channels)
             unit = f"hadamard@{name}"
+            if x.dtype != INT16:   # an accumulator: to int16 first (|H x| <= b * 2^15 fits int32)
+                scale16 = self.int16_scale(name)
+                x = _Form(self.emit(Shift(x.name, _exponent(x.scale / scale16, f"narrowing '{name}'"), "int16",
+                                          unit=unit)), INT16, scale16, unit)
             y = self.emit(HadamardInt(x.name, block, "int32", unit=unit))
             scale = self.act_scale(f"{name}{ROTATED}{block}")
             exponent = _exponent(x.scale / scale, f"requantizing the rotated '{name}'")
@@ -787,7 +849,11 @@ class _Lowering:
 
     def move(self, op: Op) -> None:
         ins = self.graph.inputs_of(op)
-        x = self.int8(ins[0].name)
+        x = self.forms[ins[0].name]
+        # a wide tensor with one scale moves as it is (a linear layer reading it rotates it
+        # before its int8 requantization); channel-scaled ones are narrowed first
+        if not (self.rotate and x.per_tensor and x.mask is None and x.dtype in (INT16, INT32, INT64)):
+            x = self.int8(ins[0].name)
         if op.op_type == "Reshape":
             shape = self.graph.constant(ins[1]) if len(ins) > 1 else None
             if shape is None or op.attr("allowzero", 0):

@@ -120,7 +120,8 @@ FPGA = register_target(Target(
            "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
            "(residual stream) int16; linear inputs from LayerNorm/GELU pass an online integer Walsh-Hadamard "
            "transform before the int8 shift (rotation folded into the weights); the earlier per-channel "
-           "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0), not this rule",
+           "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0, rotate=False, "
+           "residual_bits=8), not this rule",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
            "(edgeq.integer.program, stored in the model metadata 'edgeq.integer.program')"),
 ))

@@ -122,9 +122,12 @@ def test_activations_have_one_power_of_two_scale_per_tensor(compiled_bert) -> No
     program = IntegerProgram.from_model(model)
     assert program.channel_scaled() == []
     kinds = [step.kind for step in program.steps]
-    # the LayerNorm outputs read by Q/K/V (embedding's, each layer's but the last) and by the
-    # intermediate linear, and the GELU outputs: 3 per layer
-    assert kinds.count("HadamardInt") == 3 * 2
+    # online Hadamard transforms: the embedding sum's inverse rotation (its tables are rotated
+    # on the host), then per layer the wide inputs of Q/K/V (a LayerNorm output), of the
+    # attention output linear (P.V), of the intermediate linear (LayerNorm) and of the output
+    # linear (GELU): 1 + 4 per layer
+    assert kinds.count("HadamardInt") == 1 + 4 * 2
+    assert kinds[:2] == ["Quantize", "HadamardInt"]
     assert not any(step.kind == "Move" and step.op == "Gather" for step in program.steps)
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
@@ -141,8 +144,9 @@ def test_activations_have_one_power_of_two_scale_per_tensor(compiled_bert) -> No
 
 
 def test_per_channel_factors_are_an_explicit_option(compiled_bert, tmp_path: Path) -> None:
-    """LowerToInteger(equalization=1.0) keeps the earlier per-channel power-of-two factors
-    (channel groups per linear); still integer-only and bit-exact, but not the default."""
+    """LowerToInteger(equalization=1.0, rotate=False, residual_bits=8) is the earlier variant
+    with per-channel power-of-two factors (channel groups per linear); still integer-only and
+    bit-exact, but not the default."""
     from edgeq.passes.lower_to_integer import LowerToInteger
 
     float_path, _, _ = compiled_bert
@@ -150,7 +154,7 @@ def test_per_channel_factors_are_an_explicit_option(compiled_bert, tmp_path: Pat
     passes = [get_pass(name)() if name not in ("select-precision", "lower-to-integer") else None
               for name in target.default_pipeline]
     index = target.default_pipeline.index("lower-to-integer")
-    passes[index] = LowerToInteger(equalization=1.0)
+    passes[index] = LowerToInteger(equalization=1.0, rotate=False, residual_bits=8)
     passes[target.default_pipeline.index("select-precision")] = get_pass("select-precision").from_options(
         CompileOptions(), target)
     ctx = PassContext(target=target)
