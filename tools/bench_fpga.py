@@ -1,6 +1,7 @@
 """MiniLM compiled for the `fpga` target: accuracy, bit-exactness, op census and FPGA estimates.
 
-    python tools/bench_fpga.py --threads 2 [--paragraphs 256] [--out DIR] [--weight-rounding rtn|gptq]
+    python tools/bench_fpga.py --threads 1 [--paragraphs 256] [--out DIR] [--weight-rounding rtn|gptq]
+                               [--per-channel] [--ablation N] [--sqnr N]
 
 1. compiles all-MiniLM-L6-v2 for `fpga` with edgeq.compile, calibrated on
    edgeq.evaluation.minilm_calibration_feeds(shared, 16) (paragraphs after the evaluation ones);
@@ -11,15 +12,23 @@
    paragraphs: the output and the integer tensor standing for every lowered float tensor
    (all layers' linear outputs, scores, probabilities, norms, GELU), bit for bit;
 4. the op census of the lowered graph, the ops between the first QuantizeLinear and the last
-   DequantizeLinear that compute on float (must be none) and the host ops;
+   DequantizeLinear that compute on float (must be none) and the host ops; the per-tensor rule:
+   program steps with channel scales (must be none), the scale sizes of the edge Q/DQ, the
+   input dtypes of every MatMulInteger;
 5. `edgeq estimate MODEL --target fpga --device D --json` for zcu102 and kv260: template,
-   latency, throughput, resources, fit and every assumption.
+   latency, throughput, resources, fit and every assumption;
+6. with --per-channel, the earlier variant for comparison: LowerToInteger(equalization=1.0,
+   rotate=False, residual_bits=8) (per-channel power-of-two factors, channel-grouped linears),
+   its cosine on the same paragraphs; with --ablation N, the lowering's accuracy devices added one
+   at a time (VARIANTS) on the first N paragraphs; with --sqnr N, where the error is: the SQNR of
+   every integer tensor against its float tensor, summarised by kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,10 +41,12 @@ import onnx
 
 from edgeq import evaluation as ev
 from edgeq.compiler import compile as edgeq_compile
-from edgeq.integer.program import check_against_onnxruntime
+from edgeq.integer.program import IntegerProgram, check_against_onnxruntime
+from edgeq.ir import load, save
 from edgeq.models import catalog
 from edgeq.options import CalibrationOptions, CompileOptions
-from edgeq.registry import get_target
+from edgeq.pass_infra import PassContext, PassManager
+from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -76,6 +87,103 @@ def census(model: onnx.ModelProto) -> tuple[Counter, list[str], list[dict], int]
     return Counter(n.op_type for n in graph.node), float_in_region, host, len(region)
 
 
+def per_tensor_evidence(model: onnx.ModelProto) -> list[str]:
+    """The per-tensor rule checked on the compiled graph."""
+    program = IntegerProgram.from_model(model)
+    constants = {t.name: t for t in model.graph.initializer}
+    edges = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+             and n.input[0] not in constants]
+    sizes = Counter(int(np.prod(constants[n.input[1]].dims)) if constants[n.input[1]].dims else 1 for n in edges)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    operands = Counter(names.get(types.get(i), "?") for n in model.graph.node if n.op_type == "MatMulInteger"
+                       for i in n.input[:2])
+    kinds = Counter(step.kind for step in program.steps)
+    return [f"program steps with channel scales: {len(program.channel_scaled())}",
+            f"edge Q/DQ scale sizes: {dict(sizes)} (1 = one scale per tensor)",
+            f"MatMulInteger operand dtypes: {dict(operands)}",
+            f"online Hadamard transforms: {kinds['HadamardInt']}; LayerNorm outputs "
+            f"{dict(Counter(s.out_dtype for s in program.steps if s.kind == 'LayerNormInt'))}"]
+
+
+# The lowering's accuracy devices, one added at a time (all with one scale per activation tensor
+# except the last, the earlier per-channel variant kept as an explicit option).
+VARIANTS = {
+    "per-tensor int8 only": dict(equalization=None, rotate=False, residual_bits=8),
+    "+ int16 residual stream": dict(equalization=None, rotate=False, residual_bits=16),
+    "+ online Hadamard (default)": dict(equalization=None, rotate=True, residual_bits=16),
+    "per-channel factors (option)": dict(equalization=1.0, rotate=False, residual_bits=8),
+}
+
+
+def variant_cosine(float_path: Path, work: Path, inputs: dict, reference: np.ndarray, threads: int,
+                   **lowering) -> np.ndarray:
+    """Cosine of a lowering variant, compiled with the target's pipeline and calibration."""
+    from edgeq.passes.lower_to_integer import LowerToInteger
+
+    target = get_target("fpga")
+    options = CompileOptions(calibration=CalibrationOptions(), threads=threads)
+    passes = []
+    for name in target.default_pipeline:
+        cls = get_pass(name)
+        if name == "lower-to-integer":
+            passes.append(LowerToInteger(CalibrationOptions(), threads=threads, **lowering))
+        else:
+            factory = getattr(cls, "from_options", None)
+            passes.append(factory(options, target) if factory else cls())
+    ctx = PassContext(target=target)
+    ctx.artifacts["calibration-data"] = ev.minilm_calibration_feeds(SHARED, 16)
+    graph = PassManager(passes)(load(float_path), ctx).graph
+    validate(graph, target)
+    path = work / "minilm_fpga_variant.onnx"
+    save(graph, path)
+    integer, _ = embeddings(path, inputs, threads)
+    return ev.cosine_rows(integer, reference)
+
+
+def probe_sqnr(float_path: Path, model: onnx.ModelProto, inputs: dict, threads: int) -> list[tuple[float, str, str]]:
+    """SQNR (dB, over the real tokens) of every integer tensor standing for a float tensor,
+    against that float tensor in the float model (errors accumulated up to that point)."""
+    import onnxruntime as ort
+
+    program = IntegerProgram.from_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+
+    def run(proto: onnx.ModelProto, names: list[str], elem: dict[str, int]) -> dict[str, np.ndarray]:
+        extended = onnx.ModelProto()
+        extended.CopyFrom(proto)
+        have = {o.name for o in extended.graph.output}
+        extended.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem.get(n, 1), None)
+                                     for n in names if n not in have)
+        session = ort.InferenceSession(extended.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        graph_inputs = {i.name for i in proto.graph.input}
+        return dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in graph_inputs})))
+
+    float_model = onnx.load(str(float_path))
+    float_values = run(float_model, [n for n in program.probes if n in _value_names(float_model)], {})
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
+    ints = run(model, sorted({name for name, _ in program.probes.values()}), types)
+    mask = inputs["attention_mask"].astype(bool)
+    rows = []
+    for name, (integer, scale) in program.probes.items():
+        if name not in float_values:
+            continue
+        real, approx = float_values[name], ints[integer].astype(np.float64) * np.asarray(scale)
+        if real.shape[:2] == mask.shape:
+            real, approx = real[mask], approx[mask]
+        error = float(((approx - real) ** 2).mean())
+        rows.append((10 * np.log10(float((real**2).mean()) / max(error, 1e-30)), name, str(ints[integer].dtype)))
+    return rows
+
+
+def _value_names(model: onnx.ModelProto) -> set[str]:
+    return {o for n in model.graph.node for o in n.output}
+
+
 def estimate_cli(model: Path, device: str) -> dict:
     cmd = [sys.executable, "-m", "edgeq.cli", "estimate", str(model), "--target", "fpga", "--device", device,
            "--json"]
@@ -87,11 +195,17 @@ def estimate_cli(model: Path, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paragraphs", type=int, default=ev.MINILM_EVAL_PARAGRAPHS)
     parser.add_argument("--exact-sample", type=int, default=4, help="paragraphs for the bit-exact check")
     parser.add_argument("--weight-rounding", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--out", type=Path, help="keep the compiled model here")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="also measure the earlier per-channel variant (explicit option, not the default)")
+    parser.add_argument("--ablation", type=int, default=0, metavar="N",
+                        help="cosine of the lowering variants (VARIANTS) on the first N paragraphs")
+    parser.add_argument("--sqnr", type=int, default=0, metavar="N",
+                        help="SQNR of every integer tensor against float on the first N paragraphs")
     args = parser.parse_args()
 
     float_path = catalog.cached("minilm")
@@ -139,6 +253,9 @@ def main() -> None:
     print(f"  ops between the first QuantizeLinear and the last DequantizeLinear: {region}; "
           f"float compute among them: {len(float_ops)} {float_ops[:5]}")
     print(f"  host ops ({len(host)}): " + ", ".join(f"{h['op_type']} {h['name']}" for h in host))
+    print("\n== per-tensor activation scales (the fpga target's rule)")
+    for line in per_tensor_evidence(model):
+        print("  " + line)
 
     for device in ("zcu102", "kv260"):
         report = estimate_cli(compiled_path, device)
@@ -156,6 +273,31 @@ def main() -> None:
         print("  assumptions:")
         for line in report["assumptions"]:
             print(f"    - {line}")
+
+    if args.sqnr:
+        sample = {k: v[:args.sqnr] for k, v in inputs.items()}
+        rows = probe_sqnr(float_path, model, sample, args.threads)
+        print(f"\n== SQNR of the integer tensors against float ({args.sqnr} paragraphs, real tokens; errors "
+              "accumulated up to each tensor), by kind: min / median dB")
+        kinds: dict[str, list[float]] = {}
+        for db, name, _ in rows:
+            kind = re.sub(r"_output_0$", "", re.sub(r"^/encoder/layer\.\d+/", "", name))
+            kinds.setdefault(kind, []).append(db)
+        for kind, values in sorted(kinds.items(), key=lambda kv: min(kv[1])):
+            print(f"  {kind:28s} {min(values):6.2f} / {float(np.median(values)):6.2f}  ({len(values)} tensors)")
+
+    if args.ablation:
+        count = min(args.ablation, len(texts))
+        sub = {k: v[:count] for k, v in inputs.items()}
+        print(f"\n== lowering variants (LowerToInteger options), {count} paragraphs: cosine mean / min")
+        for label, lowering in VARIANTS.items():
+            cos = variant_cosine(float_path, work, sub, reference[:count], args.threads, **lowering)
+            print(f"  {label:30s} {cos.mean():.5f} / {cos.min():.5f}   {lowering}")
+
+    if args.per_channel:
+        other = variant_cosine(float_path, work, inputs, reference, args.threads, **VARIANTS["per-channel factors (option)"])
+        print(f"\n== per-channel variant (LowerToInteger(equalization=1.0, rotate=False, residual_bits=8), "
+              f"explicit option): cosine mean {other.mean():.5f} min {other.min():.5f} on {len(texts)} paragraphs")
 
 
 if __name__ == "__main__":
