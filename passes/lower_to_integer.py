@@ -77,8 +77,8 @@ from edgeq.hadamard import Rotation, sylvester
 from edgeq.hessian import ActivationStream, gptq_quantize, input_statistics
 from edgeq.integer.builder import IntGraphBuilder
 from edgeq.integer.fixedpoint import pow2_exponent
-from edgeq.integer.program import (METADATA_KEY, AddInt, AttentionMask, Dequantize, Digit, GeluInt, IntegerProgram,
-                                   HadamardInt, LayerNormInt, MatMulInt, Move, Quantize, Shift, SoftmaxInt)
+from edgeq.integer.program import (METADATA_KEY, AddInt, AttentionMask, Dequantize, Digit, GeluInt, HadamardInt,
+                                   IntegerProgram, LayerNormInt, MatMulInt, Move, Quantize, Shift, SoftmaxInt)
 from edgeq.ir import Graph, Op, Tensor, Value, save
 from edgeq.options import CalibrationOptions
 from edgeq.pass_infra import Pass, PassContext, PassResult
