@@ -6,7 +6,8 @@ DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model
   and int32 LayerNorm/GELU inputs, uint16 softmax probabilities (scale 2^-16) multiplied with V as
   two 8-bit digits; a linear layer's wide input passes an online integer Walsh-Hadamard
   transform (adds/subtracts, rotation folded into the weights) before its int8 requantization,
-  so every multiplier input is 8 bits wide with one scale;
+  so every multiplier input is 8 bits wide with one scale; the embedding sum enters rotated
+  (tables stored pre-rotated on the host) and is rotated back by the first integer step;
 - weights int8 (or narrower: int4, int2 values stored in int8 for MatMulInteger), symmetric,
   per output channel or per tensor, power-of-two scales;
 - requantization is shift-only (scales are powers of two, so every ratio is a shift);
@@ -118,8 +119,9 @@ FPGA = register_target(Target(
            "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.integer, emitted by the "
            "lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
            "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
-           "(residual stream) int16; linear inputs from LayerNorm/GELU pass an online integer Walsh-Hadamard "
-           "transform before the int8 shift (rotation folded into the weights); the earlier per-channel "
+           "(residual stream) int16; a linear layer's wide input (LayerNorm or GELU output, P.V product) passes an "
+           "online integer Walsh-Hadamard transform before the int8 shift (rotation folded into the weights); the "
+           "embedding tables are stored rotated and the datapath's first step rotates back; the earlier per-channel "
            "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0, rotate=False, "
            "residual_bits=8), not this rule",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
