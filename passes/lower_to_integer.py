@@ -26,7 +26,8 @@ Between the first QuantizeLinear and the final DequantizeLinear every op is inte
     rotated float tensor; the orthogonal rotation and its 1/b fold into the layer's float weights
     before they are quantized (x W = (x H)(H^T W) / b), so outliers are spread over their block;
   `equalization=alpha` instead gives int8 tensors a power-of-two factor 2^-k_c per channel (the
-  earlier variant, an explicit option, not the target's rule): a linear layer groups its input
+  earlier variant, an explicit option for comparison, outside the target's rule: `validate`
+  reports its channel-scaled Q/DQ): a linear layer groups its input
   channels by k, runs one MatMulInteger per group and adds the group accumulators after a left
   shift by kmax - k (int64); adds and norms shift per channel;
 - requantization: every change of scale is a shift (`Shift`: multiply by 2^e, right shifts

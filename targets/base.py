@@ -160,6 +160,13 @@ class Target:
     # value is float (no float compute, no DQ -> Q round trip), every Q/DQ follows the target's
     # default activation/weight spec, and integer matmul weights are stored in a weight dtype.
     integer_only: bool = False
+    # Weight dtypes whose presets rotate by default (Hadamard rotation when neither --rotate nor
+    # --no-rotate is given): where the rotation is what the accuracy needs.
+    rotate_weights: frozenset[str] = frozenset()
+    # Symmetric signed weights may map their largest magnitude to qmin (-8 for int4: 16 levels)
+    # with a negative scale, as ONNX Runtime's own int4 quantizer does: its CPU kernels accept
+    # it; runtimes that require positive scales (WebNN) do not.
+    signed_weight_scales: bool = False
 
     def rule(self, op_kind: str) -> OpRule | None:
         return self.ops.get(op_kind)
@@ -279,6 +286,10 @@ def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
         if dtype not in target.activation_dtypes:
             violations.append(Violation(op.name, f"activation dtype {dtype} is not one of "
                                                  f"{', '.join(sorted(target.activation_dtypes))}"))
+        scale = graph.constant(ins[1]) if len(ins) > 1 else None
+        if target.activation.granularity == Granularity.TENSOR and scale is not None and scale.numpy().size > 1:
+            violations.append(Violation(op.name, "activation quantized with one scale per channel; the target "
+                                                 "takes one scale per tensor"))
     for op in order:
         if op.op_type == "DequantizeLinear" and graph.is_const(graph.inputs_of(op)[0]) and op.attr("block_size"):
             violations.append(Violation(op.name, "block-wise weight scales; the target takes per-channel or "

@@ -123,7 +123,7 @@ FPGA = register_target(Target(
            "online integer Walsh-Hadamard transform before the int8 shift (rotation folded into the weights); the "
            "embedding tables are stored rotated and the datapath's first step rotates back; the earlier per-channel "
            "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0, rotate=False, "
-           "residual_bits=8), not this rule",
+           "residual_bits=8), outside this rule: validate reports its channel-scaled edges (for comparison only)",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
            "(edgeq.integer.program, stored in the model metadata 'edgeq.integer.program')"),
 ))

@@ -136,7 +136,10 @@ def variant_cosine(float_path: Path, work: Path, inputs: dict, reference: np.nda
     ctx = PassContext(target=target)
     ctx.artifacts["calibration-data"] = ev.minilm_calibration_feeds(SHARED, 16)
     graph = PassManager(passes)(load(float_path), ctx).graph
-    validate(graph, target)
+    # the per-channel variant breaks the target's one-scale-per-tensor rule (for comparison only)
+    problems = validate(graph, target, raise_on_error=False)
+    if any("one scale per channel" not in v.problem for v in problems):
+        raise SystemExit(f"variant {lowering}: {problems[0].node}: {problems[0].problem}")
     path = work / "minilm_fpga_variant.onnx"
     save(graph, path)
     integer, _ = embeddings(path, inputs, threads)
