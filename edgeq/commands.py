@@ -110,9 +110,13 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
               help="Quantize these ops' activation input as two int8 digits (integer, 2x MACs, near-int16 accuracy).")
 @click.option("--weight-rounding", type=click.Choice(["auto", "rtn", "gptq", "awq", "awq+gptq"]),
               help="Weight rounding: RTN, GPTQ, AWQ, AWQ scaling + GPTQ (these need calibration data); "
-                   "default auto: GPTQ with act-order for int4 weights given calibration data, else RTN.")
+                   "default auto: GPTQ for int4 weights given calibration data, else RTN.")
 @click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
-@click.option("--rotate", is_flag=True, help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first.")
+@click.option("--head-weights", type=click.Choice(["int8", "int4"]),
+              help="LM head weight precision (default int8, also under --weights int4).")
+@click.option("--rotate/--no-rotate", default=None,
+              help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first "
+                   "(default: the target's choice; x86 rotates int4 presets).")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
@@ -123,7 +127,7 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
 def compile_command(model: Path, target_name: str, output: Path, calib, calib_text, tokenizer, seq_len, samples,
                     first_window, weights, group, activations, calib_method, percentile, exclude, exclude_regex,
                     exclude_op, nodes_to_exclude, tensor_overrides, keep_high, sensitivity, smooth_alpha,
-                    smooth_search, no_smooth, two_digit, weight_rounding, act_order, rotate, accuracy_budget, config, report, threads, external_data, as_json,
+                    smooth_search, no_smooth, two_digit, weight_rounding, act_order, head_weights, rotate, accuracy_budget, config, report, threads, external_data, as_json,
                     device=None, fps=None, folding=None) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.compiler import compile as compile_model
@@ -151,11 +155,14 @@ def compile_command(model: Path, target_name: str, output: Path, calib, calib_te
                       **{k: v for k, v in (("weights", weights), ("group", group), ("activations", activations),
                                            ("keep_high", keep_high), ("accuracy_budget", accuracy_budget),
                                            ("threads", threads), ("sensitivity", sensitivity),
-                                           ("smooth_alpha", smooth_alpha), ("rotate", rotate),
+                                           ("smooth_alpha", smooth_alpha),
                                            ("weight_rounding", weight_rounding), ("act_order", act_order),
+                                           ("head_weights", head_weights),
                                            ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if smooth_search else None),
                                            ("two_digit", tuple(two_digit)))
                          if v})
+    if rotate is not None:
+        options = replace(options, rotate=rotate)
     if no_smooth:
         options = replace(options, smooth_alpha=None, smooth_alpha_grid=())
     spec = _calibration_spec(calib, calib_text, tokenizer, seq_len, samples, first_window)

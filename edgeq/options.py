@@ -156,12 +156,16 @@ class CompileOptions:
     # search; an empty grid and no alpha turn it off. Weight-only schemes have nothing to smooth.
     smooth_alpha: float | None = None
     smooth_alpha_grid: tuple[float, ...] = SMOOTH_SEARCH_GRID
-    rotate: bool = False                  # Hadamard rotation (QuaRot) before quantization
+    rotate: bool | None = None            # Hadamard rotation (QuaRot); None: the target's choice
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
-    # GPTQ rounding; "auto": GPTQ with act-order for int4 weights when calibration data is given,
-    # else round-to-nearest.
+    # GPTQ rounding; "auto": GPTQ for int4 weights when calibration data is given, else
+    # round-to-nearest.
     weight_rounding: Literal["auto", "rtn", "gptq", "awq", "awq+gptq"] = "auto"
     act_order: bool = False              # GPTQ: round input channels by decreasing Hessian diagonal
+    # The LM head (the linear writing a graph output: logits) keeps int8 weights under int4
+    # presets, as llama.cpp (Q6_K output tensor) and GPTQ/AWQ tools (lm_head unquantized) do:
+    # its error reaches every logit directly. "int4" quantizes it like the other linears.
+    head_weights: Literal["int8", "int4"] = "int8"
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
     quantize_embeddings: bool = True
     verify: bool = True
@@ -174,6 +178,8 @@ class CompileOptions:
             raise OptionError(f"--activations must be int8, int16 or float, not {self.activations!r}")
         if self.group is not None and (self.group < 16 or self.group & (self.group - 1)):
             raise OptionError(f"--group must be a power of two >= 16, not {self.group}")
+        if self.head_weights not in ("int8", "int4"):
+            raise OptionError(f"--head-weights must be int8 or int4, not {self.head_weights!r}")
         if self.keep_high < 0:
             raise OptionError("--keep-high must be >= 0")
         if self.weight_rounding not in ("auto", "rtn", "gptq", "awq", "awq+gptq"):

@@ -87,6 +87,22 @@ def find_roles(graph: Graph) -> Roles:
     return roles
 
 
+def lm_heads(graph: Graph, roles: Roles) -> list[Op]:
+    """Linear layers whose output is a graph output (through data movement and casts only):
+    the LM head of a decoder (logits), a classifier's last projection."""
+    heads = []
+    for op in roles.blocks.get(Role.LINEAR, ()):
+        value = _out(graph, op[0])
+        while not graph.is_graph_output(value):
+            readers = graph.consumers(value)
+            if len(readers) != 1 or (readers[0].op_type not in DATA_MOVEMENT and readers[0].op_type != "Cast"):
+                break
+            value = _out(graph, readers[0])
+        else:
+            heads.append(op[0])
+    return heads
+
+
 def _single_consumer(graph: Graph, value: Value | None, op_type: str) -> Op | None:
     if value is None:
         return None

@@ -22,11 +22,16 @@ class Scheme:
 
     rules: dict[str, OpRule]
     label: str
+    head_weight: QSpec | None = None   # the LM head's weights where they differ from the others'
+    weight_dtype: str = "int8"          # the linears' weight dtype
 
     @classmethod
     def resolve(cls, target: Target, options: CompileOptions) -> "Scheme":
         weight = target.weight
+        head_weight = None
         if options.weights == "int4":
+            if options.head_weights == "int8":
+                head_weight = target.weight
             weight = QSpec("int4", symmetric=True, granularity=Granularity.BLOCK, axis=0,
                            block_size=options.group or 128)
         elif options.weights == "int8" and options.group:
@@ -51,7 +56,7 @@ class Scheme:
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
         activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
         label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
-        return cls(rules, label)
+        return cls(rules, label, head_weight, weight.dtype)
 
 
 def _widen(spec: QSpec) -> QSpec:

@@ -84,12 +84,13 @@ class GPTQ(Pass):
     @classmethod
     def from_options(cls, options, target) -> "GPTQ":
         mode = options.weight_rounding
-        # "auto": int4 weights are rounded with GPTQ and act-order (SmolLM2 W4A16 g128, see
-        # tools/bench_low_bit.py: lower perplexity than RTN, AWQ and AWQ+GPTQ); int8 weights
-        # keep round-to-nearest. Without calibration data "auto" falls back to RTN.
+        # "auto": int4 weights are rounded with GPTQ (SmolLM2 W4A16 g128 with rotation: 47.39
+        # without act-order, 48.71 with its static groups; RTN, AWQ and AWQ+GPTQ are worse, see
+        # BENCHMARKS.md); int8 weights keep round-to-nearest. Without calibration data "auto"
+        # falls back to RTN.
         auto = mode == "auto" and options.weights == "int4"
-        return cls(mode in ("gptq", "awq+gptq") or auto, act_order=options.act_order or auto, required=not auto,
-                   threads=options.threads)
+        return cls(mode in ("gptq", "awq+gptq") or auto, act_order=options.act_order, required=not auto,
+                   signed_scales=target is not None and target.signed_weight_scales, threads=options.threads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:

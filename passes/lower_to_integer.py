@@ -107,6 +107,7 @@ INT64 = np.dtype(np.int64)
 UINT16 = np.dtype(np.uint16)
 PROBABILITY_DIGIT_BITS = 8   # 16-bit probabilities = high * 2^8 + low, two 8-bit digits
 FIRST_NORM = ("integer", "host")
+SCALE_CHOICES = ("mse", "cover")
 WEIGHT_ROUNDING = ("gptq", "nearest")
 GPTQ_DAMPING = 0.01   # GPTQ's: 1% of the Hessian's mean diagonal
 # A mask constant at or below this is "minus infinity" for softmax in float32.
@@ -126,7 +127,8 @@ class LowerToInteger(Pass):
     def __init__(self, calibration: CalibrationOptions | None = None, *, weight_bits: int = 8,
                  weight_granularity: str = "channel", first_norm: str = "integer",
                  equalization: float | None = None, max_channel_shift: int = 8, weight_rounding: str = "nearest",
-                 probability_bits: int = 16, residual_bits: int = 16, rotate: bool = True, threads: int = 1):
+                 probability_bits: int = 16, residual_bits: int = 16, rotate: bool = True,
+                 scale_choice: str = "mse", threads: int = 1):
         """equalization: None (default) quantizes every tensor with one power-of-two scale;
         alpha in [0, 1] gives int8 tensors whose readers take them power-of-two channel factors
         (linear layers shift the partial sums of channel groups, residual adds and norms shift per
@@ -134,6 +136,9 @@ class LowerToInteger(Pass):
         residual_bits: 16 keeps LayerNorm outputs (the residual stream) in int16, 8 in int8.
         rotate: an online integer Walsh-Hadamard transform on a linear layer's int16 input before
         its int8 requantization (rotation folded into the weights).
+        scale_choice: "cover" takes the calibrated range rounded up to a power of two; "mse" takes,
+        of that power of two and the next one up and three down, the one with the least expected
+        squared error (clipping plus rounding) on the calibration histogram.
         max_channel_shift caps a channel's factor at 2^-max_channel_shift.
         weight_rounding: "gptq" rounds each weight matrix on its power-of-two grid with GPTQ's
         error compensation (Frantar et al., 2023) against the second moments of the layer's
@@ -162,6 +167,9 @@ class LowerToInteger(Pass):
             raise OptionError(f"residual_bits must be 8 or 16, not {residual_bits}")
         self.residual_bits = residual_bits
         self.rotate = rotate
+        if scale_choice not in SCALE_CHOICES:
+            raise OptionError(f"scale_choice must be one of {SCALE_CHOICES}, not {scale_choice!r}")
+        self.scale_choice = scale_choice
         self.calibration = calibration or CalibrationOptions()
         self.weight_bits = weight_bits
         self.weight_granularity = weight_granularity
@@ -247,7 +255,7 @@ class LowerToInteger(Pass):
 
     def _lowering(self, graph: Graph, act: QSpec, weight: QSpec, ranges: _Ranges) -> _Lowering:
         return _Lowering(graph, act, weight, self.first_norm, ranges, self.equalization, self.max_channel_shift,
-                         self.probability_bits, self.residual_bits, self.rotate)
+                         self.probability_bits, self.residual_bits, self.rotate, self.scale_choice)
 
     def _ranges(self, graph: Graph, ctx: PassContext, recorder: _RecordingRanges) -> _Ranges:
         """Statistics of the requested tensors: the calibrate pass's where they carry
@@ -307,6 +315,25 @@ class _Ranges:
         return self.stats[name].range(self.options.method, symmetric=True, percentile=self.options.percentile,
                                       num_bits=8)
 
+    def pow2_mse(self, name: str, scale: float, spec: QSpec) -> float:
+        """Of scale * 2^j, j = 1, 0, -1, -2, -3, the one with the least expected squared error on
+        the calibration histogram (bin centres: beyond the int range the clipped distance squared,
+        inside step^2 / 12); `scale` itself without a histogram (minmax calibration)."""
+        hist = self.stats[name].histogram
+        if hist is None or not hist.counts.sum():
+            return scale
+        edges = hist.edges()
+        centres, counts = (edges[:-1] + edges[1:]) / 2, hist.counts.astype(np.float64)
+        best, best_error = scale, math.inf
+        for j in (0, 1, -1, -2, -3):   # the covering one first: it wins ties
+            step = math.ldexp(scale, j)
+            lo, hi = spec.qmin * step, spec.qmax * step
+            error = float((counts * np.where(centres > hi, (centres - hi) ** 2,
+                                             np.where(centres < lo, (centres - lo) ** 2, step * step / 12))).sum())
+            if error < best_error:
+                best, best_error = step, error
+        return best
+
     def bound(self, name: str) -> float:
         lo, hi = self.stats[name].range("minmax", symmetric=True)
         return float(max(-lo, hi))
@@ -343,6 +370,9 @@ class _RecordingRanges(_Ranges):
     def act(self, name):
         self._note(name)
         return -1.0, 1.0
+
+    def pow2_mse(self, name, scale, spec):
+        return scale
 
     def bound(self, name):
         self._note(name)
@@ -387,8 +417,9 @@ def _exponent(ratio: np.ndarray, what: str) -> int | tuple[int, ...]:
 class _Lowering:
     def __init__(self, graph: Graph, act: QSpec, weight: QSpec, first_norm: str, ranges: _Ranges,
                  equalization: float | None = None, max_channel_shift: int = 8, probability_bits: int = 8,
-                 residual_bits: int = 8, rotate: bool = False):
+                 residual_bits: int = 8, rotate: bool = False, scale_choice: str = "cover"):
         self.graph = graph
+        self.scale_choice = scale_choice
         self.residual_bits = residual_bits
         self.rotate = rotate
         self.rotations: dict[str, tuple[_Form, Rotation]] = {}   # wide tensor -> its rotated int8 form
@@ -540,7 +571,8 @@ class _Lowering:
     # ---- forms and scales --------------------------------------------------------------------
     def act_scale(self, name: str) -> float:
         lo, hi = self.ranges.act(name)
-        return float(qparams(lo, hi, self.act_spec)[0])
+        scale = float(qparams(lo, hi, self.act_spec)[0])
+        return self.ranges.pow2_mse(name, scale, self.act_spec) if self.scale_choice == "mse" else scale
 
     def out_scale(self, value: Value) -> np.ndarray:
         """The int8 scale of `value`: per tensor, or with equalization and readers that take it,

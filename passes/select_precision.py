@@ -7,13 +7,15 @@ user override excludes it. Everything else stays high, with the reason recorded 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from edgeq.ir import Graph, Op
 from edgeq.options import CompileOptions, PrecisionOverrides
 from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.patterns import Role, find_roles
+from edgeq.patterns import Role, find_roles, lm_heads
 from edgeq.quant_plan import OpPlan, QuantPlan, Scheme, is_float
 from edgeq.registry import register_pass
-from edgeq.targets.base import Granularity, Target
+from edgeq.targets.base import Granularity, QSpec, Target
 
 PLAN = "select-precision"
 
@@ -40,12 +42,13 @@ class SelectPrecision(Pass):
         scheme = Scheme.resolve(target, self.options)
         roles = find_roles(graph)
         plan = QuantPlan(scheme=scheme, roles=roles)
+        heads = set(lm_heads(graph, roles)) if scheme.head_weight is not None else set()
         for op in graph.topo_order():
             if not op.name:
                 op.name = graph.unique_op_name(op.op_type)
             reason = self._reason_kept_high(graph, op, roles.role(op), scheme, target, self.options.overrides)
             if reason is None:
-                op_plan = self._plan_op(graph, op, scheme)
+                op_plan = self._plan_op(graph, op, scheme, scheme.head_weight if op in heads else None)
                 op_plan.two_digit = self._two_digit(op, op_plan)
                 if op_plan.activations or op_plan.weights:
                     plan.ops.append(op_plan)
@@ -54,7 +57,10 @@ class SelectPrecision(Pass):
             if reason != "no integer kernel" or op.op_type in _REPORTED_HIGH:
                 plan.kept_high.append((op, reason))
         ctx.artifacts[PLAN] = plan
-        return PassResult(graph, False, {"ops_quantized": len(plan.ops), "ops_kept_high": len(plan.kept_high)})
+        stats = {"ops_quantized": len(plan.ops), "ops_kept_high": len(plan.kept_high)}
+        if heads:
+            stats["lm_head_weights"] = f"{scheme.head_weight.dtype} ({', '.join(sorted(op.name for op in heads))})"
+        return PassResult(graph, False, stats)
 
     def _reason_kept_high(self, graph: Graph, op: Op, role: Role | None, scheme: Scheme, target: Target,
                           overrides: PrecisionOverrides) -> str | None:
@@ -78,8 +84,10 @@ class SelectPrecision(Pass):
         return any(re.search(pattern, op.name) for pattern in self.options.two_digit)
 
     @staticmethod
-    def _plan_op(graph: Graph, op: Op, scheme: Scheme) -> OpPlan:
+    def _plan_op(graph: Graph, op: Op, scheme: Scheme, weight: QSpec | None = None) -> OpPlan:
         rule = scheme.rules[op.kind]
+        if weight is not None and rule.weight is not None:
+            rule = replace(rule, weight=weight)
         plan = OpPlan(op)
         ins = graph.inputs_of(op)
         for slot, value in enumerate(ins):

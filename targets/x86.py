@@ -46,6 +46,10 @@ _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dea
 _PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate",
                       "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize", "dead-code-elimination",
                       "topological-sort")
+# int4 presets rotate: SmolLM2 W4A16 g128 GPTQ perplexity 47.39 with rotation, 54.21 without
+# (BENCHMARKS.md, issue 5). W8A8 keeps rotation opt-in (--rotate): its online Hadamards cost
+# run time, and encoders such as MiniLM meet their bounds without it.
+_ROTATE_WEIGHTS = frozenset({"int4"})
 
 X86_VNNI = register_target(Target(
     name="x86-vnni",
@@ -56,6 +60,8 @@ X86_VNNI = register_target(Target(
     weight_dtypes=frozenset({"int8", "int4"}),
     activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
     default_pipeline=_PTQ,
+    rotate_weights=_ROTATE_WEIGHTS,
+    signed_weight_scales=True,
     cost_model=_VNNI_COST,
 ))
 
@@ -68,6 +74,8 @@ X86_AVX2 = register_target(Target(
     weight_dtypes=frozenset({"int8", "int4"}),
     activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
     default_pipeline=_PTQ,
+    rotate_weights=_ROTATE_WEIGHTS,
+    signed_weight_scales=True,
     cost_model=CostModel(
         unit="cycles per core (peak)",
         prices={"op_mac_uint8_int8": 1 / 32, "op_mac_float32_float32": 1 / 16,
@@ -85,6 +93,8 @@ X86_AMX = register_target(Target(
     activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
     high_dtype="bfloat16",
     default_pipeline=_PTQ,
+    rotate_weights=_ROTATE_WEIGHTS,
+    signed_weight_scales=True,
     cost_model=CostModel(
         unit="cycles per core (peak)",
         prices={"op_mac_uint8_int8": 1 / 1024, "op_mac_float32_float32": 1 / 32,

@@ -48,7 +48,7 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
                   smooth_search: bool = False, method: str = "minmax", sensitivity: bool = False,
                   shared: Path = DEFAULT_SHARED, threads: int = 0, keep: Path | None = None,
                   exclude_regex: tuple[str, ...] = (), evaluate: bool = True, activations: str = "int8",
-                  rounding: str = "rtn") -> dict:
+                  rounding: str = "rtn", calib_windows: int = 16, head_weights: str = "int8") -> dict:
     """Compile one configuration and evaluate it; returns the result row. `exclude_regex`
     (diagnostics only: which ops' quantization costs the accuracy) keeps matching ops float."""
     from edgeq.compiler import compile as compile_model
@@ -57,10 +57,11 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
     options = CompileOptions(
         weights=weights, group=128 if weights == "int4" else None, activations=activations, rotate=rotate,
         smooth_alpha=smooth, smooth_alpha_grid=SMOOTH_SEARCH_GRID if smooth_search else (),
-        sensitivity=sensitivity, threads=threads, weight_rounding=rounding,
+        sensitivity=sensitivity, threads=threads, weight_rounding=rounding, head_weights=head_weights,
         overrides=PrecisionOverrides(exclude_regex=tuple(exclude_regex)),
         calibration=CalibrationOptions(method=method, holdout=2))
     row: dict = {"task": task, "weights": weights, "activations": activations, "rounding": rounding,
+                 "calib_windows": calib_windows, "head_weights": head_weights,
                  "rotate": rotate, "variant": dict(_VARIANT), "smooth": smooth,
                  "smooth_search": smooth_search, "method": method, "exclude_regex": list(exclude_regex),
                  "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -71,9 +72,9 @@ def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smoo
         float_path = catalog.cached("smollm2" if task == "smollm2" else "minilm")
         source = float_path
         if task == "smollm2":
-            calibration = evaluation.smollm2_calibration_feeds(shared, 18)
+            calibration = evaluation.smollm2_calibration_feeds(shared, calib_windows + 2)
         else:
-            calibration = evaluation.minilm_calibration_feeds(shared, 18)
+            calibration = evaluation.minilm_calibration_feeds(shared, calib_windows + 2)
         start = time.perf_counter()
         compiled = compile_model(source, "x86-vnni", options, calibration=calibration)
         row["compile_s"] = time.perf_counter() - start
@@ -233,13 +234,20 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
 @click.option("--qk/--no-qk", default=None, help="Online Hadamard on q/k (default: the pass's default).")
 @click.option("--smoothrot/--no-smoothrot", default=None,
               help="Smoothing before the online Hadamards (default: the pass's default, on).")
+@click.option("--calib-windows", type=int, default=16, show_default=True,
+              help="Calibration samples (2 more are held out to verify).")
+@click.option("--head-weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
+@click.option("--gptq", "gptq_settings", multiple=True, metavar="NAME=VALUE",
+              help="Experiments: set a GPTQ pass attribute (signed_scales, sequential, damp, act_order, ...).")
 @click.option("--threads", type=int, default=0)
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Keep the compiled model here.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Append the JSON row here.")
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
 def main(task, weights, activations, rounding, rotate, smooth, smooth_search, method, exclude_regex, no_eval,
-         sensitivity, attention, qk, smoothrot, threads, keep, out, shared) -> None:
+         sensitivity, attention, qk, smoothrot, calib_windows, head_weights, gptq_settings, threads, keep, out,
+         shared) -> None:
     _rotation_variant(attention, qk, smoothrot)
+    _gptq_variant(gptq_settings)
     if task.endswith("float-check"):
         row = float_check(task.split("-")[0], shared)
     elif task.endswith("-stats"):
@@ -248,7 +256,7 @@ def main(task, weights, activations, rounding, rotate, smooth, smooth_search, me
         row = rotation_rows(task, weights=weights, rotate=rotate, smooth=smooth, smooth_search=smooth_search,
                             method=method, sensitivity=sensitivity, shared=shared, threads=threads, keep=keep,
                             exclude_regex=exclude_regex, evaluate=not no_eval, activations=activations,
-                            rounding=rounding)
+                            rounding=rounding, calib_windows=calib_windows, head_weights=head_weights)
     text = json.dumps(row, default=_json_default)
     click.echo(text)
     if out:
@@ -276,6 +284,30 @@ def _rotation_variant(attention: str | None, qk: bool | None, smoothrot: bool | 
 
     HadamardRotation.from_options = classmethod(from_options)
     _VARIANT.update(changes)
+
+
+def _gptq_variant(settings: tuple[str, ...]) -> None:
+    """Experiments only: GPTQ pass attributes that CompileOptions does not expose."""
+    if not settings:
+        return
+    from edgeq.passes.gptq import GPTQ
+
+    changes = {}
+    for item in settings:
+        name, _, text = item.partition("=")
+        changes[name] = json.loads(text)
+    original = GPTQ.from_options.__func__
+
+    def from_options(cls, options, target):
+        built = original(cls, options, target)
+        for key, value in changes.items():
+            if not hasattr(built, key):
+                raise click.BadParameter(f"GPTQ has no setting {key!r}")
+            setattr(built, key, tuple(value) if isinstance(value, list) else value)
+        return built
+
+    GPTQ.from_options = classmethod(from_options)
+    _VARIANT.update({f"gptq.{k}": v for k, v in changes.items()})
 
 
 _VARIANT: dict = {}

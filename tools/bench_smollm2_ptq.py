@@ -1,7 +1,7 @@
 """SmolLM2 through `edgeq compile` (the CLI, in a child process): compile time and peak
 memory, then perplexity on the standard protocol, beside float, in one run.
 
-    python tools/bench_smollm2_ptq.py [--variants w8-weight-only,w8a8-minmax,w8a8-percentile]
+    python tools/bench_smollm2_ptq.py [--variants w8-weight-only,w8a8-rotate-minmax,...]
 
 Calibration is text: WikiText-2 windows 1000.. of 256 tokens (18 windows: 16 calibrate, 2 are
 held out to verify), tokenized with SmolLM2's tokenizer, disjoint from evaluation windows 0..31.
@@ -30,6 +30,8 @@ VARIANTS = {
     "w8a8-minmax-no-smooth": ["--calib-method", "minmax", "--no-smooth"],
     "w8a8-minmax (default: smooth search)": ["--calib-method", "minmax"],
     "w8a8-minmax-two-digit-down_proj": ["--calib-method", "minmax", "--no-smooth", "--two-digit", "down_proj"],
+    "w8a8-rotate (default calibration)": ["--rotate"],
+    "w8a8-rotate-minmax": ["--rotate", "--calib-method", "minmax"],
 }
 
 

@@ -21,7 +21,10 @@ from edgeq.targets.base import Target, validate
 from tests.passes.helpers import assert_valid
 
 TARGETS = ("x86-vnni", "x86-avx2", "x86-amx")
-SCHEMES = {"W8A8": {}, "W4A16": {"weights": "int4", "activations": "float"}, "W8A16": {"activations": "int16"}}
+# W4A16 without the x86 targets' default rotation: on these 0.6 MB models its online Hadamard
+# matrices outweigh the int4 savings (rotation has its own tests).
+SCHEMES = {"W8A8": {}, "W4A16": {"weights": "int4", "activations": "float", "rotate": False},
+           "W8A16": {"activations": "int16"}}
 # Worst relative L2 error vs float on the 2 held-out samples: the measured value times about 1.5.
 # Llama cases hit by the opset bug were measured on the same model converted to opset 21 with
 # onnx.version_converter (identical W8A8 vnni/amx error, 0.27766, on both versions).

@@ -53,7 +53,7 @@ def _planned(path, feeds, options: CompileOptions):
     return graph, ctx
 
 
-W4_G32 = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="awq")
+W4_G32 = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="awq")
 
 
 def test_scaling_keeps_the_float_function_and_uses_every_fold(llama_path, feeds):
@@ -87,7 +87,7 @@ def test_no_explicit_mul_leaves_unfoldable_groups_alone(llama_path, feeds):
 
 @pytest.mark.parametrize("group", [32, 128])
 def test_clip_search_lowers_error_and_emitted_weights_are_the_stored_ones(llama_path, feeds, group):
-    options = CompileOptions(weights="int4", group=group, activations="float", weight_rounding="awq")
+    options = CompileOptions(weights="int4", rotate=False, group=group, activations="float", weight_rounding="awq")
     graph = load(llama_path)
     ctx = _context(llama_path, feeds)
     graph = ptq_pipeline("x86-vnni", options, stop_after="gptq")(graph, ctx).graph
@@ -124,7 +124,7 @@ def test_awq_then_gptq_compiles_to_matmulnbits_closer_to_float_than_rtn(llama_pa
     errors = {}
     reference = [run(onnx.load(str(llama_path)), f)[0] for f in feeds[-2:]]
     for mode in ("rtn", "awq+gptq"):
-        options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding=mode)
+        options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding=mode)
         compiled = compile_model(llama_path, "x86-vnni", options, calibration=list(feeds[:-2]))
         assert compiled.report.fusion.integer_kernels.get("MatMulNBits") == 15
         assert compiled.report.fusion.all_fused
@@ -146,7 +146,7 @@ def test_w4a8_activations_are_calibrated_on_the_scaled_graph(llama_path, feeds):
     """AWQ runs before calibration: the explicit Mul's output is what gets quantized for o_proj."""
     from edgeq.compiler import compile as compile_model
 
-    options = CompileOptions(weights="int4", group=32, activations="int8", weight_rounding="awq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="int8", weight_rounding="awq")
     compiled = compile_model(llama_path, "x86-vnni", options, calibration=list(feeds))
     names = [r.name for r in compiled.report.passes]
     assert names.index("awq") < names.index("calibrate") < names.index("insert-qdq")

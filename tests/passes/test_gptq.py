@@ -66,7 +66,7 @@ def _layer_inputs(path, graph, feeds, names):
 
 @pytest.mark.parametrize("group", [32, 128])
 def test_gptq_lowers_every_layers_output_error_against_rtn(llama_path, feeds, group):
-    options = CompileOptions(weights="int4", group=group, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=group, activations="float", weight_rounding="gptq")
     graph, ctx = _run_until(llama_path, feeds, options, "gptq")
     per_layer = ctx.artifacts["gptq"]
     assert len(per_layer) == 15  # 2 x (q, k, v, o, gate, up, down) + lm_head
@@ -91,7 +91,7 @@ def test_gptq_lowers_every_layers_output_error_against_rtn(llama_path, feeds, gr
 
 
 def test_act_order_still_beats_rtn_and_changes_the_rounding(llama_path, feeds):
-    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     _, plain = _run_until(llama_path, feeds, options, "gptq")
     _, ordered = _run_until(llama_path, feeds, replace(options, act_order=True), "gptq")
     assert all(r["gptq_error"] < r["rtn_error"] for r in ordered.artifacts["gptq"])
@@ -161,7 +161,7 @@ def test_dead_input_channels_keep_their_rounded_weights():
 def test_emitted_weights_are_exactly_the_stored_ones_and_ort_runs_matmulnbits(llama_path, feeds):
     from edgeq.compiler import compile as compile_model
 
-    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     graph, ctx = _run_until(llama_path, feeds, options, "insert-qdq")
     stored = ctx.artifacts["weight-rounding"]
     emitted = 0
@@ -191,7 +191,7 @@ def test_emitted_weights_are_exactly_the_stored_ones_and_ort_runs_matmulnbits(ll
 def test_gptq_needs_calibration_data_unless_automatic(llama_path, feeds):
     graph = load(llama_path)
     ctx = PassContext(target=get_target("x86-vnni"))
-    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     pipeline = ptq_pipeline("x86-vnni", options, stop_after="select-precision")
     graph = pipeline(graph, ctx).graph
     with pytest.raises(CalibrationError):
@@ -199,8 +199,11 @@ def test_gptq_needs_calibration_data_unless_automatic(llama_path, feeds):
     result = GPTQ(required=False)(graph, ctx)
     assert result.stats == {"layers": 0, "no_calibration_data": 1}
     assert "weight-rounding" not in ctx.artifacts
-    auto = GPTQ.from_options(CompileOptions(weights="int4", weight_rounding="auto"), get_target("x86-vnni"))
-    assert auto.enabled and not auto.required and auto.act_order
+    auto = GPTQ.from_options(CompileOptions(weights="int4", rotate=False, weight_rounding="auto"), get_target("x86-vnni"))
+    assert auto.enabled and not auto.required and not auto.act_order
+    assert auto.signed_scales  # x86's kernels take signed int4 scales (16 levels)
+    assert not GPTQ.from_options(CompileOptions(weights="int4", weight_rounding="auto"),
+                                 get_target("fpga")).signed_scales
     assert not GPTQ.from_options(CompileOptions(weights="int8", weight_rounding="auto"), get_target("x86-vnni")).enabled
 
 
@@ -210,7 +213,7 @@ def _planned(path, feeds, options: CompileOptions):
 
 
 def test_sequential_mode_measures_later_layers_on_the_rounded_earlier_ones(llama_path, feeds):
-    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     graph, ctx = _planned(llama_path, feeds, options)
     GPTQ(hessian_budget_mb=0)(graph, ctx)
     plain = {r["op"]: r for r in ctx.artifacts["gptq"]}
@@ -225,7 +228,8 @@ def test_sequential_mode_measures_later_layers_on_the_rounded_earlier_ones(llama
 
 
 def test_signed_scales_use_sixteen_levels_and_run_in_ort(llama_path, feeds):
-    options = CompileOptions(weights="int4", group=32, activations="float", weight_rounding="gptq")
+    options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq",
+                             head_weights="int4")
     graph, ctx = _planned(llama_path, feeds, options)
     GPTQ(signed_scales=True)(graph, ctx)
     signed = ctx.artifacts["weight-rounding"]

@@ -394,3 +394,16 @@ def test_compiled_w8a8_llama_loses_less_with_rotation(synthetic_llama):
                     producer = graph.producer(value)
                     assert producer is None or producer.op_type != "DequantizeLinear"
     assert errors[True] < 0.6 * errors[False], errors
+
+
+def test_the_target_rotates_int4_presets_unless_told_otherwise():
+    from edgeq.options import CompileOptions
+    from edgeq.passes.hadamard_rotation import HadamardRotation
+    from edgeq.registry import get_target
+
+    x86, fpga = get_target("x86-vnni"), get_target("fpga")
+    assert HadamardRotation.from_options(CompileOptions(weights="int4"), x86).enabled
+    assert not HadamardRotation.from_options(CompileOptions(weights="int4", rotate=False), x86).enabled
+    assert not HadamardRotation.from_options(CompileOptions(), x86).enabled  # W8A8: opt-in
+    assert HadamardRotation.from_options(CompileOptions(rotate=True), x86).enabled
+    assert not HadamardRotation.from_options(CompileOptions(weights="int4"), fpga).enabled

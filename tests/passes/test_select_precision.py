@@ -135,6 +135,19 @@ def test_weight_only_int4_group_32_covers_every_linear(bert_graph):
     assert {p.weights[1].block_size for p in plan.ops if p.op.op_type == "MatMul"} == {32}
 
 
+@pytest.mark.parametrize("head_weights", ["int8", "int4"])
+def test_int4_presets_keep_the_lm_head_int8_unless_asked(llama_graph, head_weights):
+    plan = _plan(llama_graph, options=CompileOptions(weights="int4", group=32, activations="float",
+                                                     head_weights=head_weights))
+    specs = {p.op.name: p.weights[1] for p in plan.ops if p.op.op_type == "MatMul"}
+    head = specs.pop("/lm_head/MatMul")
+    assert specs and {(s.dtype, s.block_size) for s in specs.values()} == {("int4", 32)}
+    if head_weights == "int8":
+        assert (head.dtype, head.granularity) == ("int8", Granularity.CHANNEL)
+    else:
+        assert (head.dtype, head.block_size) == ("int4", 32)
+
+
 def test_int16_activations(bert_graph):
     plan = _plan(bert_graph, options=CompileOptions(activations="int16"))
     assert plan.scheme.label.startswith("W8A16")
