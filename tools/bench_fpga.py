@@ -111,9 +111,10 @@ def per_tensor_evidence(model: onnx.ModelProto) -> list[str]:
 # The lowering's accuracy devices, one added at a time (all with one scale per activation tensor
 # except the last, the earlier per-channel variant kept as an explicit option).
 VARIANTS = {
-    "per-tensor int8 only": dict(equalization=None, rotate=False, residual_bits=8),
-    "+ int16 residual stream": dict(equalization=None, rotate=False, residual_bits=16),
-    "+ online Hadamard (default)": dict(equalization=None, rotate=True, residual_bits=16),
+    "per-tensor int8 only": dict(equalization=None, rotate=False, residual_bits=8, scale_choice="cover"),
+    "+ int16 residual stream": dict(equalization=None, rotate=False, residual_bits=16, scale_choice="cover"),
+    "+ online Hadamard": dict(equalization=None, rotate=True, residual_bits=16, scale_choice="cover"),
+    "+ MSE pow2 scales (default)": dict(equalization=None, rotate=True, residual_bits=16, scale_choice="mse"),
     "per-channel factors (option)": dict(equalization=1.0, rotate=False, residual_bits=8),
 }
 
@@ -295,7 +296,7 @@ def main() -> None:
         print(f"\n== lowering variants (LowerToInteger options), {count} paragraphs: cosine mean / min")
         for label, lowering in VARIANTS.items():
             cos = variant_cosine(float_path, work, sub, reference[:count], args.threads, **lowering)
-            print(f"  {label:30s} {cos.mean():.5f} / {cos.min():.5f}   {lowering}")
+            print(f"  {label:30s} {cos.mean():.5f} / {cos.min():.5f}   {lowering}", flush=True)
 
     if args.per_channel:
         other = variant_cosine(float_path, work, inputs, reference, args.threads, **VARIANTS["per-channel factors (option)"])
