@@ -51,55 +51,35 @@ _PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision",
 # run time, and encoders such as MiniLM meet their bounds without it.
 _ROTATE_WEIGHTS = frozenset({"int4"})
 
-X86_VNNI = register_target(Target(
-    name="x86-vnni",
-    description="x86 CPU with AVX-512 VNNI or AVX-VNNI: U8S8, symmetric per-channel int8 weights",
-    ops=_ops(W_S8_CHANNEL),
-    activation=ACT_U8,
-    weight=W_S8_CHANNEL,
-    weight_dtypes=frozenset({"int8", "int4"}),
-    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
-    default_pipeline=_PTQ,
-    rotate_weights=_ROTATE_WEIGHTS,
-    signed_weight_scales=True,
-    cost_model=_VNNI_COST,
-))
+def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostModel, **fields) -> Target:
+    """The x86 targets differ in their weight spec, cost model and high dtype; the rest is shared."""
+    return register_target(Target(
+        name=name, description=description, ops=_ops(weight), activation=ACT_U8, weight=weight,
+        weight_dtypes=frozenset({"int8", "int4"}), activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
+        default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, signed_weight_scales=True, cost_model=cost_model,
+        **fields))
 
-X86_AVX2 = register_target(Target(
-    name="x86-avx2",
-    description="x86 CPU with AVX2 but no VNNI: U8S8 with 7-bit weights against vpmaddubsw saturation",
-    ops=_ops(W_S7_CHANNEL),
-    activation=ACT_U8,
-    weight=W_S7_CHANNEL,
-    weight_dtypes=frozenset({"int8", "int4"}),
-    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
-    default_pipeline=_PTQ,
-    rotate_weights=_ROTATE_WEIGHTS,
-    signed_weight_scales=True,
-    cost_model=CostModel(
+
+X86_VNNI = _x86_target(
+    "x86-vnni", "x86 CPU with AVX-512 VNNI or AVX-VNNI: U8S8, symmetric per-channel int8 weights",
+    W_S8_CHANNEL, _VNNI_COST)
+
+X86_AVX2 = _x86_target(
+    "x86-avx2", "x86 CPU with AVX2 but no VNNI: U8S8 with 7-bit weights against vpmaddubsw saturation",
+    W_S7_CHANNEL, CostModel(
         unit="cycles per core (peak)",
         prices={"op_mac_uint8_int8": 1 / 32, "op_mac_float32_float32": 1 / 16,
                 "op_mac_int8_int8": 1 / 32, "op_mac_uint8_uint8": 1 / 32},
-        source="Intel SDM: AVX2 VPMADDUBSW+VPMADDWD (32 int8 MAC/instr pair), 2x FMA256 (16 fp32 MAC)"),
-))
+        source="Intel SDM: AVX2 VPMADDUBSW+VPMADDWD (32 int8 MAC/instr pair), 2x FMA256 (16 fp32 MAC)"))
 
-X86_AMX = register_target(Target(
-    name="x86-amx",
-    description="x86 CPU with AMX-INT8/BF16 (Sapphire Rapids and later): int8 matmuls on AMX tiles, BF16 high precision",
-    ops=_ops(W_S8_CHANNEL),
-    activation=ACT_U8,
-    weight=W_S8_CHANNEL,
-    weight_dtypes=frozenset({"int8", "int4"}),
-    activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
-    high_dtype="bfloat16",
-    default_pipeline=_PTQ,
-    rotate_weights=_ROTATE_WEIGHTS,
-    signed_weight_scales=True,
-    cost_model=CostModel(
+X86_AMX = _x86_target(
+    "x86-amx",
+    "x86 CPU with AMX-INT8/BF16 (Sapphire Rapids and later): int8 matmuls on AMX tiles, BF16 high precision",
+    W_S8_CHANNEL, CostModel(
         unit="cycles per core (peak)",
         prices={"op_mac_uint8_int8": 1 / 1024, "op_mac_float32_float32": 1 / 32,
                 "op_mac_int8_int8": 1 / 1024, "op_mac_uint8_uint8": 1 / 1024, "op_mac_bfloat16_bfloat16": 1 / 512},
         source="Intel AMX: TDPBUSD 16x64x16 int8 tile op (1024 MAC/cycle/core), TDPBF16PS (512 MAC/cycle/core)"),
+    high_dtype="bfloat16",
     notes=("ONNX Runtime's CPU provider has no BF16 kernels for LayerNorm/Softmax/Add; ops kept high "
-           "therefore run in float32 under ORT, and BF16 applies where a BF16-capable runtime executes them.",),
-))
+           "therefore run in float32 under ORT, and BF16 applies where a BF16-capable runtime executes them.",))

@@ -1,13 +1,13 @@
 """Low-bit presets on SmolLM2: W4A16 (RTN, GPTQ, AWQ, AWQ+GPTQ), W4A8 and W8A8, beside ONNX
 Runtime's own int4 quantizer, in one run.
 
-    python tools/bench_low_bit.py --out /tmp/low-bit            # every row, ~30-60 min on 2 cores
+    python tools/bench_low_bit.py --out /tmp/low-bit --speed    # the default rows, ~40 min on 2 cores
     python tools/bench_low_bit.py --rows w4-rtn,w4-gptq,ort-int4 --speed
 
 Every edgeq row is the CLI (`edgeq compile ... --calib calib.npz`) run in a child process that
 reports its wall time and its own peak RSS (VmHWM, read in the child: getrusage's
 RUSAGE_CHILDREN would carry this parent's high-water mark over fork+exec). Calibration:
-windows 1000..1015 of the WikiText-2 token ids (the compile sets the last 2 aside to verify);
+windows 1000..1065 of the WikiText-2 token ids (the compile sets the last 2 aside to verify);
 perplexity: `edgeq.evaluation.evaluate_smollm2`, the standard protocol (windows 0..31).
 int4 is symmetric with blocks of 128 along K (the GGUF source is already on an asymmetric
 block-32 grid, which an asymmetric block-32 int4 would reproduce).
@@ -38,23 +38,22 @@ from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
 
 FLOAT_PPL_REFERENCE = 43.997
 # name -> (label, compile flags after MODEL)
+_W4 = ["--weights", "int4", "--group", "128"]
 ROWS = {
-    "w4-rtn": ("W4A16 int4 sym g128, RTN", ["--weights", "int4", "--group", "128", "--activations", "float",
-                                            "--weight-rounding", "rtn"],),
-    "w4-gptq": ("W4A16 int4 sym g128, GPTQ", ["--weights", "int4", "--group", "128", "--activations", "float",
-                                              "--weight-rounding", "gptq"],),
-    "w4-gptq-act": ("W4A16 int4 sym g128, GPTQ act-order", ["--weights", "int4", "--group", "128",
-                                                           "--activations", "float", "--weight-rounding", "gptq",
-                                                           "--act-order"],),
-    "w4-awq": ("W4A16 int4 sym g128, AWQ", ["--weights", "int4", "--group", "128", "--activations", "float",
-                                            "--weight-rounding", "awq"],),
-    "w4-awq-gptq": ("W4A16 int4 sym g128, AWQ+GPTQ", ["--weights", "int4", "--group", "128", "--activations",
-                                                      "float", "--weight-rounding", "awq+gptq"],),
-    "w4a8": ("W4A8 int4 sym g128 + uint8 act, auto rounding", ["--weights", "int4", "--group", "128",
-                                                              "--activations", "int8"],),
-    "w8a8": ("W8A8 int8 channel + uint8 act (RTN)", ["--weights", "int8", "--activations", "int8"],),
+    "w4-rtn": ("W4A16 int4 sym g128, RTN, no rotation", [*_W4, "--activations", "float", "--weight-rounding", "rtn",
+                                                        "--no-rotate"]),
+    "w4-rtn-head-int4": ("W4A16 RTN, no rotation, LM head int4 too", [*_W4, "--activations", "float",
+                                                                     "--weight-rounding", "rtn", "--no-rotate",
+                                                                     "--head-weights", "int4"]),
+    "w4-gptq-no-rotate": ("W4A16 GPTQ, no rotation", [*_W4, "--activations", "float", "--no-rotate"]),
+    "w4-gptq": ("W4A16 preset (x86 default: rotation + GPTQ, LM head int8)", [*_W4, "--activations", "float"]),
+    "w4-awq-gptq": ("W4A16 rotation + AWQ scaling + GPTQ", [*_W4, "--activations", "float",
+                                                          "--weight-rounding", "awq+gptq"]),
+    "w4a8": ("W4A8 preset (int4 g128 weights, uint8 activations, rotation + GPTQ)", [*_W4, "--activations", "int8"]),
+    "w8a8-rotate": ("W8A8 with --rotate (uint8 activations, int8 channel weights)", ["--weights", "int8", "--rotate"]),
 }
-DEFAULT_ROWS = ("float", "ort-int4", "w4-rtn", "w4-gptq", "w4-awq", "w4-awq-gptq", "w4a8", "w8a8")
+DEFAULT_ROWS = ("float", "ort-int4", "w4-rtn", "w4-rtn-head-int4", "w4-gptq-no-rotate", "w4-gptq", "w4a8",
+                "w8a8-rotate")
 
 
 # --- child processes -------------------------------------------------------------------------
@@ -256,7 +255,8 @@ def main() -> None:
                         help=f"comma-separated, from: float, ort-int4, {', '.join(ROWS)}")
     parser.add_argument("--out", type=Path, help="keep models here (default: a temporary folder)")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows (from window 1000)")
+    parser.add_argument("--samples", type=int, default=66,
+                        help="calibration windows from window 1000 (the compile holds the last 2 out to verify)")
     parser.add_argument("--threads", type=int, default=2, help="ORT threads for compile and evaluation")
     parser.add_argument("--speed", action="store_true", help="MatMulNBits vs int4 QDQ timing (needs w4-gptq)")
     parser.add_argument("--repeats", type=int, default=10)
