@@ -105,7 +105,7 @@ def calibration_file(shared: Path, out: Path, samples: int) -> Path:
     from edgeq.evaluation import smollm2_calibration_feeds
 
     feeds = smollm2_calibration_feeds(shared, samples)
-    np.savez(out, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    np.savez(out, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})  # [samples, 1, seq]
     return out
 
 
