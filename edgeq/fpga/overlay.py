@@ -33,6 +33,7 @@ from edgeq.fpga.primitives import (
     Resources,
     bram18_for_memory,
     dsp_slices_per_product,
+    uram_for_memory,
 )
 from edgeq.fpga.report import Row, TemplateResult
 from edgeq.targets.fpga_devices import FpgaDevice, UtilisationLimits
@@ -57,6 +58,7 @@ class OverlayConfig:
     acc_bits: int = 32
     scale_bits: int = 32
     source: str = "edgeq default overlay"
+    activation_memory: str = "bram"   # "uram": the activation ping-pong buffer in UltraRAM
 
     def __post_init__(self) -> None:
         for name in ("pus", "pes_per_pu", "mults_per_pe", "nonlinear_lanes", "axi_ports",
@@ -65,6 +67,8 @@ class OverlayConfig:
                 raise CostModelError(f"overlay {name} must be >= 1")
         if self.clock_mhz <= 0:
             raise CostModelError("overlay clock must be positive")
+        if self.activation_memory not in ("bram", "uram"):
+            raise CostModelError(f"overlay activation_memory must be 'bram' or 'uram', not {self.activation_memory!r}")
 
     @property
     def pes(self) -> int:
@@ -233,9 +237,14 @@ def _buffer_unit(cfg: OverlayConfig, layers: Sequence[Layer]) -> Row:
     sizes = [_tensor_bits(cfg, layer) for layer in layers]
     act_bits = 2 * max((s[0] for s in sizes), default=0) + max((s[1] for s in sizes), default=0)
     a_width = cfg.pus * cfg.mults_per_pe * cfg.lane_a_bits  # one input slice per PU per cycle
-    act_bram = bram18_for_memory(math.ceil(act_bits / a_width), a_width)
-    detail = (f"weights {weight_bram} (2 x {w_depth} x {w_width} b), activations {act_bram} "
-              f"({act_bits / 8e6:.3g} MB: ping-pong of the largest tensor + attention operands)")
+    a_depth = math.ceil(act_bits / a_width)
+    what = f"({act_bits / 8e6:.3g} MB: ping-pong of the largest tensor + attention operands)"
+    if cfg.activation_memory == "uram":
+        act_uram = uram_for_memory(a_depth, a_width)
+        detail = f"weights {weight_bram} RAMB18 (2 x {w_depth} x {w_width} b), activations {act_uram} URAM {what}"
+        return Row("buffers", "buffer", 0, Resources(bram18=weight_bram, uram=act_uram), detail)
+    act_bram = bram18_for_memory(a_depth, a_width)
+    detail = f"weights {weight_bram} (2 x {w_depth} x {w_width} b), activations {act_bram} {what}"
     return Row("buffers", "buffer", 0, Resources(bram18=weight_bram + act_bram), detail)
 
 
@@ -269,7 +278,9 @@ def _assumptions(cfg: OverlayConfig, device: FpgaDevice, bw_note: str,
         "array LUT/FF are architecture counts (FINN-R adder-tree model per PE, operand and "
         "product registers); control, AXI/DMA and host interface logic are not modelled, so "
         "LUT/FF are lower bounds",
-        "buffers in RAMB18 (finn bram_estimation aspect ratios); URAM not used",
+        "buffers in RAMB18 (finn bram_estimation aspect ratios); URAM not used" if cfg.activation_memory == "bram"
+        else "weight tiles in RAMB18 (finn bram_estimation aspect ratios), the activation buffer in URAM288 "
+             "(finn uram_estimation: 4096 x 72 per block)",
     ]
     if any(isinstance(u, NonlinearUnit) and (u.bits or 0) > 8 for u in layers):
         notes.append("some nonlinear units have inputs wider than 8 bits: priced as 8-bit units")
@@ -320,15 +331,17 @@ def default_overlay(device: FpgaDevice, layers: Sequence[Layer], limits: Utilisa
                     clock_mhz: float) -> OverlayConfig:
     """An array in FQ-BERT's (N, M) = (8, 16) PU layout with as many PUs as fit: at most what the
     DSP limit allows (the lanes and the requantisers each PU instantiates), then fewer until
-    every shared unit (array, requantisers, nonlinear units, buffers) is within the limits. When
+    every shared unit (array, requantisers, nonlinear units, buffers) is within the limits, the
+    activation buffer in BRAM or, where the device has UltraRAM and BRAM is short, in URAM. When
     no PU count fits, the DSP-bound array is returned and its report says what is over."""
     pes_per_pu, m, lanes_nl = 8, 16, 16
     pack = packing_fits(device.dsp_slice, 8, 4)
     compute = [layer for layer in layers if not isinstance(layer, LayoutOp)]
 
-    def config(pus: int, source: str) -> OverlayConfig:
+    def config(pus: int, source: str, memory: str = "bram") -> OverlayConfig:
         return OverlayConfig(pus=pus, pes_per_pu=pes_per_pu, mults_per_pe=m, clock_mhz=clock_mhz,
-                             pack_two_per_dsp=pack, nonlinear_lanes=lanes_nl, source=source)
+                             pack_two_per_dsp=pack, nonlinear_lanes=lanes_nl, source=source,
+                             activation_memory=memory)
 
     requantizers = requantizers_per_pu(config(1, ""), compute)
     per_pu_dsp = math.ceil(pes_per_pu * m / (2 if pack else 1)) \
@@ -339,12 +352,15 @@ def default_overlay(device: FpgaDevice, layers: Sequence[Layer], limits: Utilisa
     dsp_pus = max(1, budget // per_pu_dsp)
     layout = (f"edgeq default: FQ-BERT (N, M) = (8, 16) PUs ({per_pu_dsp} DSPs per PU: "
               f"{math.ceil(pes_per_pu * m / (2 if pack else 1))} for the lanes, {requantizers} requantiser(s))")
+    # the activation buffer in BRAM, else (devices with UltraRAM) in URAM, at the same PU count
+    memories = ("bram", "uram") if device.uram.value else ("bram",)
     for pus in range(dsp_pus, 0, -1):
-        over = _over_limits(config(pus, ""), compute, device, limits)
-        if not over:
-            bound = ("as many PUs as the DSP limit allows" if pus == dsp_pus else
-                     f"the most PUs whose LUT/FF/BRAM18/URAM/DSP fit the limits ({dsp_pus} by DSPs alone)")
-            return config(pus, f"{layout}, {pus} PUs: {bound}")
+        for memory in memories:
+            if not _over_limits(config(pus, "", memory), compute, device, limits):
+                bound = ("as many PUs as the DSP limit allows" if pus == dsp_pus else
+                         f"the most PUs whose LUT/FF/BRAM18/URAM/DSP fit the limits ({dsp_pus} by DSPs alone)")
+                where = "" if memory == "bram" else "; activation buffer in URAM (it does not fit the BRAM)"
+                return config(pus, f"{layout}, {pus} PUs: {bound}{where}", memory)
     over = _over_limits(config(1, ""), compute, device, limits)
     return config(dsp_pus, f"{layout}, {dsp_pus} PUs by the DSP limit: no PU count fits the device "
                            f"(even 1 PU is over in {', '.join(over)})")

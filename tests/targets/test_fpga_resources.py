@@ -277,6 +277,22 @@ def test_default_overlay_shrinks_until_every_resource_fits():
     assert fq.fits and any("as many PUs as the DSP limit allows" in a for a in fq.assumptions)
 
 
+def test_default_overlay_puts_the_activation_buffer_in_uram_when_bram_is_short():
+    """ZCU104 (624 BRAM18, 96 URAM): the activation buffer does not fit the BRAM at any PU count,
+    so it goes to UltraRAM and the DSP-bound array fits; ZCU102 has no URAM and keeps BRAM."""
+    layers = _minilm_w8a8_layers()
+    report = estimate(layers, "zcu104", template="overlay")
+    assert report.fits, report.over_limit
+    assert report.totals.uram > 0
+    assert any("activation buffer in URAM (it does not fit the BRAM)" in a for a in report.assumptions)
+    assert any("the activation buffer in URAM288" in a for a in report.assumptions)
+    assert estimate(layers, "zcu102", template="overlay").totals.uram == 0
+    with pytest.raises(CostModelError, match="activation_memory"):
+        from edgeq.fpga.overlay import OverlayConfig
+
+        OverlayConfig(pus=1, pes_per_pu=8, mults_per_pe=16, clock_mhz=100.0, activation_memory="hbm")
+
+
 def test_default_overlay_says_when_nothing_fits():
     report = estimate(fq_bert_layers(encoders=1), "pynq-z1", template="overlay")
     assert not report.fits
