@@ -361,6 +361,7 @@ def default_overlay(device: FpgaDevice, layers: Sequence[Layer], limits: Utilisa
                          f"the most PUs whose LUT/FF/BRAM18/URAM/DSP fit the limits ({dsp_pus} by DSPs alone)")
                 where = "" if memory == "bram" else "; activation buffer in URAM (it does not fit the BRAM)"
                 return config(pus, f"{layout}, {pus} PUs: {bound}{where}", memory)
-    over = _over_limits(config(1, ""), compute, device, limits)
+    over = "; ".join(f"activation buffer in {memory.upper()}: over in "
+                     + ", ".join(_over_limits(config(1, "", memory), compute, device, limits)) for memory in memories)
     return config(dsp_pus, f"{layout}, {dsp_pus} PUs by the DSP limit: no PU count fits the device "
-                           f"(even 1 PU is over in {', '.join(over)})")
+                           f"(even 1 PU: {over})")
