@@ -260,8 +260,10 @@ def test_cli_device_needs_a_device_target(compiled_bert, tmp_path: Path, capsys)
 @pytest.mark.slow
 def test_minilm_embedding_cosine(minilm_onnx: Path, shared_dir: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
+    # 4 calibration paragraphs keep the test under 20 s on one thread (16, the benchmark's
+    # count, give 0.99680 here instead of 0.99749: not the bottleneck)
     compiled = compile_model(minilm_onnx, "fpga", CompileOptions(threads=1, verify=False),
-                             calibration=ev.minilm_calibration_feeds(shared_dir, 8))
+                             calibration=ev.minilm_calibration_feeds(shared_dir, 4))
     out = tmp_path / "minilm_fpga.onnx"
     compiled.save(out)
     inputs = dict(np.load(shared_dir / "reference" / "minilm_inputs.npz"))
