@@ -104,7 +104,7 @@ def _check_device_flags(target, device: str | None, fps: float | None, folding: 
 @click.option("--keep-high", type=int, help="Keep the K most sensitive quantized ops high.")
 @click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
 @click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
-@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer (the default).")
+@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer (the default, except after a Hadamard rotation).")
 @click.option("--no-smooth", is_flag=True, help="No SmoothQuant.")
 @click.option("--two-digit", multiple=True, metavar="REGEX",
               help="Quantize these ops' activation input as two int8 digits (integer, 2x MACs, near-int16 accuracy).")

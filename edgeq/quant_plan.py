@@ -59,6 +59,14 @@ class Scheme:
         return cls(rules, label, head_weight, weight.dtype)
 
 
+def rotates(options: CompileOptions, target: Target | None) -> bool:
+    """Whether the Hadamard rotation runs: --rotate/--no-rotate, else the target's choice for
+    the preset's weight dtype."""
+    if options.rotate is not None:
+        return options.rotate
+    return target is not None and Scheme.resolve(target, options).weight_dtype in target.rotate_weights
+
+
 def _widen(spec: QSpec) -> QSpec:
     return spec.replace(dtype="uint16" if spec.dtype == "uint8" else "int16", qrange=None)
 

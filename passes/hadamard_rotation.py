@@ -194,15 +194,12 @@ class HadamardRotation(Pass):
 
     @classmethod
     def from_options(cls, options, target) -> "HadamardRotation":
-        from edgeq.quant_plan import Scheme
+        from edgeq.quant_plan import Scheme, rotates
 
-        scheme = Scheme.resolve(target, options) if target is not None else None
-        rotate = options.rotate
-        if rotate is None:  # the target's choice for the preset's weight dtype
-            rotate = scheme is not None and scheme.weight_dtype in target.rotate_weights
-        if not rotate or scheme is None:
-            return cls(enabled=bool(rotate))
-        rule = scheme.rules.get("MatMul")
+        rotate = rotates(options, target)
+        if not rotate or target is None:
+            return cls(enabled=rotate)
+        rule = Scheme.resolve(target, options).rules.get("MatMul")
         activation = rule.activations[0] if rule is not None and rule.activations else None
         weight = rule.weight if rule is not None else None
         return cls(enabled=True, activation_spec=activation, weight_spec=weight,

@@ -22,7 +22,8 @@ from edgeq.calibrate import calibrate
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
 from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.quant_plan import OpPlan, QuantPlan
+from edgeq.options import SMOOTH_SEARCH_GRID
+from edgeq.quant_plan import OpPlan, QuantPlan, rotates
 from edgeq.folding import fold_channel_scale_into_producer, insert_channel_mul
 from edgeq.registry import register_pass
 
@@ -46,7 +47,11 @@ class SmoothQuant(Pass):
 
     @classmethod
     def from_options(cls, options, target) -> "SmoothQuant":
-        grid = () if options.smooth_alpha is not None else options.smooth_alpha_grid  # a fixed alpha wins
+        grid = options.smooth_alpha_grid
+        if grid is None:  # the default: search, unless the rotation pass already smoothed
+            grid = () if rotates(options, target) else SMOOTH_SEARCH_GRID
+        if options.smooth_alpha is not None:  # a fixed alpha wins
+            grid = ()
         return cls(options.smooth_alpha, grid, threads=options.threads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

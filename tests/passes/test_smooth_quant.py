@@ -139,3 +139,21 @@ def test_alpha_none_disables_the_pass(synthetic_llama, llama_feeds):
     stats = _smooth(graph, synthetic_llama, llama_feeds[:2], alpha=None)
     assert stats == {"groups": 0}
     assert _smoothing_muls(graph) == []
+
+
+def test_the_search_is_the_default_except_after_a_rotation():
+    from edgeq.options import SMOOTH_SEARCH_GRID, CompileOptions
+    from edgeq.passes.smooth_quant import SmoothQuant
+    from edgeq.registry import get_target
+
+    x86 = get_target("x86-vnni")
+
+    def grid(**options):
+        return SmoothQuant.from_options(CompileOptions(**options), x86).alpha_grid
+
+    assert grid() == SMOOTH_SEARCH_GRID                       # W8A8: no rotation, search
+    assert grid(rotate=True) == ()                            # the rotation pass smooths itself
+    assert grid(weights="int4", activations="int8") == ()     # x86 rotates int4 presets
+    assert grid(weights="int4", rotate=False) == SMOOTH_SEARCH_GRID
+    assert grid(rotate=True, smooth_alpha_grid=(0.0, 0.5)) == (0.0, 0.5)  # asked for: searched
+    assert grid(smooth_alpha=0.5) == () and SmoothQuant.from_options(CompileOptions(smooth_alpha=0.5), x86).alpha == 0.5
