@@ -76,11 +76,12 @@ def model_inputs(model: ModelLike) -> tuple[InputSpec, ...]:
 
 
 def _load_graph_only(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    try:
-        return onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types
-        raise ModelLoadError(f"cannot read model '{path}': {exc}",
-                             fix="pass an ONNX ModelProto or the path of an .onnx file") from exc
+    from edgeq.ir.onnx_io import read_skeleton
+
+    if Path(path).is_dir():
+        raise ModelLoadError(f"cannot read model '{path}': it is a directory",
+                             fix="pass an ONNX ModelProto or the path of an .onnx file")
+    return read_skeleton(path)
 
 
 def _input_spec(value: onnx.ValueInfoProto, required: bool) -> InputSpec:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from edgeq.errors import EdgeqError, PassError
 from edgeq.ir import Graph
+from edgeq.ir.onnx_io import release_file_pages
 
 if TYPE_CHECKING:
     from edgeq.targets.base import Target
@@ -89,6 +90,7 @@ class Pass(ABC):
         if not isinstance(self, PassManager):
             ctx.records.append(PassRecord(self.name, result.modified, dict(result.stats),
                                           time.perf_counter() - start))
+            release_file_pages()  # weights this pass read need not stay resident
         for instrument in ctx.instruments:
             instrument.after_pass(self, result, ctx)
         return result

@@ -47,7 +47,7 @@ class Calibrate(Pass):
                                      threads=self.threads or 1)
         with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
-            save(graph, path)
+            save(graph, path, external_data=True)  # ORT is fed memory-mapped weights, not a proto copy
             stats = calibrate(str(path), data, names, stats_options)
         ctx.artifacts[STATISTICS] = stats
         ctx.artifacts[self.name] = self._ranges(stats, sources)

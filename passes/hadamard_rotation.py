@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal
 
 import numpy as np
@@ -64,6 +65,7 @@ import onnx
 
 from edgeq.errors import EdgeqError
 from edgeq.hadamard import HadamardOrderError, Rotation, factor_orders
+from edgeq.hessian import ActivationStream
 from edgeq.ir import Graph, Op, Value
 from edgeq.pass_infra import Pass, PassContext, PassResult
 from edgeq.patterns import DATA_MOVEMENT, Role, Roles, find_roles
@@ -210,6 +212,7 @@ class HadamardRotation(Pass):
             return PassResult(graph, False, {"rotated": 0})
         roles = find_roles(graph)
         plan = _WeightPlan(graph)
+        self._rotations: dict[tuple, Rotation] = {}
         stream: _Stream | None = None
         why_not_stream = ""
         if self.mode in ("auto", "stream"):
@@ -288,6 +291,7 @@ class HadamardRotation(Pass):
                  "online_hadamards": len(online), "attention_folds": len(summary.attention_folds),
                  "qk_rotations": len(qk_rotations), "smoothed": sum(1 for _, alpha in summary.smoothing if alpha),
                  "weights_changed": len(plan.transforms), "skipped": len(summary.skipped)}
+        self._rotations.clear()
         return PassResult(graph, True, stats)
 
     # ---- planning -------------------------------------------------------------------------
@@ -327,7 +331,7 @@ class HadamardRotation(Pass):
                      online: list, attention: bool = False) -> None:
         width = plan.weight_of(ops[0]).const.dims[0]
         try:
-            rotation = Rotation.of_order(width, max_factor=self.max_factor).last_axis_form()
+            rotation = self._online_rotation(width)
         except HadamardOrderError as err:
             summary.skipped.append((x.name, str(err)))
             return
@@ -344,7 +348,8 @@ class HadamardRotation(Pass):
                 value_linear, head_dim = _match_value_path(graph, x, ops[0])
                 rows = plan.weight_of(ops[0]).const.dims[0]
                 cols = value_linear.weight.const.dims[1]
-                per_head = Rotation.of_order(head_dim, blocks=cols // head_dim, max_factor=self.max_factor)
+                per_head = self._shared(("per-head", head_dim, cols // head_dim), lambda: Rotation.of_order(
+                    head_dim, blocks=cols // head_dim, max_factor=self.max_factor))
                 plan.add(value_linear.weight, 1, per_head)                  # W_v (I (x) H)
                 if value_linear.bias is not None:
                     plan.add(value_linear.bias, 0, per_head)                # b_v (I (x) H)
@@ -358,6 +363,17 @@ class HadamardRotation(Pass):
         self._plan_online(x, ops, plan, summary, online, attention=True)
 
 
+    def _online_rotation(self, width: int) -> Rotation:
+        return self._shared(("online", width),
+                            lambda: Rotation.of_order(width, max_factor=self.max_factor).last_axis_form())
+
+    def _shared(self, key: tuple, build) -> Rotation:
+        """One Rotation per shape within a run: each caches its dense block (SmolLM2's 1536 online
+        Hadamard: 19 MB in float64), which 30 separate instances would hold 30 times."""
+        if key not in self._rotations:
+            self._rotations[key] = build()
+        return self._rotations[key]
+
     def _choose_smoothing(self, graph: Graph, online: list[_Online], ctx: PassContext,
                           summary: RotationSummary) -> None:
         candidates = [e for e in online if not e.attention]
@@ -367,44 +383,35 @@ class HadamardRotation(Pass):
         if data is None:
             summary.notes.append("no calibration data: no smoothing before the online Hadamards")
             return
-        samples = _activation_samples(graph, data, [e.x.name for e in candidates], self.smooth_samples)
-        for entry in candidates:
-            x = samples[entry.x.name]
-            weights = [np.asarray(graph.inputs_of(op)[1].const.numpy(), np.float64) for op in entry.ops]
-            alpha, scale = _search_smoothing(x, weights, entry.rotation, self.smooth_grid,
-                                             self.activation_spec, self.weight_spec)
-            summary.smoothing.append((entry.x.name, alpha))
-            if alpha:
-                entry.smooth = scale
-                entry.fold = _scalable_producer(graph, entry.x)
+        # A few tensors per pass over the samples: the probes of all 60 SmolLM2 inputs together
+        # would hold ~0.8 GB of float64 activations.
+        with ActivationStream(graph, list(islice(data, self.smooth_samples))) as stream:
+            for start in range(0, len(candidates), _PROBE_CHUNK):
+                chunk = candidates[start:start + _PROBE_CHUNK]
+                samples = _activation_samples(stream, [e.x.name for e in chunk])
+                for entry in chunk:
+                    weights = [np.asarray(graph.inputs_of(op)[1].const.numpy(), np.float64) for op in entry.ops]
+                    alpha, scale = _search_smoothing(samples.pop(entry.x.name), weights, entry.rotation,
+                                                     self.smooth_grid, self.activation_spec, self.weight_spec)
+                    summary.smoothing.append((entry.x.name, alpha))
+                    if alpha:
+                        entry.smooth = scale
+                        entry.fold = _scalable_producer(graph, entry.x)
+
+
+_PROBE_CHUNK = 8
 
 
 # ---- smoothing before an online rotation (SmoothRot) ------------------------------------------
 
 
-def _activation_samples(graph: Graph, data, names: list[str], count: int) -> dict[str, np.ndarray]:
-    """The tensors `names` of the current graph on the first `count` calibration samples, as
-    float64 [tokens, channels]."""
-    import tempfile
-    from pathlib import Path
-
-    from edgeq.runtime import make_session
-
-    with tempfile.TemporaryDirectory(prefix="edgeq-rotation-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        model = graph.to_onnx()
-        del model.graph.output[:]
-        for name in names:
-            model.graph.output.add().name = name
-        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
-        del model
-        session = make_session(path)
-        rows: dict[str, list[np.ndarray]] = defaultdict(list)
-        for index, feed in enumerate(data):
-            if index >= count:
-                break
-            for name, value in zip(names, session.run(names, dict(feed))):
-                rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float64))
+def _activation_samples(stream, names: list[str]) -> dict[str, np.ndarray]:
+    """The tensors `names` on every sample of `stream` (an edgeq.hessian.ActivationStream: the
+    graph in ONNX Runtime, weights fed from a memory-mapped side file), float64 [tokens, channels]."""
+    rows: dict[str, list[np.ndarray]] = defaultdict(list)
+    for arrays in stream.samples(names):
+        for name, value in zip(names, arrays):
+            rows[name].append(value.astype(np.float64))
     return {name: np.concatenate(parts) for name, parts in rows.items()}
 
 
@@ -513,18 +520,40 @@ class _WeightPlan:
 
     def apply(self, graph: Graph) -> None:
         for value, steps in self.transforms.items():
-            original = value.const.numpy()
-            array = np.asarray(original, dtype=np.float64)
-            for kind, axis, arg in steps:
-                if kind == "offset":
-                    array = array + np.asarray(arg, dtype=np.float64).reshape(array.shape)
-                elif kind == "scale":
-                    shape = [1] * array.ndim
-                    shape[axis] = -1
-                    array = array * np.asarray(arg, dtype=np.float64).reshape(shape)
-                else:
-                    array = arg.apply(array, axis)
-            graph.set_const(value, array.astype(original.dtype))
+            graph.set_const(value, _transformed(value.const.numpy(), steps))
+
+
+_SLICE_ELEMENTS = 1 << 22
+
+
+def _transformed(original: np.ndarray, steps: list[tuple[str, int, object]]) -> np.ndarray:
+    """The steps applied in float64; a large 2-D weight whose steps all act along one axis
+    (embedding table, LM head: 28M values, 226 MB each in float64) in slices along the other."""
+    axes = {axis for kind, axis, _ in steps if kind != "offset"}
+    if original.ndim != 2 or original.size <= _SLICE_ELEMENTS or len(axes) != 1 or \
+            any(kind == "offset" for kind, _, _ in steps):
+        return _apply_steps(original, steps).astype(original.dtype)
+    free = 1 - axes.pop()
+    out = np.empty(original.shape, original.dtype)
+    width = max(1, _SLICE_ELEMENTS // original.shape[1 - free])
+    for start in range(0, original.shape[free], width):
+        index = (slice(start, start + width), slice(None)) if free == 0 else (slice(None), slice(start, start + width))
+        out[index] = _apply_steps(original[index], steps)
+    return out
+
+
+def _apply_steps(original: np.ndarray, steps: list[tuple[str, int, object]]) -> np.ndarray:
+    array = np.asarray(original, dtype=np.float64)
+    for kind, axis, arg in steps:
+        if kind == "offset":
+            array = array + np.asarray(arg, dtype=np.float64).reshape(array.shape)
+        elif kind == "scale":
+            shape = [1] * array.ndim
+            shape[axis] = -1
+            array = array * np.asarray(arg, dtype=np.float64).reshape(shape)
+        else:
+            array = arg.apply(array, axis)
+    return array
 
 
 # ---- structure ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import weakref
 import os
 import tempfile
 from collections.abc import Iterator
@@ -234,6 +235,18 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, check_runtime: bool = T
     return graph
 
 
+def read_skeleton(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model proto of the file at `path` without its initializers' bytes (names, dtypes and
+    dims stay): graph inputs, outputs and nodes for the cost of the file's structure, not its
+    weights (onnx.load reads inline weights even with load_external_data=False)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}", fix="check the path")
+    with open(path, "rb") as model_file:
+        model, _ = _parse_skeleton(path, _FileReader(model_file.fileno(), path.stat().st_size))
+    return model
+
+
 def _read_file(path: Path):
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}", fix="check the path")
@@ -251,7 +264,33 @@ def _read_file(path: Path):
     except BaseException:
         model_file.close()
         raise
-    return model, ranges, np.frombuffer(file_map, dtype=np.uint8), model_file
+    return model, ranges, _mapped(file_map), model_file
+
+
+# Every live memory map of model or external-data files, so that release_file_pages() can drop
+# their resident pages: weights a pass has read (and replaced) would otherwise stay in RSS.
+_LIVE_MAPS: list[weakref.ref] = []
+
+
+def _mapped(file_map: mmap.mmap) -> np.ndarray:
+    array = np.frombuffer(file_map, dtype=np.uint8)
+    _LIVE_MAPS.append(weakref.ref(array))
+    return array
+
+
+def release_file_pages() -> None:
+    """Drop the resident pages of every mapped weight file from this process (MADV_DONTNEED on
+    read-only file mappings: a later read faults them back in from the page cache, unchanged)."""
+    alive = []
+    for ref in _LIVE_MAPS:
+        array = ref()
+        if array is None:
+            continue
+        alive.append(ref)
+        base = array.base.obj if isinstance(array.base, memoryview) else array.base
+        if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and len(base):
+            base.madvise(mmap.MADV_DONTNEED)
+    _LIVE_MAPS[:] = alive
 
 
 def _parse_skeleton(path: Path, reader: _FileReader) -> tuple[onnx.ModelProto, list]:
@@ -363,7 +402,7 @@ class _ExternalFiles:
                 f.close()
                 self._maps[key] = (np.zeros(0, dtype=np.uint8), None)
             else:
-                self._maps[key] = (np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8), f)
+                self._maps[key] = (_mapped(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)), f)
         return self._maps[key]
 
     def inline(self, proto: onnx.TensorProto) -> None:
