@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from edgeq.calibrate import CalibrationOptions as StatsOptions
 from edgeq.calibrate import calibrate
@@ -98,14 +99,12 @@ class SmoothQuant(Pass):
 
         with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
             path = Path(tmp) / "model.onnx"
-            model = graph.to_onnx()
+            save(graph, path, external_data=True)  # weights copied file to file, not into a proto
+            model = onnx.load(str(path), load_external_data=False)
             del model.graph.output[:]
             for name in names:
                 model.graph.output.add().name = name
-            import onnx
-            onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data",
-                      size_threshold=1024)
-            del model
+            onnx.save(model, str(path))  # the outputs changed; the weights stay in model.onnx.data
             session = make_session(path, threads=self.threads)
             rows: dict[str, list[np.ndarray]] = defaultdict(list)
             for index, feed in enumerate(data):
@@ -118,7 +117,7 @@ class SmoothQuant(Pass):
     def _channel_absmax(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
             path = Path(tmp) / "model.onnx"
-            save(graph, path)
+            save(graph, path, external_data=True)  # calibration maps the weights, no proto copy
             stats = calibrate(str(path), data, names,
                               StatsOptions(histogram=False, channel_axis=-1, threads=self.threads or 1))
         return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
