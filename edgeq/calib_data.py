@@ -78,9 +78,6 @@ def model_inputs(model: ModelLike) -> tuple[InputSpec, ...]:
 def _load_graph_only(path: str | os.PathLike[str]) -> onnx.ModelProto:
     from edgeq.ir.onnx_io import read_skeleton
 
-    if Path(path).is_dir():
-        raise ModelLoadError(f"cannot read model '{path}': it is a directory",
-                             fix="pass an ONNX ModelProto or the path of an .onnx file")
     return read_skeleton(path)
 
 

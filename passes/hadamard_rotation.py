@@ -189,6 +189,7 @@ class HadamardRotation(Pass):
         self.qk = qk
         self.smooth_grid = tuple(smooth_grid)
         self.smooth_samples = smooth_samples
+        self._rotations: dict[tuple, Rotation] = {}   # shared per run (see _shared)
         self.activation_spec = activation_spec or QSpec("uint8", symmetric=False)
         self.weight_spec = weight_spec or QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
         self.random_signs = random_signs
@@ -212,7 +213,6 @@ class HadamardRotation(Pass):
             return PassResult(graph, False, {"rotated": 0})
         roles = find_roles(graph)
         plan = _WeightPlan(graph)
-        self._rotations: dict[tuple, Rotation] = {}
         stream: _Stream | None = None
         why_not_stream = ""
         if self.mode in ("auto", "stream"):

@@ -267,47 +267,42 @@ def main(task, weights, activations, rounding, rotate, smooth, smooth_search, me
 def _rotation_variant(attention: str | None, qk: bool | None, smoothrot: bool | None = None) -> None:
     """Experiments only: build the pass with other attention/q-k settings than its defaults
     (compile() builds passes from CompileOptions, which has just `rotate`)."""
-    if attention is None and qk is None and smoothrot is None:
-        return
     from edgeq.passes.hadamard_rotation import HadamardRotation
 
     changes = {k: v for k, v in (("attention", attention), ("qk", qk)) if v is not None}
     if smoothrot is False:
         changes["smooth_grid"] = ()
-    original = HadamardRotation.from_options.__func__
-
-    def from_options(cls, options, target):
-        built = original(cls, options, target)
-        for key, value in changes.items():
-            setattr(built, key, value)
-        return built
-
-    HadamardRotation.from_options = classmethod(from_options)
-    _VARIANT.update(changes)
+    _patch_from_options(HadamardRotation, changes, "")
 
 
 def _gptq_variant(settings: tuple[str, ...]) -> None:
     """Experiments only: GPTQ pass attributes that CompileOptions does not expose."""
-    if not settings:
-        return
     from edgeq.passes.gptq import GPTQ
 
     changes = {}
     for item in settings:
         name, _, text = item.partition("=")
-        changes[name] = json.loads(text)
-    original = GPTQ.from_options.__func__
+        value = json.loads(text)
+        changes[name] = tuple(value) if isinstance(value, list) else value
+    _patch_from_options(GPTQ, changes, "gptq.")
 
-    def from_options(cls, options, target):
-        built = original(cls, options, target)
+
+def _patch_from_options(cls, changes: dict, label: str) -> None:
+    """Make `cls.from_options` set `changes` on the pass it builds; record them in _VARIANT."""
+    if not changes:
+        return
+    original = cls.from_options.__func__
+
+    def from_options(klass, options, target):
+        built = original(klass, options, target)
         for key, value in changes.items():
             if not hasattr(built, key):
-                raise click.BadParameter(f"GPTQ has no setting {key!r}")
-            setattr(built, key, tuple(value) if isinstance(value, list) else value)
+                raise click.BadParameter(f"{cls.__name__} has no setting {key!r}")
+            setattr(built, key, value)
         return built
 
-    GPTQ.from_options = classmethod(from_options)
-    _VARIANT.update({f"gptq.{k}": v for k, v in changes.items()})
+    cls.from_options = classmethod(from_options)
+    _VARIANT.update({f"{label}{k}": v for k, v in changes.items()})
 
 
 _VARIANT: dict = {}

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import functools
 import mmap
-import weakref
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,14 +240,14 @@ def read_skeleton(path: str | os.PathLike) -> onnx.ModelProto:
     dims stay): graph inputs, outputs and nodes for the cost of the file's structure, not its
     weights (onnx.load reads inline weights even with load_external_data=False)."""
     path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}", fix="check the path")
+    size = _model_file_size(path)
     with open(path, "rb") as model_file:
-        model, _ = _parse_skeleton(path, _FileReader(model_file.fileno(), path.stat().st_size))
+        model, _ = _parse_skeleton(path, _FileReader(model_file.fileno(), size))
     return model
 
 
-def _read_file(path: Path):
+def _model_file_size(path: Path) -> int:
+    """The size of the model file at `path`, or a ModelLoadError saying why it is none."""
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}", fix="check the path")
     if path.is_dir():
@@ -255,6 +255,11 @@ def _read_file(path: Path):
     size = path.stat().st_size
     if size == 0:
         raise ModelLoadError(f"{path} is empty, not an ONNX model")
+    return size
+
+
+def _read_file(path: Path):
+    size = _model_file_size(path)
     # The file stays open as long as its tensors live: saves copy their bytes from this very
     # inode (file to file, in the kernel), even after the path is replaced.
     model_file = open(path, "rb")  # noqa: SIM115 (closed when its tensors are gone)
