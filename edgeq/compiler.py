@@ -13,10 +13,10 @@ import onnx
 from edgeq.errors import OptionError
 from edgeq.ir import Graph, load, save
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import Pass, PassContext, PassManager
+from edgeq.pipeline import Pass, PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 from edgeq.report import Report, count_kinds, kept_high_by_reason
-from edgeq.runtime import fusion_report, synthetic_feeds, verify
+from edgeq.runtime.sessions import fusion_report, synthetic_feeds, verify
 from edgeq.targets.base import Target, validate
 
 CALIBRATION_DATA = "calibration-data"
@@ -46,7 +46,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
             options: CompileOptions | None = None, *, calibration: Any = None) -> Compiled:
     """Quantize `model` for `target`. `calibration`: a path (.npz dir/file), a text-window spec,
     an iterable of feed dicts, or an ORT CalibrationDataReader. The input is never modified."""
-    from edgeq.calib_data import open_source, split
+    from edgeq.calibration.sources import open_source, split
 
     options = options or CompileOptions()
     target = get_target(target) if isinstance(target, str) else target

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from edgeq.errors import EdgeqError, UnknownPassError, UnknownTargetError
 
 if TYPE_CHECKING:
-    from edgeq.pass_infra import Pass
+    from edgeq.pipeline import Pass
     from edgeq.targets.base import Target
 
 # Module paths of the built-in passes and targets; each module registers what it defines.
@@ -35,7 +35,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.sensitivity",
     "edgeq.passes.insert_qdq",
     "edgeq.passes.fold_scalar_into_dequantize",
-    "edgeq.passes.lower_to_integer",
+    "edgeq.backends.fpga.lower_to_integer",
 )
 BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.fpga")
 
@@ -76,7 +76,7 @@ def _load_plugins() -> None:
 
 
 def _register_plugin_pass(obj: object) -> None:
-    from edgeq.pass_infra import Pass
+    from edgeq.pipeline import Pass
 
     if not (isinstance(obj, type) and issubclass(obj, Pass) and isinstance(getattr(obj, "name", None), str)):
         raise TypeError(f"{obj!r} is not a Pass subclass with a `name`")

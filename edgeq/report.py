@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeq.pass_infra import PassRecord
-from edgeq.runtime import FusionReport, Verification
+from edgeq.pipeline import PassRecord
+from edgeq.runtime.sessions import FusionReport, Verification
 from edgeq.targets.base import Target
 
 
@@ -97,7 +97,7 @@ class Report:
         return "\n".join(out) + "\n"
 
     def write(self, path: str | os.PathLike) -> None:
-        from edgeq.fileio import write_text_atomic
+        from edgeq.ir.files import write_text_atomic
 
         path = Path(path)
         text = self.to_markdown() if path.suffix.lower() in (".md", ".markdown") else self.to_json()

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeq.errors import OptionError
 from edgeq.models import minilm, smollm2
 from edgeq.models._onnx import BUILDER_VERSION
-from edgeq.wheels import cache_dir
+from edgeq.models.wheels import cache_dir
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "minilm": minilm.build,

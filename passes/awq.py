@@ -6,8 +6,8 @@ LM head):
    x' = x / s. alpha is searched over `alpha_grid` (0 = leave the group alone) for the lowest
    output error of the group with W' rounded to nearest and scaled back, summed over the
    group's linears: tr(E^T H E), E = diag(1/s) Q(diag(s) W) - W, H = 2/n X^T X streamed from the
-   float graph (`edgeq.hessian`), i.e. exactly the squared output error on every calibration
-   token. 1/s is folded into the producer of x (`edgeq.folding`: LayerNorm gamma/beta, RMSNorm's
+   float graph (`edgeq.quant.linears`), i.e. exactly the squared output error on every calibration
+   token. 1/s is folded into the producer of x (`edgeq.quant.channel_scaling`: LayerNorm gamma/beta, RMSNorm's
    gamma Mul, a preceding linear's bias Add), or through a gated Mul (SwiGLU's act(gate) * up)
    into the columns of the linear producing one factor (AWQ's up_proj -> down_proj), or,
    failing all, into an explicit Mul before the group (counted in the stats as explicit_mul).
@@ -32,12 +32,12 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.errors import CalibrationError
-from edgeq.folding import fold_channel_scale_into_producer, insert_channel_mul
-from edgeq.hessian import (ActivationStream, InputStats, LinearGroup, dequantize_kn, hessian_chunks,
+from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
+from edgeq.quant.linears import (ActivationStream, InputStats, LinearGroup, dequantize_kn, hessian_chunks,
                            input_statistics, linear_groups, quantize_kn)
 from edgeq.ir import Graph, Op, Value
-from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.quant_plan import QuantPlan
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.quant.plan import QuantPlan
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 

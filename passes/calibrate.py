@@ -5,12 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from edgeq.calibrate import CalibrationOptions as StatsOptions
-from edgeq.calibrate import CalibrationResult, calibrate
+from edgeq.calibration.collect import CalibrationOptions as StatsOptions
+from edgeq.calibration.collect import CalibrationResult, calibrate
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, save
 from edgeq.options import CalibrationOptions
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 CALIBRATION_DATA = "calibration-data"

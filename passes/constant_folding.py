@@ -12,7 +12,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from edgeq.ir import Graph, Op, Tensor
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 # Ops that must never be folded: random, or with state/side effects, or control flow.

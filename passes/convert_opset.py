@@ -13,7 +13,7 @@ from onnx import version_converter
 from edgeq.errors import GraphError
 from edgeq.ir import Graph
 from edgeq.ir.onnx_io import _model_info, graph_from_proto
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.passes.shape_inference import model_for_analysis
 from edgeq.registry import register_pass
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.ir import Graph, Op
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 

@@ -4,7 +4,7 @@ yet rounded through the inverse Hessian of the layer input.
 
 Per group of linears sharing an input x (q/k/v, gate/up, ...): H = 2/n X^T X is streamed from
 the float graph in ONNX Runtime over `ctx.artifacts["calibration-data"]` (a few inputs at a
-time, `hessian_budget_mb` of Hessians at most, see `edgeq.hessian`), dampened by `damp` times
+time, `hessian_budget_mb` of Hessians at most, see `edgeq.quant.linears`), dampened by `damp` times
 its mean diagonal, and the group's weights (concatenated along their outputs, which GPTQ
 treats independently) are rounded column by column along K to the spec the select-precision
 plan gives them: int4 blocks along K (groups 32/64/128: scales per group from the
@@ -33,11 +33,11 @@ from collections import defaultdict
 import numpy as np
 
 from edgeq.errors import CalibrationError
-from edgeq.hessian import (CLIP_RATIOS, ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
+from edgeq.quant.linears import (CLIP_RATIOS, ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
                            input_statistics, linear_groups, output_errors, quantize_kn)
 from edgeq.ir import Graph
-from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.quant_plan import QuantPlan
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.quant.plan import QuantPlan
 from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import register_pass
 

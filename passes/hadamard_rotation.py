@@ -64,11 +64,11 @@ import numpy as np
 import onnx
 
 from edgeq.errors import EdgeqError
-from edgeq.hadamard import HadamardOrderError, Rotation, factor_orders
-from edgeq.hessian import ActivationStream
+from edgeq.quant.hadamard import HadamardOrderError, Rotation, factor_orders
+from edgeq.quant.linears import ActivationStream
 from edgeq.ir import Graph, Op, Value
-from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.patterns import DATA_MOVEMENT, Role, Roles, find_roles
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.frontend.patterns import DATA_MOVEMENT, Role, Roles, find_roles
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 
@@ -197,7 +197,7 @@ class HadamardRotation(Pass):
 
     @classmethod
     def from_options(cls, options, target) -> "HadamardRotation":
-        from edgeq.quant_plan import Scheme, rotates
+        from edgeq.quant.plan import Scheme, rotates
 
         rotate = rotates(options, target)
         if not rotate or target is None:
@@ -406,7 +406,7 @@ _PROBE_CHUNK = 8
 
 
 def _activation_samples(stream, names: list[str]) -> dict[str, np.ndarray]:
-    """The tensors `names` on every sample of `stream` (an edgeq.hessian.ActivationStream: the
+    """The tensors `names` on every sample of `stream` (an edgeq.quant.linears.ActivationStream: the
     graph in ONNX Runtime, weights fed from a memory-mapped side file), float64 [tokens, channels]."""
     rows: dict[str, list[np.ndarray]] = defaultdict(list)
     for arrays in stream.samples(names):
@@ -416,7 +416,7 @@ def _activation_samples(stream, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _fake_quant_weight(w: np.ndarray, spec: QSpec) -> np.ndarray:
-    from edgeq.quant_math import quantize_weight
+    from edgeq.quant.numerics import quantize_weight
 
     q, scale, zero = quantize_weight(w.astype(np.float32), spec, channel_axis=1)
     q = q.astype(np.float64)
@@ -433,7 +433,7 @@ def _search_smoothing(x: np.ndarray, weights: list[np.ndarray], rotation: Rotati
                       act_spec: QSpec, w_spec: QSpec) -> tuple[float, np.ndarray | None]:
     """The alpha of `grid` (0: none) whose smoothing + rotation gives the lowest simulated
     quantized output error of the group (activation range: min/max over the samples)."""
-    from edgeq.quant_math import dequantize, qparams, quantize
+    from edgeq.quant.numerics import dequantize, qparams, quantize
 
     act_max = np.abs(x).max(axis=0)
     w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)

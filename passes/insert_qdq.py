@@ -17,9 +17,9 @@ import onnx
 from edgeq.errors import CalibrationError, GraphError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import PrecisionOverrides
-from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.quant_math import qparams, quantize_weight
-from edgeq.quant_plan import OpPlan, QuantPlan, quant_source
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.quant.numerics import qparams, quantize_weight
+from edgeq.quant.plan import OpPlan, QuantPlan, quant_source
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 

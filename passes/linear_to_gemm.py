@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from edgeq.ir import Graph, Op, Value
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 

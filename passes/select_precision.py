@@ -11,9 +11,9 @@ from dataclasses import replace
 
 from edgeq.ir import Graph, Op
 from edgeq.options import CompileOptions, PrecisionOverrides
-from edgeq.pass_infra import Pass, PassContext, PassResult
-from edgeq.patterns import Role, find_roles, lm_heads
-from edgeq.quant_plan import OpPlan, QuantPlan, Scheme, is_float
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.frontend.patterns import Role, find_roles, lm_heads
+from edgeq.quant.plan import OpPlan, QuantPlan, Scheme, is_float
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec, Target
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.ir import Graph, save
-from edgeq.pass_infra import PassContext, Pass, PassManager, PassResult
-from edgeq.quant_math import sqnr_db
-from edgeq.quant_plan import QuantPlan
+from edgeq.pipeline import PassContext, Pass, PassManager, PassResult
+from edgeq.quant.numerics import sqnr_db
+from edgeq.quant.plan import QuantPlan
 from edgeq.registry import register_pass
-from edgeq.runtime import make_session
+from edgeq.runtime.sessions import make_session
 
 CALIBRATION_DATA = "calibration-data"
 
@@ -109,7 +109,7 @@ class _VariantRunner:
         self.baseline_error = self.output_error(set())
 
     def _variant(self, high: set[str]) -> Path:
-        from edgeq.quant_plan import QuantPlan as Plan
+        from edgeq.quant.plan import QuantPlan as Plan
 
         clone = self.graph.clone()
         by_name = {op.name: op for op in clone.ops()}

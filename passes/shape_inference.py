@@ -6,7 +6,7 @@ import onnx
 
 from edgeq.ir import Graph
 from edgeq.ir.onnx_io import _model_header, graph_to_proto
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 # Initializers up to this size carry their data into inference (shape tensors, axes); larger

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq.calibrate import CalibrationOptions as StatsOptions
-from edgeq.calibrate import calibrate
+from edgeq.calibration.collect import CalibrationOptions as StatsOptions
+from edgeq.calibration.collect import calibrate
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.options import SMOOTH_SEARCH_GRID
-from edgeq.quant_plan import OpPlan, QuantPlan, rotates
-from edgeq.folding import fold_channel_scale_into_producer, insert_channel_mul
+from edgeq.quant.plan import OpPlan, QuantPlan, rotates
+from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
 from edgeq.registry import register_pass
 
 CALIBRATION_DATA = "calibration-data"
@@ -95,7 +95,7 @@ class SmoothQuant(Pass):
 
     def _activation_samples(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
         """The group inputs on the first few calibration samples, as [tokens, channels]."""
-        from edgeq.runtime import make_session
+        from edgeq.runtime.sessions import make_session
 
         with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -165,7 +165,7 @@ def smoothing_source(graph: Graph, op: Op) -> Value:
 def _search_alpha(x: np.ndarray, weights: list[np.ndarray], act_max: np.ndarray, w_max: np.ndarray,
                   grid: tuple[float, ...], plan: QuantPlan, ops: list[Op]) -> float:
     """The alpha (0 = no smoothing) minimising the group's simulated quantized output error."""
-    from edgeq.quant_math import dequantize, qparams, quantize, quantize_weight
+    from edgeq.quant.numerics import dequantize, qparams, quantize, quantize_weight
 
     op_plan = next(p for p in plan.ops if p.op is ops[0])
     act_spec, w_spec = op_plan.activations[0], op_plan.weights[1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeq.ir import Graph
-from edgeq.pass_infra import Pass, PassContext, PassResult
+from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
 

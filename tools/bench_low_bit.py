@@ -8,7 +8,7 @@ Every edgeq row is the CLI (`edgeq compile ... --calib calib.npz`) run in a chil
 reports its wall time and its own peak RSS (VmHWM, read in the child: getrusage's
 RUSAGE_CHILDREN would carry this parent's high-water mark over fork+exec). Calibration:
 windows 1000..1065 of the WikiText-2 token ids (the compile sets the last 2 aside to verify);
-perplexity: `edgeq.evaluation.evaluate_smollm2`, the standard protocol (windows 0..31).
+perplexity: `edgeq.models.evaluation.evaluate_smollm2`, the standard protocol (windows 0..31).
 int4 is symmetric with blocks of 128 along K (the GGUF source is already on an asymmetric
 block-32 grid, which an asymmetric block-32 int4 would reproduce).
 
@@ -102,7 +102,7 @@ def run_child(kind: str, argv: list[str], work: Path) -> dict:
 # --- models and data -------------------------------------------------------------------------
 
 def calibration_file(shared: Path, out: Path, samples: int) -> Path:
-    from edgeq.evaluation import smollm2_calibration_feeds
+    from edgeq.models.evaluation import smollm2_calibration_feeds
 
     feeds = smollm2_calibration_feeds(shared, samples)
     np.savez(out, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})  # [samples, 1, seq]
@@ -195,8 +195,8 @@ def to_matmulnbits(qdq_path: Path, out: Path, accuracy_level: int) -> int:
 def speed(models: dict[str, Path], threads: int, repeats: int) -> tuple[list[str], dict]:
     import onnxruntime as ort
 
-    from edgeq.evaluation import smollm2_eval_windows
-    from edgeq.runtime import fusion_report, make_session
+    from edgeq.models.evaluation import smollm2_eval_windows
+    from edgeq.runtime.sessions import fusion_report, make_session
 
     window = smollm2_eval_windows(DEFAULT_SHARED)[0][None, :]
     inputs = {"256 tokens": window, "1 token": window[:, :1]}
@@ -268,7 +268,7 @@ def main() -> None:
         child_main(args.child, args.child_result, args.rest)
         return
 
-    from edgeq.evaluation import evaluate_smollm2
+    from edgeq.models.evaluation import evaluate_smollm2
     from edgeq.models import catalog
 
     header = run_header()

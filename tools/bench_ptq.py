@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
 from ort_baselines import dynamic_int8, static_qdq  # noqa: E402
 
-from edgeq import evaluation  # noqa: E402
+from edgeq.models import evaluation  # noqa: E402
 from edgeq.compiler import compile as edgeq_compile  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions  # noqa: E402
-from edgeq.runtime import fusion_report, make_session  # noqa: E402
+from edgeq.runtime.sessions import fusion_report, make_session  # noqa: E402
 
 VARIANTS = {
     "default": CompileOptions(calibration=CalibrationOptions(method="minmax")),

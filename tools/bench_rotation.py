@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_SHARED, load_line, machine_line  # noqa: E402
 
-from edgeq import evaluation  # noqa: E402
+from edgeq.models import evaluation  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions  # noqa: E402
 
@@ -107,7 +107,7 @@ def float_check(task: str, shared: Path = DEFAULT_SHARED, windows: int = 2) -> d
     """The rotated float model (no quantization) against the float model: max relative L2 of
     the outputs on evaluation windows / paragraphs (the pass's exactness on the real model)."""
     import edgeq
-    from edgeq.pass_infra import PassContext, PassManager
+    from edgeq.pipeline import PassContext, PassManager
     from edgeq.registry import get_pass
     from edgeq.passes.hadamard_rotation import HadamardRotation
 
@@ -147,17 +147,17 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
     on one further sample: SQNR in dB, peak/RMS, and the ratio of the largest token's RMS to the
     median token's (token outliers, which no channel rotation removes)."""
     import edgeq
-    from edgeq.pass_infra import PassContext, PassManager
+    from edgeq.pipeline import PassContext, PassManager
     from edgeq.passes.hadamard_rotation import HadamardRotation
-    from edgeq.quant_math import dequantize, qparams, quantize, sqnr_db
+    from edgeq.quant.numerics import dequantize, qparams, quantize, sqnr_db
     from edgeq.registry import get_pass, get_target
-    from edgeq.runtime import make_session
+    from edgeq.runtime.sessions import make_session
 
     float_path = catalog.cached("smollm2" if task == "smollm2" else "minilm")
     graph = edgeq.load(float_path)
     ctx = PassContext(target=get_target("x86-vnni"))
     names = ("identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
-    from edgeq.calib_data import open_source
+    from edgeq.calibration.sources import open_source
     from edgeq.passes.select_precision import SelectPrecision
 
     # the same calibration samples the pass's smoothing search sees in compile()

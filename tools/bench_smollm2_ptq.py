@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
 
-from edgeq import evaluation  # noqa: E402
+from edgeq.models import evaluation  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 
 VARIANTS = {

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from edgeq.compiler import compile as edgeq_compile
 from edgeq.models.bert import BertConfig
 from edgeq.options import CalibrationOptions, CompileOptions
-from edgeq.runtime import make_session
+from edgeq.runtime.sessions import make_session
 
 MINILM_SHAPE = BertConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
                           intermediate_size=1536, max_positions=512)
@@ -93,7 +93,7 @@ def gemm_probe(tmp: Path, size: int = 2048, repeats: int = 5) -> float:
 
 def build_models(kind: str, tmp: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
     if kind == "minilm":
-        from edgeq import evaluation
+        from edgeq.models import evaluation
         from edgeq.models import minilm
 
         path = tmp / "minilm.onnx"

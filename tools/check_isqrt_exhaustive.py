@@ -17,7 +17,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from edgeq.integer import IntGraphBuilder, ISqrt, QTensor
+from edgeq.backends.fpga.integer import IntGraphBuilder, ISqrt, QTensor
 
 
 def exact_isqrt(n: np.ndarray) -> np.ndarray:

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_SHARED, load_line, markdown_table, run_header  # noqa: E402
 
-from edgeq import evaluation  # noqa: E402
+from edgeq.models import evaluation  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
-from edgeq.evaluation import EvalResult, Feeds  # noqa: E402
+from edgeq.models.evaluation import EvalResult, Feeds  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 
 CALIBRATION_SAMPLES = 16

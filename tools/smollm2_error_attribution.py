@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
 
-from edgeq import evaluation  # noqa: E402
+from edgeq.models import evaluation  # noqa: E402
 from edgeq.compiler import compile as edgeq_compile  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 from edgeq.options import CalibrationOptions, CompileOptions, PrecisionOverrides  # noqa: E402

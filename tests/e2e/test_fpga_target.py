@@ -14,14 +14,14 @@ import pytest
 from onnx import numpy_helper
 
 import edgeq
-from edgeq import evaluation as ev
+from edgeq.models import evaluation as ev
 from edgeq.cli import main
 from edgeq.compiler import compile as compile_model
-from edgeq.integer.program import IntegerProgram, check_against_onnxruntime
+from edgeq.backends.fpga.integer.program import IntegerProgram, check_against_onnxruntime
 from edgeq.ir.verify import check_with_onnx
 from edgeq.models import synthetic
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import PassContext, PassManager
+from edgeq.pipeline import PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
 
@@ -146,7 +146,7 @@ def test_activations_have_one_power_of_two_scale_per_tensor(compiled_bert) -> No
 def test_embedding_tables_are_stored_rotated_and_host_ops_unchanged(compiled_bert) -> None:
     """The host still only gathers rows and adds them; each table read by the embedding sum is
     stored as table @ blockdiag(H_b) / b, which the datapath's first HadamardInt undoes."""
-    from edgeq.hadamard import sylvester
+    from edgeq.quant.hadamard import sylvester
 
     float_path, out, _ = compiled_bert
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer}
@@ -170,7 +170,7 @@ def test_per_channel_factors_are_an_explicit_option(compiled_bert, tmp_path: Pat
     """LowerToInteger(equalization=1.0, rotate=False, residual_bits=8) is the earlier variant
     with per-channel power-of-two factors (channel groups per linear); still integer-only and
     bit-exact, but not the default and not valid for the target (for comparison only)."""
-    from edgeq.passes.lower_to_integer import LowerToInteger
+    from edgeq.backends.fpga.lower_to_integer import LowerToInteger
 
     float_path, _, _ = compiled_bert
     target = get_target("fpga")
@@ -284,14 +284,14 @@ def test_minilm_embedding_cosine(minilm_onnx: Path, shared_dir: Path, tmp_path: 
 
 
 def _host_names(graph) -> set[str]:
-    from edgeq.passes.lower_to_integer import HOST_OPS_KEY
+    from edgeq.backends.fpga.lower_to_integer import HOST_OPS_KEY
 
     return {entry["name"] for entry in json.loads(dict(graph.model.metadata_props)[HOST_OPS_KEY])}
 
 
 def test_lowering_options_are_checked() -> None:
     from edgeq.errors import OptionError
-    from edgeq.passes.lower_to_integer import LowerToInteger
+    from edgeq.backends.fpga.lower_to_integer import LowerToInteger
 
     with pytest.raises(OptionError, match="residual_bits must be 8 or 16"):
         LowerToInteger(residual_bits=12)
@@ -305,10 +305,10 @@ def test_mse_scale_choice_is_a_power_of_two_near_the_covering_one() -> None:
     error on the histogram: a long thin tail is clipped (a finer scale), a flat range is not."""
     from types import SimpleNamespace
 
-    from edgeq.calibrate import Histogram
+    from edgeq.calibration.collect import Histogram
     from edgeq.errors import OptionError
     from edgeq.options import CalibrationOptions
-    from edgeq.passes.lower_to_integer import LowerToInteger, _Ranges
+    from edgeq.backends.fpga.lower_to_integer import LowerToInteger, _Ranges
     from edgeq.targets.base import QSpec
 
     def histogram(values: np.ndarray, exponent: int = -6) -> SimpleNamespace:

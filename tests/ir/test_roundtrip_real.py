@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq.wheels import wheel_members
+from edgeq.models.wheels import wheel_members
 from tests.conftest import RAPIDOCR_MODELS, REAL_MODEL_WHEELS, SILERO_MODELS
 from tests.ir.helpers import assert_bit_identical, session
 from tests.ir.protodiff import first_difference

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq import evaluation
+from edgeq.models import evaluation
 from edgeq.models import synthetic
 
 

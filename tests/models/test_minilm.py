@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgeq.evaluation import cosine_rows, mean_pool_normalize
+from edgeq.models.evaluation import cosine_rows, mean_pool_normalize
 from edgeq.models import minilm, synthetic
 from tests.models import patterns
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgeq import evaluation
+from edgeq.models import evaluation
 from edgeq.models import smollm2, synthetic
 from tests.models import decoding, patterns
 

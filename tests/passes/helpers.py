@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.ir import Graph
 from edgeq.ir.verify import check_with_onnx, verify
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import Pass, PassContext, PassManager
+from edgeq.pipeline import Pass, PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 
 F = TensorProto.FLOAT
@@ -97,7 +97,7 @@ def ptq_context(target_name: str, model_path: str | Path | None = None, feeds=No
     """A context with the target and, when feeds are given, checked calibration data."""
     ctx = PassContext(target=get_target(target_name))
     if feeds is not None:
-        from edgeq.calib_data import open_source
+        from edgeq.calibration.sources import open_source
 
         ctx.artifacts["calibration-data"] = open_source(list(feeds), str(model_path))
     return ctx

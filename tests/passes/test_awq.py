@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.calib_data import open_source
-from edgeq.hessian import linear_groups, quantize_kn
+from edgeq.calibration.sources import open_source
+from edgeq.quant.linears import linear_groups, quantize_kn
 from edgeq.ir import load
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import PassContext
+from edgeq.pipeline import PassContext
 from edgeq.passes.awq import AWQ
 from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import get_target

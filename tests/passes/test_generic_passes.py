@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 import edgeq
 from edgeq.ir import Graph
-from edgeq.pass_infra import PassContext, PassManager, VerifyInstrument
+from edgeq.pipeline import PassContext, PassManager, VerifyInstrument
 from edgeq.passes.constant_folding import ConstantFolding
 from edgeq.passes.dead_code_elimination import DeadCodeElimination
 from edgeq.passes.identity_elimination import IdentityElimination

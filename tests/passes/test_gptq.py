@@ -11,18 +11,18 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.calib_data import open_source
+from edgeq.calibration.sources import open_source
 from edgeq.errors import CalibrationError
-from edgeq.hessian import (CLIP_RATIOS, ActivationStream, dequantize_kn, gptq_quantize, linear_groups,
+from edgeq.quant.linears import (CLIP_RATIOS, ActivationStream, dequantize_kn, gptq_quantize, linear_groups,
                            output_errors, quantize_kn, search_params)
 from edgeq.ir import load
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import PassContext
+from edgeq.pipeline import PassContext
 from edgeq.passes.gptq import GPTQ
 from edgeq.passes.insert_qdq import weight_key
-from edgeq.quant_math import quantize_weight
+from edgeq.quant.numerics import quantize_weight
 from edgeq.registry import get_target
 from edgeq.targets.base import Granularity, QSpec
 

@@ -11,12 +11,12 @@ import pytest
 from onnx import helper
 
 import edgeq
-from edgeq.hadamard import Rotation
+from edgeq.quant.hadamard import Rotation
 from edgeq.ir import Graph
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
 from edgeq.options import CalibrationOptions, CompileOptions
-from edgeq.pass_infra import PassContext, PassManager, VerifyInstrument
+from edgeq.pipeline import PassContext, PassManager, VerifyInstrument
 from edgeq.passes.hadamard_rotation import HadamardRotation, RotationError
 from edgeq.registry import get_pass, get_target
 from tests.passes.helpers import PREPROCESS, assert_valid, model, relative_l2, run, vi
@@ -261,7 +261,7 @@ def test_smoothing_before_the_online_hadamards_keeps_the_function(which, synthet
     """SmoothRot: with calibration data, an online group's input is divided per channel by s
     (alpha searched per group) before its Hadamard: folded into SwiGLU's up projection in the
     Llama, an explicit float Mul after BERT's GELU / LayerNorms."""
-    from edgeq.calib_data import open_source
+    from edgeq.calibration.sources import open_source
 
     path, feeds = (synthetic_llama, llama_feeds) if which == "llama" else (synthetic_bert, bert_feeds)
     graph = edgeq.load(path)

@@ -13,12 +13,12 @@ import edgeq
 from edgeq.ir import Graph
 from edgeq.ir.verify import verify
 from edgeq.options import CompileOptions, PrecisionOverrides, TensorOverride
-from edgeq.pass_infra import PassContext, PassManager, VerifyInstrument
+from edgeq.pipeline import PassContext, PassManager, VerifyInstrument
 from edgeq.passes.calibrate import Calibrate
 from edgeq.passes.dead_code_elimination import DeadCodeElimination
 from edgeq.passes.insert_qdq import InsertQDQ
 from edgeq.passes.select_precision import SelectPrecision
-from edgeq.patterns import DATA_MOVEMENT
+from edgeq.frontend.patterns import DATA_MOVEMENT
 from edgeq.registry import get_pass
 from tests.passes.helpers import PREPROCESS, assert_valid, ptq_context, relative_l2, run
 

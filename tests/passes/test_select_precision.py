@@ -9,9 +9,9 @@ import pytest
 
 from edgeq.errors import OptionError, PassError
 from edgeq.options import CompileOptions, PrecisionOverrides, TensorOverride
-from edgeq.pass_infra import PassContext, PassManager
+from edgeq.pipeline import PassContext, PassManager
 from edgeq.passes.select_precision import SelectPrecision
-from edgeq.patterns import Role
+from edgeq.frontend.patterns import Role
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import Granularity
 from tests.passes.helpers import PREPROCESS

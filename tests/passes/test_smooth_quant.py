@@ -13,7 +13,7 @@ from onnx import helper
 import edgeq
 from edgeq.ir import Graph
 from edgeq.options import CompileOptions
-from edgeq.pass_infra import PassManager, VerifyInstrument
+from edgeq.pipeline import PassManager, VerifyInstrument
 from edgeq.passes.select_precision import SelectPrecision
 from edgeq.passes.smooth_quant import SmoothQuant
 from edgeq.registry import get_pass

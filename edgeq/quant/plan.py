@@ -1,0 +1,120 @@
+"""The quantization plan: which ops run in integer, with which specs per input, and why the
+others stay high. Built by the `select-precision` pass, read by calibration and QDQ insertion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import onnx
+
+from edgeq.errors import OptionError
+from edgeq.ir import Graph, Op, Value
+from edgeq.options import CompileOptions
+from edgeq.frontend.patterns import DATA_MOVEMENT, Roles
+from edgeq.targets.base import Granularity, OpRule, QSpec, Target
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The target's op rules specialised by --weights/--group/--activations."""
+
+    rules: dict[str, OpRule]
+    label: str
+    head_weight: QSpec | None = None   # the LM head's weights where they differ from the others'
+    weight_dtype: str = "int8"          # the linears' weight dtype
+
+    @classmethod
+    def resolve(cls, target: Target, options: CompileOptions) -> "Scheme":
+        weight = target.weight
+        head_weight = None
+        if options.weights == "int4":
+            if options.head_weights == "int8":
+                head_weight = target.weight
+            weight = QSpec("int4", symmetric=True, granularity=Granularity.BLOCK, axis=0,
+                           block_size=options.group or 128)
+        elif options.weights == "int8" and options.group:
+            weight = weight.replace(granularity=Granularity.BLOCK, axis=0, block_size=options.group)
+        if weight.dtype not in target.weight_dtypes:
+            raise OptionError(f"target {target.name} does not support {weight.dtype} weights",
+                              fix=f"use one of {', '.join(sorted(target.weight_dtypes))}")
+        act_label = options.activations or "int8"
+        rules = {}
+        for kind, rule in target.ops.items():
+            acts = rule.activations
+            if options.activations == "float":
+                acts = ()
+            elif options.activations == "int16":
+                acts = tuple(None if s is None else _widen(s) for s in acts)
+            for spec in acts:
+                if spec is not None and spec.dtype not in target.activation_dtypes:
+                    raise OptionError(f"target {target.name} does not support {spec.dtype} activations")
+            rule_weight = rule.weight
+            if rule_weight is not None and kind != "Gather":
+                rule_weight = weight
+            rules[kind] = replace(rule, activations=acts, weight=rule_weight)
+        activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
+        label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
+        return cls(rules, label, head_weight, weight.dtype)
+
+
+def rotates(options: CompileOptions, target: Target | None) -> bool:
+    """Whether the Hadamard rotation runs: --rotate/--no-rotate, else the target's choice for
+    the preset's weight dtype."""
+    if options.rotate is not None:
+        return options.rotate
+    return target is not None and Scheme.resolve(target, options).weight_dtype in target.rotate_weights
+
+
+def _widen(spec: QSpec) -> QSpec:
+    return spec.replace(dtype="uint16" if spec.dtype == "uint8" else "int16", qrange=None)
+
+
+@dataclass
+class OpPlan:
+    op: Op
+    activations: dict[int, QSpec] = field(default_factory=dict)   # slot -> spec
+    weights: dict[int, QSpec] = field(default_factory=dict)       # slot -> spec
+    bias: QSpec | None = None
+    two_digit: bool = False   # activation of slot 0 as two int8 digits (see CompileOptions.two_digit)
+
+
+@dataclass
+class QuantPlan:
+    scheme: Scheme
+    roles: Roles
+    ops: list[OpPlan] = field(default_factory=list)
+    kept_high: list[tuple[Op, str]] = field(default_factory=list)
+
+    def activation_sources(self, graph: Graph) -> dict[str, list[tuple[OpPlan, int, QSpec]]]:
+        """Tensors to calibrate: the source of every quantized activation input (looking
+        through data movement, which shares its input's quantization)."""
+        sources: dict[str, list[tuple[OpPlan, int, QSpec]]] = {}
+        for plan in self.ops:
+            ins = graph.inputs_of(plan.op)
+            for slot, spec in plan.activations.items():
+                source, _ = quant_source(graph, ins[slot])
+                sources.setdefault(source.name, []).append((plan, slot, spec))
+        return sources
+
+
+def is_float(value: Value | None) -> bool:
+    return value is not None and value.elem_type in _FLOAT_TYPES
+
+
+def quant_source(graph: Graph, value: Value) -> tuple[Value, list[Op]]:
+    """Walk up through data-movement ops to the tensor whose quantization `value` shares.
+    Returns (source, chain of movement ops from source down to value)."""
+    chain: list[Op] = []
+    while True:
+        producer = graph.producer(value)
+        if producer is None or producer.op_type not in DATA_MOVEMENT or producer.domain:
+            break
+        data = graph.inputs_of(producer)[0]
+        if data is None or graph.is_const(data) or len(graph.outputs_of(producer)) != 1:
+            break
+        chain.append(producer)
+        value = data
+    chain.reverse()
+    return value, chain
