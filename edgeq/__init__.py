@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 __all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "compile", "load", "save", "__version__"]
 
 
-def compile(model, target, options=None, *, calibration=None) -> "Compiled":  # noqa: A001 (the API's name)
+def compile(model, target, options=None, *, calibration=None, instruments=()) -> "Compiled":  # noqa: A001
     """Quantize `model` for `target` (see `edgeq.compiler.compile`)."""
     from edgeq.compiler import compile as compile_model
 
-    return compile_model(model, target, options, calibration=calibration)
+    return compile_model(model, target, options, calibration=calibration, instruments=instruments)

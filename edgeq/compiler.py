@@ -6,20 +6,21 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import onnx
 
 from edgeq.errors import OptionError
-from edgeq.ir import Graph, load, save
+from edgeq.ir import Graph, clone_graph, load, save
 from edgeq.options import CompileOptions
-from edgeq.pipeline import Pass, PassContext, PassManager
+from edgeq.pipeline import Instrument, Pass, PassContext, PassManager, ReleasePagesInstrument, TimingInstrument
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SENSITIVITY
 from edgeq.registry import get_pass, get_target
-from edgeq.report import Report, count_kinds, kept_high_by_reason
-from edgeq.runtime.sessions import fusion_report, synthetic_feeds, verify
+from edgeq.report import Report, count_kinds, kept_high_by_reason, pass_rows
+from edgeq.runtime.feeds import synthetic_feeds
+from edgeq.runtime.fusion import fusion_report
+from edgeq.runtime.verification import compare_with_float
 from edgeq.targets.base import Target, validate
-
-CALIBRATION_DATA = "calibration-data"
 
 
 @dataclass
@@ -43,14 +44,17 @@ def build_pipeline(target: Target, options: CompileOptions) -> PassManager:
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Target,
-            options: CompileOptions | None = None, *, calibration: Any = None) -> Compiled:
+            options: CompileOptions | None = None, *, calibration: Any = None,
+            instruments: Sequence[Instrument] = ()) -> Compiled:
     """Quantize `model` for `target`. `calibration`: a path (.npz dir/file), a text-window spec,
-    an iterable of feed dicts, or an ORT CalibrationDataReader. The input is never modified."""
+    an iterable of feed dicts, or an ORT CalibrationDataReader. `instruments` observe the
+    pipeline (edgeq.pipeline.instruments); the compile adds its own timing and page release.
+    The input is never modified."""
     from edgeq.calibration.sources import open_source, split
 
     options = options or CompileOptions()
     target = get_target(target) if isinstance(target, str) else target
-    graph = model.clone() if isinstance(model, Graph) else load(model)
+    graph = clone_graph(model) if isinstance(model, Graph) else load(model)
     with tempfile.TemporaryDirectory(prefix="edgeq-compile-") as tmp:
         float_path = _float_model_path(model, graph, Path(tmp))
         source = open_source(calibration, str(float_path)) if calibration is not None else None
@@ -60,21 +64,23 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
             calib, holdout = split(source, holdout_count)
             if len(calib) == 0:
                 raise OptionError("no calibration samples left after setting aside verification samples")
-        ctx = PassContext(target=target, seed=options.calibration.seed)
+        timing = TimingInstrument()
+        ctx = PassContext(target=target, seed=options.calibration.seed,
+                          instruments=[*instruments, timing, ReleasePagesInstrument()])
         if calib is not None:
             ctx.artifacts[CALIBRATION_DATA] = calib
         result = build_pipeline(target, options)(graph, ctx)
         graph = result.graph
         validate(graph, target)
-        report = _report(model, target, options, ctx, graph)
+        report = _report(model, target, options, ctx, timing)
         compiled_path = Path(tmp) / "compiled.onnx"
         save(graph, compiled_path)
         report.compiled_bytes = _model_bytes(compiled_path)
         report.float_bytes = _model_bytes(float_path)
         if options.verify:
             feeds, synthetic = _verification_feeds(holdout, float_path, options)
-            report.verification = verify(float_path, compiled_path, feeds, threads=options.threads,
-                                         synthetic=synthetic)
+            report.verification = compare_with_float(float_path, compiled_path, feeds, threads=options.threads,
+                                                     synthetic=synthetic)
             report.fusion = fusion_report(compiled_path, providers=target.execution.providers,
                                           config=target.execution.session_config)
     return Compiled(graph, report, target)
@@ -100,13 +106,13 @@ def _verification_feeds(holdout, float_path: Path, options: CompileOptions):
     return synthetic_feeds(float_path, 2, seed=options.calibration.seed), True
 
 
-def _report(model, target: Target, options: CompileOptions, ctx: PassContext, graph: Graph) -> Report:
-    plan = ctx.artifacts.get("select-precision")
+def _report(model, target: Target, options: CompileOptions, ctx: PassContext, timing: TimingInstrument) -> Report:
+    plan = ctx.artifacts.get(QUANT_PLAN)
     report = Report(model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
                     target=target.name, scheme=plan.scheme.label if plan else "float",
-                    options=_options_dict(options), passes=list(ctx.records))
+                    options=_options_dict(options), passes=pass_rows(ctx.records, timing.seconds))
     if plan is not None:
-        report.sensitivity = [vars(item) for item in ctx.artifacts.get("sensitivity", [])]
+        report.sensitivity = [vars(item) for item in ctx.artifacts.get(SENSITIVITY, [])]
         report.quantized_ops = count_kinds(p.op for p in plan.ops)
         report.kept_high = kept_high_by_reason(plan.kept_high)
         report.roles = plan.roles.counts()

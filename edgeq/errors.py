@@ -58,6 +58,17 @@ class CostModelError(EdgeqError):
     """An op has no price in the target's cost model (nothing silently costs zero)."""
 
 
+class PreconditionError(EdgeqError):
+    """A pass cannot run on this graph or context (a missing artifact, a graph it does not take):
+    the input or the pipeline is wrong, not the pass."""
+
+
+class PostconditionError(EdgeqError):
+    """A pass broke its own promise about the graph it returns: a bug in edgeq (exit 1)."""
+
+    exit_code = 1
+
+
 class PassError(EdgeqError):
     """A pass failed; the message names it and the passes that ran before it."""
 

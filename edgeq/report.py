@@ -9,9 +9,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeq.ir.files import write_text_atomic
 from edgeq.pipeline import PassRecord
-from edgeq.runtime.sessions import FusionReport, Verification
+from edgeq.runtime.fusion import FusionReport
+from edgeq.runtime.verification import Verification
 from edgeq.targets.base import Target
+
+
+@dataclass(frozen=True)
+class PassRow:
+    """One pass in the report: what it changed and how long it took (pipelines are not rows)."""
+
+    name: str
+    modified: bool
+    stats: dict[str, int | float]
+    seconds: float
+
+
+def pass_rows(records: list[PassRecord], seconds: list[tuple[str, float]]) -> list[PassRow]:
+    """Join the context's records with a TimingInstrument's times (both in completion order)."""
+    if [r.name for r in records] != [name for name, _ in seconds]:
+        raise ValueError("pass records and timings disagree: the timing instrument saw other passes")
+    return [PassRow(r.name, r.modified, dict(r.stats), s) for r, (_, s) in zip(records, seconds) if not r.pipeline]
 
 
 @dataclass
@@ -20,7 +39,7 @@ class Report:
     target: str
     scheme: str
     options: dict[str, Any]
-    passes: list[PassRecord] = field(default_factory=list)
+    passes: list[PassRow] = field(default_factory=list)
     quantized_ops: dict[str, int] = field(default_factory=dict)
     kept_high: dict[str, list[str]] = field(default_factory=dict)     # reason -> op names
     roles: dict[str, int] = field(default_factory=dict)
@@ -97,8 +116,6 @@ class Report:
         return "\n".join(out) + "\n"
 
     def write(self, path: str | os.PathLike) -> None:
-        from edgeq.ir.files import write_text_atomic
-
         path = Path(path)
         text = self.to_markdown() if path.suffix.lower() in (".md", ".markdown") else self.to_json()
         write_text_atomic(path, text)
@@ -126,12 +143,12 @@ def count_kinds(ops) -> dict[str, int]:
 def describe_target(target: Target) -> dict[str, Any]:
     lines = [f"{target.name}: {target.description}", "",
              f"activations (default): {target.activation.describe()}",
-             f"weights (default):     {target.weight.describe()}",
-             f"weight dtypes:         {', '.join(sorted(target.weight_dtypes))}",
-             f"activation dtypes:     {', '.join(sorted(target.activation_dtypes))}",
-             f"high precision:        {target.high_dtype}; kept high: {', '.join(sorted(target.keep_high))}",
-             f"opset:                 {target.opset}",
-             f"providers:             {', '.join(target.execution.providers)}", "", "integer ops:"]
+             f"weights (default):     {target.weight.describe()}"]
+    lines += [f"weights {dtype + ':':<15}{spec.describe()}" for dtype, spec in sorted(target.weight_specs.items())]
+    lines += [f"activation dtypes:     {', '.join(sorted(target.activation_dtypes))}",
+              f"kept high:             {', '.join(sorted(target.keep_high)) or '-'}",
+              f"opset:                 {target.opset}",
+              f"providers:             {', '.join(target.execution.providers)}", "", "integer ops:"]
     for kind, rule in sorted(target.ops.items()):
         acts = ", ".join(s.describe() if s else "float" for s in rule.activations) or "-"
         weight = rule.weight.describe() if rule.weight else "-"
@@ -139,8 +156,12 @@ def describe_target(target: Target) -> dict[str, Any]:
                      + (f"  bias [{rule.bias.describe()}]" if rule.bias else ""))
     lines += ["", "pipeline: " + " -> ".join(target.default_pipeline)]
     if target.cost_model is not None:
-        lines.append(f"cost model: {target.cost_model.unit}; source: {target.cost_model.source}")
+        model = target.cost_model
+        lines.append(f"cost model: {model.unit}" + ("; needs a device (--device)" if model.needs_device else "")
+                     + f"; source: {model.source}")
     lines += [f"note: {n}" for n in target.notes]
     return {"name": target.name, "text": "\n".join(lines),
             "ops": {k: asdict(v) for k, v in target.ops.items()}, "keep_high": sorted(target.keep_high),
-            "high_dtype": target.high_dtype, "pipeline": list(target.default_pipeline)}
+            "weight_specs": {target.weight.dtype: asdict(target.weight),
+                             **{k: asdict(v) for k, v in target.weight_specs.items()}},
+            "pipeline": list(target.default_pipeline)}

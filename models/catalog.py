@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from edgeq.errors import OptionError
+from edgeq.ir.files import atomic_write
 from edgeq.models import minilm, smollm2
 from edgeq.models._onnx import BUILDER_VERSION
 from edgeq.models.wheels import cache_dir
@@ -24,7 +24,7 @@ def build(name: str, output_dir: str | Path) -> Path:
     builder = _builder(name)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return _write_atomically(builder, output_dir / f"{name}.onnx")
+    return builder(output_dir / f"{name}.onnx")
 
 
 def write_tokenizer(name: str, output_dir: str | Path) -> Path | None:
@@ -33,9 +33,8 @@ def write_tokenizer(name: str, output_dir: str | Path) -> Path | None:
     if _builder(name) is not minilm.build:
         return None
     target = Path(output_dir) / "tokenizer.json"
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_bytes(minilm.tokenizer_path().read_bytes())
-    os.replace(tmp, target)
+    with atomic_write(target) as out:
+        out.write(minilm.tokenizer_path().read_bytes())
     return target
 
 
@@ -46,7 +45,7 @@ def cached(name: str) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_atomically(builder, path)
+    return builder(path)  # builders write atomically: a build racing another never leaves a truncated model
 
 
 def _builder(name: str) -> Callable[[Path], Path]:
@@ -54,13 +53,3 @@ def _builder(name: str) -> Callable[[Path], Path]:
         raise OptionError(f"unknown model '{name}'", fix=f"choose one of {', '.join(BUILDERS)}")
     return BUILDERS[name]
 
-
-def _write_atomically(builder: Callable[[Path], Path], path: Path) -> Path:
-    # A build interrupted halfway, or racing another process, never leaves a truncated model.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        builder(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

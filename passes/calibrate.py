@@ -5,16 +5,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from edgeq.calibration.collect import CalibrationOptions as StatsOptions
-from edgeq.calibration.collect import CalibrationResult, calibrate
+from edgeq.calibration.collection import CollectionOptions, calibrate
+from edgeq.calibration.statistics import CalibrationResult
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, save
 from edgeq.options import CalibrationOptions
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import ACTIVATION_RANGES, CALIBRATION_DATA, CALIBRATION_STATISTICS, QUANT_PLAN
 from edgeq.registry import register_pass
 
-CALIBRATION_DATA = "calibration-data"
-STATISTICS = "calibration-statistics"
 
 
 @register_pass
@@ -31,11 +30,11 @@ class Calibrate(Pass):
         return cls(options.calibration, options.threads)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        plan = ctx.artifact("select-precision", self.name)
+        plan = ctx.artifact(QUANT_PLAN, self.name)
         sources = plan.activation_sources(graph)
         overrides_fixed = set()
         if not sources:
-            ctx.artifacts[self.name] = {}
+            ctx.artifacts[ACTIVATION_RANGES] = {}
             return PassResult(graph, False, {"tensors": 0})
         data = ctx.artifacts.get(CALIBRATION_DATA)
         if data is None:
@@ -43,14 +42,14 @@ class Calibrate(Pass):
                 f"{len(sources)} activation tensors need calibration data but none was given",
                 fix="pass --calib DIR|FILE.npz or --calib-text, or --activations float for weight-only")
         names = sorted(n for n in sources if n not in overrides_fixed)
-        stats_options = StatsOptions(histogram=self.options.method != "minmax",
-                                     threads=self.threads or 1)
+        stats_options = CollectionOptions(histogram=self.options.method != "minmax",
+                                          threads=self.threads or 1)
         with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save(graph, path, external_data=True)  # ORT is fed memory-mapped weights, not a proto copy
             stats = calibrate(str(path), data, names, stats_options)
-        ctx.artifacts[STATISTICS] = stats
-        ctx.artifacts[self.name] = self._ranges(stats, sources)
+        ctx.artifacts[CALIBRATION_STATISTICS] = stats
+        ctx.artifacts[ACTIVATION_RANGES] = self._ranges(stats, sources)
         return PassResult(graph, False, {"tensors": len(names), "samples": stats.num_samples
                                          if hasattr(stats, "num_samples") else len(data)})
 

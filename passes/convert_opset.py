@@ -12,7 +12,7 @@ from onnx import version_converter
 
 from edgeq.errors import GraphError
 from edgeq.ir import Graph
-from edgeq.ir.onnx_io import _model_info, graph_from_proto
+from edgeq.ir.from_proto import graph_from_proto, model_info_from_proto
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.passes.shape_inference import model_for_analysis
 from edgeq.registry import register_pass
@@ -41,7 +41,7 @@ class ConvertOpset(Pass):
             raise GraphError(f"cannot convert opset {current} to {self.version}: {err}",
                              fix="re-export the model at a newer opset") from None
         tensors = {v.name: v.const for v in graph.initializers}
-        info = _model_info(converted)
+        info = model_info_from_proto(converted)
         info.ir_version = max(info.ir_version, graph.model.ir_version, 10)
         graph.take_contents(graph_from_proto(converted.graph, model=info, tensors=tensors))
         return PassResult(graph, True, {"from": current, "to": self.version})

@@ -3,8 +3,8 @@ on the calibration data changes least, compensating every rounding error on the 
 yet rounded through the inverse Hessian of the layer input.
 
 Per group of linears sharing an input x (q/k/v, gate/up, ...): H = 2/n X^T X is streamed from
-the float graph in ONNX Runtime over `ctx.artifacts["calibration-data"]` (a few inputs at a
-time, `hessian_budget_mb` of Hessians at most, see `edgeq.quant.linears`), dampened by `damp` times
+the float graph in ONNX Runtime over the calibration data (`CALIBRATION_DATA`, a few inputs at a
+time, `hessian_budget_mb` of Hessians at most, see `edgeq.calibration.layer_inputs`), dampened by `damp` times
 its mean diagonal, and the group's weights (concatenated along their outputs, which GPTQ
 treats independently) are rounded column by column along K to the spec the select-precision
 plan gives them: int4 blocks along K (groups 32/64/128: scales per group from the
@@ -20,10 +20,10 @@ weights fed to the model, so later layers compensate the error of earlier ones (
 sequential mode, at the granularity of the Hessian chunks).
 
 The rounded weights (q, scale, zero point) are stored under `weight_key(...)` in
-`ctx.artifacts["weight-rounding"]`; insert-qdq emits exactly those. The pass changes no graph
+`ctx.artifacts[WEIGHT_ROUNDING]`; insert-qdq emits exactly those. The pass changes no graph
 node. Stats: the mean relative layer-output error on the calibration data with
 round-to-nearest and with GPTQ (tr(E^T H E) / tr(W^T H W)); per-layer values are in
-`ctx.artifacts["gptq"]`.
+`ctx.artifacts[GPTQ_ERRORS]`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ from collections import defaultdict
 import numpy as np
 
 from edgeq.errors import CalibrationError
-from edgeq.quant.linears import (CLIP_RATIOS, ActivationStream, LinearGroup, dequantize_kn, gptq_quantize, hessian_chunks,
-                           input_statistics, linear_groups, output_errors, quantize_kn)
+from edgeq.calibration.layer_inputs import ActivationStream, hessian_chunks, input_statistics
+from edgeq.quant.linears import LinearGroup, linear_groups
+from edgeq.quant.rounding import CLIP_RATIOS, dequantize_kn, gptq_quantize, output_errors, quantize_kn
 from edgeq.ir import Graph
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, GPTQ_ERRORS, QUANT_PLAN, WEIGHT_ROUNDING
 from edgeq.quant.plan import QuantPlan
 from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import register_pass
 
-CALIBRATION_DATA = "calibration-data"
-WEIGHT_ROUNDING = "weight-rounding"
 
 
 @register_pass
@@ -95,7 +95,7 @@ class GPTQ(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:
             return PassResult(graph, False, {"layers": 0})
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         groups, skipped = linear_groups(graph, plan)
         if not groups:
             return PassResult(graph, False, {"layers": 0, "skipped": len(skipped)})
@@ -119,7 +119,7 @@ class GPTQ(Pass):
                             stored = dequantize_kn(*_kn(lin, q, scale, zero), lin.spec)
                             stream.substitute(graph.inputs_of(lin.op)[1].name, stored.T if lin.transposed else stored)
             passes = stream.passes
-        ctx.artifacts[self.name] = per_layer
+        ctx.artifacts[GPTQ_ERRORS] = per_layer
         rtn = [r["rtn_error"] for r in per_layer]
         gptq = [r["gptq_error"] for r in per_layer]
         return PassResult(graph, False, {

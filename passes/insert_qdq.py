@@ -18,13 +18,12 @@ from edgeq.errors import CalibrationError, GraphError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import PrecisionOverrides
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import ACTIVATION_RANGES, QUANT_PLAN, WEIGHT_ROUNDING
 from edgeq.quant.numerics import qparams, quantize_weight
 from edgeq.quant.plan import OpPlan, QuantPlan, quant_source
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
 
-CALIBRATION = "calibrate"
-WEIGHT_ROUNDING = "weight-rounding"
 
 
 def weight_key(graph: Graph, op: Op, slot: int, spec: QSpec) -> tuple[str, QSpec, int]:
@@ -55,7 +54,7 @@ class InsertQDQ(Pass):
         return cls(options.overrides)
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         specs = [s for p in plan.ops for s in (*p.activations.values(), *p.weights.values())]
         needs = 21 if any(s.dtype in ("int4", "uint4", "int16", "uint16") or s.granularity == Granularity.BLOCK
                           for s in specs) else 13
@@ -65,8 +64,8 @@ class InsertQDQ(Pass):
                              fix="run the convert-opset pass first")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
-        ranges = ctx.artifacts.get(CALIBRATION, {})
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
+        ranges = ctx.artifacts.get(ACTIVATION_RANGES, {})
         # Weights already rounded by GPTQ/AWQ (same keys as `weight_key`) are used as they are.
         self.weight_cache.update(ctx.artifacts.get(WEIGHT_ROUNDING, {}))
         emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache)

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import onnx
+
+from edgeq.errors import PreconditionError
 from edgeq.ir import Graph, Op
 from edgeq.options import CompileOptions, PrecisionOverrides
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import QUANT_PLAN
 from edgeq.frontend.patterns import Role, find_roles, lm_heads
 from edgeq.quant.plan import OpPlan, QuantPlan, Scheme, is_float
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec, Target
 
-PLAN = "select-precision"
 
 
 @register_pass
 class SelectPrecision(Pass):
-    name = PLAN
+    name = "select-precision"
     description = "choose the ops that run in integer (target rules, kept-high roles, user overrides)"
 
     def __init__(self, options: CompileOptions | None = None):
@@ -34,8 +37,7 @@ class SelectPrecision(Pass):
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         if ctx.target is None:
-            from edgeq.errors import OptionError
-            raise OptionError("select-precision needs a target in the pass context")
+            raise PreconditionError("select-precision needs a target in the pass context")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         target = ctx.target
@@ -56,7 +58,7 @@ class SelectPrecision(Pass):
                 reason = "nothing to quantize"
             if reason != "no integer kernel" or op.op_type in _REPORTED_HIGH:
                 plan.kept_high.append((op, reason))
-        ctx.artifacts[PLAN] = plan
+        ctx.artifacts[QUANT_PLAN] = plan
         stats = {"ops_quantized": len(plan.ops), "ops_kept_high": len(plan.kept_high)}
         if heads:
             stats["lm_head_weights"] = f"{scheme.head_weight.dtype} ({', '.join(sorted(op.name for op in heads))})"
@@ -68,7 +70,7 @@ class SelectPrecision(Pass):
         if user:
             return user
         if role is not None and role.value in target.keep_high:
-            return f"{role.value} stays {target.high_dtype}"
+            return f"{role.value} stays {_float_dtype(graph, op)}"
         rule = scheme.rules.get(op.kind)
         if rule is None:
             return "no integer kernel"
@@ -113,6 +115,18 @@ class SelectPrecision(Pass):
                 and not plan.weights:
             return OpPlan(op)
         return plan
+
+
+_FLOAT_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+
+
+def _float_dtype(graph: Graph, op: Op) -> str:
+    """The precision an op kept high runs in: its output's float dtype, as the model states it."""
+    for value in graph.outputs_of(op):
+        if value is not None and value.elem_type in _FLOAT_NAMES:
+            return _FLOAT_NAMES[value.elem_type]
+    return "float"
 
 
 def slot_is_const(graph: Graph, value) -> bool:

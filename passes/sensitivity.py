@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.ir import Graph, save
+from edgeq.ir import Graph, clone_graph, save
 from edgeq.pipeline import PassContext, Pass, PassManager, PassResult
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SENSITIVITY
 from edgeq.quant.numerics import sqnr_db
 from edgeq.quant.plan import QuantPlan
 from edgeq.registry import register_pass
 from edgeq.runtime.sessions import make_session
 
-CALIBRATION_DATA = "calibration-data"
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Sensitivity(Pass):
                    analyse=options.sensitivity or bool(options.keep_high) or options.accuracy_budget is not None)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         data = ctx.artifacts.get(CALIBRATION_DATA)
         if not self.analyse or not plan.ops or data is None:
             return PassResult(graph, False, {"ranked": 0})
@@ -67,7 +67,7 @@ class Sensitivity(Pass):
             op_plan = next(p for p in plan.ops if p.op.name == name)
             plan.ops.remove(op_plan)
             plan.kept_high.append((op_plan.op, "sensitivity: kept high"))
-        ctx.artifacts[self.name] = ranking
+        ctx.artifacts[SENSITIVITY] = ranking
         return PassResult(graph, False, {"ranked": len(ranking), "kept_high": len(kept),
                                          "baseline_error": round(runner.baseline_error, 6)})
 
@@ -111,7 +111,7 @@ class _VariantRunner:
     def _variant(self, high: set[str]) -> Path:
         from edgeq.quant.plan import QuantPlan as Plan
 
-        clone = self.graph.clone()
+        clone = clone_graph(self.graph)
         by_name = {op.name: op for op in clone.ops()}
         ops = []
         for op_plan in self.plan.ops:
@@ -121,7 +121,7 @@ class _VariantRunner:
                                  op_plan.bias, op_plan.two_digit)
             ops.append(copy)
         ctx = PassContext(target=self.ctx.target, artifacts=dict(self.ctx.artifacts))
-        ctx.artifacts["select-precision"] = Plan(self.plan.scheme, self.plan.roles, ops, [])
+        ctx.artifacts[QUANT_PLAN] = Plan(self.plan.scheme, self.plan.roles, ops, [])
         from edgeq.registry import get_pass
 
         PassManager([self.insert, get_pass("dead-code-elimination")()])(clone, ctx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from edgeq.ir import Graph
-from edgeq.ir.onnx_io import _model_header, graph_to_proto
+from edgeq.ir.to_proto import graph_to_proto, model_header
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 
@@ -16,7 +16,7 @@ _DATA_LIMIT_BYTES = 1 << 16
 
 def model_for_analysis(graph: Graph) -> onnx.ModelProto:
     """The model with small constants' data and only the dims of large weights."""
-    model = _model_header(graph)
+    model = model_header(graph)
     model.graph.CopyFrom(graph_to_proto(graph, with_data=False))
     for proto, value in zip(model.graph.initializer, graph.initializers):
         if value.const.nbytes <= _DATA_LIMIT_BYTES and not value.const.has_typed_storage():

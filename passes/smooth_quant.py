@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq.calibration.collect import CalibrationOptions as StatsOptions
-from edgeq.calibration.collect import calibrate
+from edgeq.calibration.collection import CollectionOptions, calibrate
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
 from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SMOOTHING
 from edgeq.options import SMOOTH_SEARCH_GRID
 from edgeq.quant.plan import OpPlan, QuantPlan, rotates
 from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
+from edgeq.quant.sharing import is_private_constant
 from edgeq.registry import register_pass
 
-CALIBRATION_DATA = "calibration-data"
 
 
 @register_pass
@@ -58,7 +58,7 @@ class SmoothQuant(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.alpha is None and not self.alpha_grid:
             return PassResult(graph, False, {"groups": 0})
-        plan: QuantPlan = ctx.artifact("select-precision", self.name)
+        plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         groups = _linear_groups(graph, plan)
         if not groups:
             return PassResult(graph, False, {"groups": 0})
@@ -89,7 +89,7 @@ class SmoothQuant(Pass):
             else:
                 insert_channel_mul(graph, source, readers, 1.0 / scale)
                 explicit += 1
-        ctx.artifacts[self.name] = chosen
+        ctx.artifacts[SMOOTHING] = chosen
         return PassResult(graph, folded + explicit > 0, {"groups": len(groups), "folded": folded,
                                                          "explicit_mul": explicit, "left_alone": skipped})
 
@@ -119,7 +119,7 @@ class SmoothQuant(Pass):
             path = Path(tmp) / "model.onnx"
             save(graph, path, external_data=True)  # calibration maps the weights, no proto copy
             stats = calibrate(str(path), data, names,
-                              StatsOptions(histogram=False, channel_axis=-1, threads=self.threads or 1))
+                              CollectionOptions(histogram=False, channel_axis=-1, threads=self.threads or 1))
         return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
 
 
@@ -135,14 +135,11 @@ def _linear_groups(graph: Graph, plan: QuantPlan) -> dict[str, list[Op]]:
         if weight is None or len(weight.dims) != 2 or graph.inputs_of(op)[1].const is None:
             continue
         groups[smoothing_source(graph, op).name].append(op)
-    # A weight read by more than one group cannot take two different scalings.
-    owners = defaultdict(set)
-    for name, ops in groups.items():
-        for op in ops:
-            owners[graph.inputs_of(op)[1].name].add(name)
+    # W' = diag(s) W changes the weight in place: a weight read by another op (which would
+    # see the scaling, or take a second one) or seen by the caller (graph input or output)
+    # leaves its whole group alone.
     return {name: ops for name, ops in groups.items()
-            if all(len(owners[graph.inputs_of(op)[1].name]) == 1 and
-                   len(graph.consumers(graph.inputs_of(op)[1])) == 1 for op in ops)}
+            if all(is_private_constant(graph, graph.inputs_of(op)[1], op) for op in ops)}
 
 
 def _plain_linear(op: Op) -> bool:

@@ -2,8 +2,8 @@
 precision, how to execute, and a cost model over target-independent work counts.
 
 Shaped after torchao's quantization specs and torch's backend configs: a target module only
-declares instances of these classes; all logic that reads them is generic (`validate` here,
-the quantization passes elsewhere).
+declares instances of these classes; all logic that reads them is generic (`validate` and
+`CostModel.estimate` here, the quantization passes elsewhere).
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from edgeq.cost import CostReport, count_work
 from edgeq.errors import CostModelError, OptionError, ValidationError
 
 if TYPE_CHECKING:
@@ -60,6 +62,10 @@ class QSpec:
     qrange: tuple[int, int] | None = None   # narrower than the dtype (e.g. 7-bit weights, -127..127)
     scale_pow2: bool = False          # scales must be 2^k (shift-only requantization)
     fixed: tuple[float, int] | None = None  # (scale, zero point) imposed, e.g. softmax output
+    # Block sizes the kernel accepts when this tensor is quantized block-wise: a BLOCK spec's
+    # alternatives to its default `block_size`, or the blocks a TENSOR/CHANNEL spec may take
+    # instead (--group). Empty: a BLOCK spec takes only `block_size`, others take no blocks.
+    block_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -87,13 +93,37 @@ class QSpec:
     def signed(self) -> bool:
         return self.dtype.startswith("int")
 
+    @property
+    def symmetric_zero_point(self) -> int:
+        """The zero point of symmetric quantization: 0, or the centre of an unsigned range."""
+        return 0 if self.signed else (self.qmin + self.qmax + 1) // 2
+
+    @property
+    def accepted_block_sizes(self) -> tuple[int, ...]:
+        """Every block size the kernel takes for this tensor (none: it cannot be block-wise)."""
+        default = (self.block_size,) if self.granularity == Granularity.BLOCK else ()
+        return tuple(sorted(set(default) | set(self.block_sizes)))
+
     def replace(self, **changes) -> "QSpec":
         return dataclasses.replace(self, **changes)
+
+    def blocked(self, block_size: int) -> "QSpec":
+        """This spec block-wise with `block_size`, one the kernel accepts. Blocks run along the
+        reduction axis K (axis 0 of a [K, N] MatMul weight; insert-qdq maps it onto each op's K)."""
+        if block_size not in self.accepted_block_sizes:
+            accepted = ", ".join(map(str, self.accepted_block_sizes)) or "none"
+            raise OptionError(f"{self.dtype} weights take no block size {block_size} on this target "
+                              f"(accepted: {accepted})", fix="choose an accepted --group, or drop it")
+        axis = self.axis if self.granularity == Granularity.BLOCK else 0
+        return self.replace(granularity=Granularity.BLOCK, axis=axis, block_size=block_size)
 
     def describe(self) -> str:
         parts = [self.dtype, "sym" if self.symmetric else "asym", self.granularity.value]
         if self.block_size:
-            parts.append(f"block {self.block_size}")
+            parts[-1] = f"block {self.block_size}"
+        if self.block_sizes:
+            sizes = self.block_sizes
+            parts.append("block sizes " + (f"{sizes[0]}..{sizes[-1]}" if len(sizes) > 4 else ",".join(map(str, sizes))))
         if self.qrange:
             parts.append(f"range {self.qrange[0]}..{self.qrange[1]}")
         if self.scale_pow2:
@@ -111,8 +141,6 @@ class OpRule:
     weight: QSpec | None = None           # a constant input in `weight_slots`
     weight_slots: tuple[int, ...] = (1,)
     bias: QSpec | None = None             # int32 bias of Conv/Gemm, scale = s_x * s_w
-    output: QSpec | None = None           # imposed output spec (e.g. fixed softmax scale)
-    shares_input_qparams: bool = False    # data movement: output keeps the input's quantization
 
 
 @dataclass(frozen=True)
@@ -125,12 +153,18 @@ class Execution:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Prices of target-independent work counts (qonnx-style keys such as
-    `op_mac_int8_int8`, `weight_bytes`), in `unit`; any count without a price raises."""
+    """Prices of target-independent work counts (qonnx-style keys such as `op_mac_uint8_int8`,
+    see edgeq.cost.count_work), in `unit` per count. `estimate` counts the work of a compiled
+    model and prices the counts whose key starts with one of `priced`; any such count without
+    a price raises, nothing silently costs zero. The other counts (bytes) are reported unpriced."""
 
     unit: str
     prices: Mapping[str, float]
     source: str = ""
+    priced: tuple[str, ...] = ("op_mac_",)   # the kinds of work this model prices (key prefixes)
+    clock_hz: float | None = None            # turns `unit` (cycles) into seconds, when declared
+    assumptions: tuple[str, ...] = ()        # what the prices assume, stated in every report
+    needs_device: bool = False               # `estimate` needs `device=` (a named part or board)
 
     def cost(self, counts: Mapping[str, float]) -> dict[str, float]:
         missing = sorted(k for k, v in counts.items() if v and k not in self.prices)
@@ -139,6 +173,20 @@ class CostModel:
                                  fix="add them to the target's cost model")
         return {k: v * self.prices[k] for k, v in counts.items() if v}
 
+    def estimate(self, model: str | os.PathLike | onnx.ModelProto, *,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None, **options: Any) -> CostReport:
+        """The work counts of a compiled `model` and their price. Symbolic input dims take
+        `input_shapes`, else the shapes a compile recorded in the model's metadata."""
+        if options:
+            raise OptionError(f"this cost model takes no {', '.join(sorted(options))} option",
+                              fix="drop the device options (they apply to targets whose cost model needs a device)")
+        work = count_work(model, input_shapes=input_shapes)
+        priced = {k: v for k, v in work.counts.items() if k.startswith(self.priced)}
+        return CostReport(unit=self.unit, counts=dict(work.counts), costs=self.cost(priced),
+                          input_shapes={k: list(v) for k, v in work.input_shapes.items()},
+                          shapes_from=work.shapes_from, clock_hz=self.clock_hz,
+                          assumptions=self.assumptions, source=self.source)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -146,11 +194,12 @@ class Target:
     description: str
     ops: Mapping[str, OpRule]                  # op kinds the target runs in integer
     activation: QSpec                          # default activation spec
-    weight: QSpec                              # default weight spec
-    weight_dtypes: frozenset[str] = frozenset({"int8"})
+    weight: QSpec                              # default weight spec (the linears' and the rules')
+    # The linears' weight spec for every other dtype `--weights` may choose (e.g. int4 block-wise);
+    # `weight` is the spec of its own dtype.
+    weight_specs: Mapping[str, QSpec] = field(default_factory=dict)
     activation_dtypes: frozenset[str] = frozenset({"int8", "uint8"})
     keep_high: frozenset[str] = frozenset({"LayerNorm", "RMSNorm", "Softmax", "ResidualAdd"})
-    high_dtype: str = "float32"
     default_pipeline: tuple[str, ...] = ()
     opset: int = 21
     execution: Execution = field(default_factory=Execution)
@@ -168,6 +217,19 @@ class Target:
     # it; runtimes that require positive scales (WebNN) do not.
     signed_weight_scales: bool = False
 
+    def __post_init__(self) -> None:
+        if self.weight.dtype in self.weight_specs:
+            raise OptionError(f"target {self.name}: weight_specs repeats the default weight dtype "
+                              f"{self.weight.dtype}", fix="declare the default dtype's spec as `weight` only")
+
+    @property
+    def weight_dtypes(self) -> frozenset[str]:
+        return frozenset({self.weight.dtype, *self.weight_specs})
+
+    def weight_spec(self, dtype: str) -> QSpec | None:
+        """The linears' weight spec for `dtype` (None: the target takes no such weights)."""
+        return self.weight if dtype == self.weight.dtype else self.weight_specs.get(dtype)
+
     def rule(self, op_kind: str) -> OpRule | None:
         return self.ops.get(op_kind)
 
@@ -182,35 +244,21 @@ class Violation:
 
 
 def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> list[Violation]:
-    """Check every Q/DQ (and integer embedding table) of `graph` against the target's rules."""
+    """Check every Q/DQ (and integer embedding table) of `graph` against what the target
+    declares: dtype, range (stored weights and zero points), granularity (scale shapes),
+    block size, power-of-two and positive scales, symmetry, fixed (scale, zero point); and,
+    for an integer-only target, that nothing between its Q and DQ edges is float."""
     violations: list[Violation] = []
-    allowed = target.weight_dtypes | target.activation_dtypes | {"int32"}
     for op in graph.topo_order():
-        if op.op_type == "Gather" and graph.is_const(graph.inputs_of(op)[0]):
-            table = graph.constant(graph.inputs_of(op)[0])
-            name = dtype_name(table.elem_type)
-            if table.dtype.kind in "iu" and name not in target.weight_dtypes:
-                violations.append(Violation(op.name, f"embedding dtype {name} is not supported by {target.name}"))
-        if op.op_type not in ("QuantizeLinear", "DequantizeLinear") or op.domain:
+        if op.domain:
             continue
-        ins = graph.inputs_of(op)
-        zero_point = graph.constant(ins[2]) if len(ins) > 2 and ins[2] is not None else None
-        scale = graph.constant(ins[1])
-        elem = zero_point.elem_type if zero_point is not None else op.attr("output_dtype") or onnx.TensorProto.UINT8
-        if op.op_type == "DequantizeLinear" and graph.constant(ins[0]) is not None:
-            elem = graph.constant(ins[0]).elem_type
-        name = dtype_name(elem)
-        if name not in allowed:
-            violations.append(Violation(op.name, f"dtype {name} is not supported by target {target.name}"))
-        specs = _specs_for(graph, op, target)
-        if not specs and target.integer_only:
-            specs = [target.weight if graph.is_const(ins[0]) else target.activation]
-        if scale is not None and any(s.scale_pow2 for s in specs):
-            values = np.asarray(scale.numpy(), dtype=np.float64)
-            if not np.all(np.exp2(np.round(np.log2(values))) == values):
-                violations.append(Violation(op.name, "scale is not a power of two"))
-        if zero_point is not None and any(s.symmetric for s in specs) and np.any(zero_point.numpy().astype(np.int64)):
-            violations.append(Violation(op.name, "zero point is not 0 but the target needs symmetric quantization"))
+        if op.op_type == "Gather" and graph.is_const(graph.inputs_of(op)[0]):
+            problems = _embedding_problems(graph, op, target)
+        elif op.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            problems = _qdq_problems(graph, op, target)
+        else:
+            continue
+        violations.extend(Violation(op.name, p) for p in problems)
     if target.integer_only:
         violations.extend(_integer_only_violations(graph, target))
     if violations and raise_on_error:
@@ -218,6 +266,183 @@ def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> 
         raise ValidationError(f"{len(violations)} violation(s) of target {target.name}; first: "
                               f"{first.node}: {first.problem}")
     return violations
+
+
+def _embedding_problems(graph: "Graph", gather, target: Target) -> list[str]:
+    table = graph.constant(graph.inputs_of(gather)[0])
+    name = dtype_name(table.elem_type)
+    if table.dtype.kind not in "iu":
+        return []
+    if name not in target.weight_dtypes:
+        return [f"embedding dtype {name} is not supported by {target.name}"]
+    rule = target.rule("Gather")
+    spec = rule.weight if rule is not None and rule.weight is not None and rule.weight.dtype == name else None
+    return _range_problems("stored embedding values", table.numpy(), spec) if spec is not None else []
+
+
+# The roles a Q/DQ's tensor plays for the ops reading it, and so which spec applies.
+_WEIGHT, _ACTIVATION, _BIAS = "weight", "activation", "bias"
+
+
+def _qdq_problems(graph: "Graph", op, target: Target) -> list[str]:
+    ins = graph.inputs_of(op)
+    scale = graph.constant(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+    zero = graph.constant(ins[2]) if len(ins) > 2 and ins[2] is not None else None
+    stored = graph.constant(ins[0]) if op.op_type == "DequantizeLinear" else None
+    elem = zero.elem_type if zero is not None else op.attr("output_dtype") or onnx.TensorProto.UINT8
+    if stored is not None:
+        elem = stored.elem_type
+    dtype = dtype_name(elem)
+    if dtype not in target.weight_dtypes | target.activation_dtypes | {"int32"}:
+        return [f"dtype {dtype} is not supported by target {target.name}"]
+    demands = _specs_for(graph, op, target)
+    if not demands and target.integer_only:
+        demands = [(_WEIGHT, target.weight) if stored is not None else (_ACTIVATION, target.activation)]
+    tensor = _QuantizedTensor.of(op, ins, scale, zero, stored)
+    problems: list[str] = []
+    for role, spec in dict.fromkeys(demands):
+        candidates, problem = _stored_specs(role, spec, dtype, target)
+        if problem:
+            found = [problem]
+        else:  # accepted when one of the specs the target takes for this dtype holds
+            found = []
+            for candidate in candidates:
+                found = tensor.problems(role, candidate, target)
+                if not found:
+                    break
+        problems.extend(p for p in found if p not in problems)
+    return problems
+
+
+def _stored_specs(role: str, spec: QSpec, dtype: str, target: Target) -> tuple[list[QSpec], str | None]:
+    """The specs that apply to a tensor stored in `dtype` where a reader demands `spec`: a
+    weight in another dtype takes the target's weight spec(s) of that storage dtype; an
+    activation in another of the target's activation dtypes (--activations int16, an override,
+    a two-digit residual) keeps the rule's constraints over that dtype's full range."""
+    if spec.dtype == dtype:
+        return [spec], None
+    if role == _WEIGHT:
+        specs = [s for s in target.weight_specs.values() if s.dtype == dtype]
+        return specs, None if specs else f"weight dtype {dtype} is not one of {', '.join(sorted(target.weight_dtypes))}"
+    if role == _ACTIVATION:
+        if dtype not in target.activation_dtypes:
+            return [], (f"activation dtype {dtype} is not one of "
+                        f"{', '.join(sorted(target.activation_dtypes))}")
+        return [spec.replace(dtype=dtype, qrange=None)], None
+    return [], f"{role} dtype {dtype} where the target takes {spec.dtype}"
+
+
+@dataclass(frozen=True)
+class _QuantizedTensor:
+    """What one Q/DQ says about its tensor: scale, zero point, stored values, layout."""
+
+    scale: np.ndarray | None
+    zero: np.ndarray | None           # None: the implicit zero point 0
+    stored: np.ndarray | None         # a DQ's constant input (weights, biases)
+    dims: tuple[int, ...] | None      # the quantized tensor's shape, where known
+    axis: int
+    block_size: int
+
+    @classmethod
+    def of(cls, op, ins, scale, zero, stored) -> "_QuantizedTensor":
+        dims = tuple(stored.dims) if stored is not None else _static_dims(ins[0])
+        return cls(scale=np.asarray(scale.numpy(), np.float64) if scale is not None else None,
+                   zero=zero.numpy().astype(np.int64) if zero is not None else None,
+                   stored=stored.numpy() if stored is not None else None,
+                   dims=dims, axis=op.attr("axis", 1), block_size=op.attr("block_size") or 0)
+
+    def granularity(self) -> Granularity:
+        if self.block_size:
+            return Granularity.BLOCK
+        if self.scale is None or self.scale.ndim == 0:
+            return Granularity.TENSOR
+        if self.scale.size == 1 and not (self.dims and self.scale.ndim == 1 and self._channels() == 1):
+            return Granularity.TENSOR
+        return Granularity.CHANNEL
+
+    def _channels(self) -> int | None:
+        if self.dims is None or not -len(self.dims) <= self.axis < len(self.dims):
+            return None
+        return self.dims[self.axis]
+
+    def problems(self, role: str, spec: QSpec, target: Target) -> list[str]:
+        problems = self._granularity_problems(role, spec)
+        if self.stored is not None and role != _BIAS:
+            problems += _range_problems("stored values", self.stored, spec)
+        zero = self.zero if self.zero is not None else np.zeros((), np.int64)
+        if self.zero is not None and (zero.min() < spec.qmin or zero.max() > spec.qmax):
+            bad = int(zero.min()) if zero.min() < spec.qmin else int(zero.max())
+            problems.append(f"zero point {bad} is outside the target's range {spec.qmin}..{spec.qmax}")
+        scale = self.scale
+        if scale is not None:
+            with np.errstate(divide="ignore"):  # a zero scale: log2 -> -inf, reported as not positive
+                pow2 = np.all(np.exp2(np.round(np.log2(np.abs(scale)))) == np.abs(scale))
+            if spec.scale_pow2 and not pow2:
+                problems.append("scale is not a power of two")
+            if np.any(scale <= 0) and not (role == _WEIGHT and target.signed_weight_scales and np.all(scale != 0)):
+                problems.append("scale is not positive; the target takes positive scales only")
+        if spec.symmetric and np.any(zero != spec.symmetric_zero_point):
+            problems.append(f"zero point is not {spec.symmetric_zero_point} but the target needs symmetric "
+                            "quantization")
+        if spec.fixed is not None:
+            fixed_scale, fixed_zero = spec.fixed
+            if scale is None or np.any(scale.astype(np.float32) != np.float32(fixed_scale)) \
+                    or np.any(zero != fixed_zero):
+                problems.append(f"scale and zero point are not the fixed ({fixed_scale:g}, {fixed_zero}) the "
+                                "target imposes")
+        return problems
+
+    def _granularity_problems(self, role: str, spec: QSpec) -> list[str]:
+        observed = self.granularity()
+        if observed == Granularity.BLOCK:
+            if not spec.accepted_block_sizes:
+                return [f"block-wise {role} scales (block {self.block_size}); the target takes one scale per "
+                        f"{spec.granularity.value}"]
+            problems = []
+            if self.block_size not in spec.accepted_block_sizes:
+                problems.append(f"block size {self.block_size} is not one the target accepts "
+                                f"({', '.join(map(str, spec.accepted_block_sizes))})")
+            if self.dims is not None and self.scale is not None and \
+                    self.scale.shape != _blocked_shape(self.dims, self.axis, self.block_size):
+                problems.append(f"scale shape {self.scale.shape} is not the blocked shape "
+                                f"{_blocked_shape(self.dims, self.axis, self.block_size)} of block size "
+                                f"{self.block_size} along axis {self.axis}")
+            return problems
+        if spec.granularity == Granularity.BLOCK:
+            return [f"{role} quantized with one scale per {observed.value}; the target takes block-wise scales"]
+        if observed != spec.granularity:
+            return [f"{role} quantized with one scale per {observed.value}; the target takes one scale per "
+                    f"{spec.granularity.value}"]
+        channels = self._channels()
+        if observed == Granularity.CHANNEL and (self.scale.ndim != 1 or (channels is not None
+                                                                         and self.scale.shape[0] != channels)):
+            return [f"scale shape {self.scale.shape} is not one scale per channel of axis {self.axis}"
+                    + (f" ({channels})" if channels is not None else "")]
+        return []
+
+
+def _range_problems(what: str, values: np.ndarray, spec: QSpec) -> list[str]:
+    if values.size == 0:
+        return []
+    values = values.astype(np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < spec.qmin or hi > spec.qmax:
+        return [f"{what} {lo}..{hi} are outside the target's range {spec.qmin}..{spec.qmax}"]
+    return []
+
+
+def _blocked_shape(dims: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
+    shape = list(dims)
+    if -len(shape) <= axis < len(shape):
+        shape[axis] = -(-shape[axis] // block)
+    return tuple(shape)
+
+
+def _static_dims(value) -> tuple[int, ...] | None:
+    shape = value.shape if value is not None else None
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)
 
 
 # Model metadata listing ops that run on the host (JSON list of {"name": ...}); they are exempt
@@ -231,7 +456,8 @@ _INTEGER_MATMULS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3)}  # weight sl
 def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
     """The integer-only rule: the region between a QuantizeLinear and a DequantizeLinear of
     activations (ops with a Q upstream and a DQ downstream) holds no float value except in the
-    listed host ops, and no float value enters it other than through a QuantizeLinear."""
+    listed host ops, and no float value enters it other than through a QuantizeLinear. (The
+    edges' own specs are checked with every other Q/DQ.)"""
     def is_q(op, kind):
         return op.op_type == kind and not op.domain and not graph.is_const(graph.inputs_of(op)[0])
 
@@ -286,14 +512,7 @@ def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
         if dtype not in target.activation_dtypes:
             violations.append(Violation(op.name, f"activation dtype {dtype} is not one of "
                                                  f"{', '.join(sorted(target.activation_dtypes))}"))
-        scale = graph.constant(ins[1]) if len(ins) > 1 else None
-        if target.activation.granularity == Granularity.TENSOR and scale is not None and scale.numpy().size > 1:
-            violations.append(Violation(op.name, "activation quantized with one scale per channel; the target "
-                                                 "takes one scale per tensor"))
     for op in order:
-        if op.op_type == "DequantizeLinear" and graph.is_const(graph.inputs_of(op)[0]) and op.attr("block_size"):
-            violations.append(Violation(op.name, "block-wise weight scales; the target takes per-channel or "
-                                                 "per-tensor weights"))
         slots = _INTEGER_MATMULS.get(op.op_type) if not op.domain else None
         if slots is None:
             continue
@@ -311,13 +530,17 @@ def _integer_only_violations(graph: "Graph", target: Target) -> list[Violation]:
 
 
 def _elem_types(graph: "Graph", region: set):
-    """value -> element type, from the IR's types, with onnx shape inference filling gaps."""
+    """value -> element type, from the IR's types, with onnx type inference (on a weight-less
+    copy of the graph) filling gaps."""
     inferred: dict[str, int] = {}
     if any(v is not None and v.elem_type is None for op in region
            for v in graph.inputs_of(op) + graph.outputs_of(op)):
-        from edgeq.passes.shape_inference import model_for_analysis
+        from edgeq.ir import graph_to_proto
 
-        model = onnx.shape_inference.infer_shapes(model_for_analysis(graph))
+        opsets = graph.model.opset_imports if graph.model is not None else {"": 21}
+        model = onnx.helper.make_model(graph_to_proto(graph, with_data=False),
+                                       opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+        model = onnx.shape_inference.infer_shapes(model)
         for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
             inferred[vi.name] = vi.type.tensor_type.elem_type
 
@@ -327,28 +550,28 @@ def _elem_types(graph: "Graph", region: set):
     return elem
 
 
-def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[QSpec]:
-    """The specs that the ops reading this Q/DQ's tensor demand, by the slot they read it in."""
+def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[tuple[str, QSpec]]:
+    """(role, spec) that the ops reading this Q/DQ's tensor demand, by the slot they read it in."""
     if qdq_op.op_type == "QuantizeLinear":
-        return [spec for dq in _dequantizers_of(graph, graph.outputs_of(qdq_op)[0])
-                for spec in _specs_for(graph, dq, target)]
+        return [demand for dq in _dequantizers_of(graph, graph.outputs_of(qdq_op)[0])
+                for demand in _specs_for(graph, dq, target)]
     source = graph.inputs_of(qdq_op)[0]
     specs = []
     producer = graph.producer(source)
     if producer is not None and producer.op_type == "Gather" and graph.is_const(graph.inputs_of(producer)[0]):
         rule = target.rule("Gather")  # embedding: Gather(int table) -> DQ
-        return [rule.weight] if rule is not None and rule.weight is not None else []
+        return [(_WEIGHT, rule.weight)] if rule is not None and rule.weight is not None else []
     weight = graph.is_const(source)
     for reader, slot in graph.uses(graph.outputs_of(qdq_op)[0]):
         rule = target.rule(reader.kind)
         if rule is None:
             continue
         if weight and slot in rule.weight_slots and rule.weight is not None:
-            specs.append(rule.weight)
+            specs.append((_WEIGHT, rule.weight))
         elif not weight and slot < len(rule.activations) and rule.activations[slot] is not None:
-            specs.append(rule.activations[slot])
+            specs.append((_ACTIVATION, rule.activations[slot]))
         elif weight and rule.bias is not None and slot == 2:
-            specs.append(rule.bias)
+            specs.append((_BIAS, rule.bias))
     return specs
 
 

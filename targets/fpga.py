@@ -14,86 +14,26 @@ DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model
 - softmax, LayerNorm and GELU run as integer kernels (edgeq.backends.fpga.integer: I-BERT i-exp/i-erf, exact
   isqrt); the embedding lookup before the first norm runs on the host and is listed in the
   model's `edgeq.host_ops` metadata;
-- resources and latency come from edgeq.backends.fpga (dataflow / overlay templates) on a named device.
+- resources and latency come from edgeq.backends.fpga (dataflow / overlay templates) on a named device:
+  the cost model (edgeq.backends.fpga.cost) is declared below; this module holds only data.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
-
-import onnx
-
-from edgeq.errors import CostModelError
-from edgeq.backends.fpga.integer.program import METADATA_KEY as PROGRAM_KEY
+from edgeq.backends.fpga.cost import FpgaCostModel
 from edgeq.registry import register_target
-from edgeq.targets.base import CostModel, Granularity, OpRule, QSpec, Target
+from edgeq.targets.base import Granularity, OpRule, QSpec, Target
 
 ACTIVATION = QSpec("int8", symmetric=True, scale_pow2=True)
 WEIGHT = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, axis=-1, scale_pow2=True)
-INTEGER_DATAPATH_NOTE = (
-    "integer datapath (edgeq lower-to-integer): each integer matmul's requantization is a shift (round, "
-    "saturate), priced as part of the matmul engine with no threshold stage; softmax, GELU and LayerNorm run "
-    "as I-BERT-style integer kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with "
-    "edgeq.backends.fpga.nonlinear's unit prices (table-based exp/GELU, 8-bit lanes), not gate by gate; the online "
-    "Walsh-Hadamard transforms as adder-only units; the int16 residual stream is priced as 8-bit lanes; "
-    "host ops (embedding lookup) are not priced")
+# --weights int4: 4-bit values, stored in int8 for MatMulInteger (it takes 8-bit inputs only).
+WEIGHT_INT4 = WEIGHT.replace(qrange=(-8, 7))
+WEIGHT_INT2 = WEIGHT.replace(qrange=(-2, 1))
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
 # No `calibrate` pass: lower-to-integer calibrates every tensor it quantizes itself, in one run,
 # with the per-channel statistics its channel scales need (the calibrate pass keeps none).
 _PIPELINE = _PREPROCESS + ("select-precision", "lower-to-integer", "dead-code-elimination", "topological-sort")
-
-
-@dataclass(frozen=True)
-class FpgaCostModel(CostModel):
-    """Resources and latency of a compiled model on a device, from edgeq.backends.fpga's templates.
-
-    It prices layers (matrix-vector units, attention products, nonlinear units), not work
-    counts, and needs a device: `estimate(model, device)`; `cost(counts)` refuses."""
-
-    needs_device: bool = True
-
-    def cost(self, counts: Mapping[str, float]) -> dict[str, float]:
-        raise CostModelError("the fpga cost model prices a compiled model on a device, not work counts",
-                             fix="use `edgeq estimate MODEL --target fpga --device D`")
-
-    def device(self, name: str):
-        """The catalog device `name` (a part key or board alias); unknown names raise."""
-        from edgeq.backends.fpga.devices import get_device
-
-        return get_device(name)
-
-    def estimate(self, model: str | Path | onnx.ModelProto, device: str, *, fps: float | None = None,
-                 folding: str | Path | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 **options: Any):
-        """An `edgeq.backends.fpga.EstimateReport` of `model` on `device`. Symbolic input dims take the
-        shapes given, else those a compile recorded from its calibration samples."""
-        from edgeq.backends.fpga import estimate_onnx
-        from edgeq.backends.fpga.lower_to_integer import INPUT_SHAPES_KEY
-
-        if not isinstance(model, onnx.ModelProto):
-            model = onnx.load(str(model), load_external_data=True)
-        note = None
-        if not input_shapes:
-            recorded = {p.key: p.value for p in model.metadata_props}.get(INPUT_SHAPES_KEY)
-            symbolic = [i.name for i in model.graph.input
-                        if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
-            if recorded and symbolic:
-                input_shapes = {k: v for k, v in json.loads(recorded).items() if k in symbolic}
-                note = ("input shapes " + ", ".join(f"{k}={v}" for k, v in input_shapes.items())
-                        + ": those of the calibration samples, recorded at compile time")
-        elif input_shapes:
-            note = "input shapes " + ", ".join(f"{k}={list(v)}" for k, v in input_shapes.items()) + ": given"
-        report = estimate_onnx(model, device, input_shapes=input_shapes or None, fps=fps, folding=folding,
-                               **options)
-        notes = [note] if note else []
-        if any(p.key == PROGRAM_KEY for p in model.metadata_props):
-            notes += [INTEGER_DATAPATH_NOTE]
-        return replace(report, assumptions=(*notes, *report.assumptions)) if notes else report
 
 
 FPGA = register_target(Target(
@@ -103,10 +43,9 @@ FPGA = register_target(Target(
     ops={"MatMul": OpRule(activations=(ACTIVATION, ACTIVATION), weight=WEIGHT, weight_slots=(1,))},
     activation=ACTIVATION,
     weight=WEIGHT,
-    weight_dtypes=frozenset({"int8", "int4", "int2"}),
+    weight_specs={"int4": WEIGHT_INT4, "int2": WEIGHT_INT2},
     activation_dtypes=frozenset({"int8"}),
     keep_high=frozenset(),
-    high_dtype="float32",
     default_pipeline=_PIPELINE,
     integer_only=True,
     cost_model=FpgaCostModel(
@@ -116,8 +55,8 @@ FPGA = register_target(Target(
                "edgeq.backends.fpga.devices"),
     notes=("integer-only between the first QuantizeLinear and the last DequantizeLinear; host ops (embedding "
            "lookup) are listed in the model metadata 'edgeq.host_ops'",
-           "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.backends.fpga.integer, emitted by the "
-           "lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
+           "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.backends.fpga.integer, emitted by "
+           "the lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
            "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
            "(residual stream) int16; a linear layer's wide input (LayerNorm or GELU output, P.V product) passes an "
            "online integer Walsh-Hadamard transform before the int8 shift (rotation folded into the weights); the "

@@ -1,4 +1,4 @@
-"""Peak memory of calibration: edgeq.calibration.collect beside ONNX Runtime's quantize_static.
+"""Peak memory of calibration: edgeq.calibration.collection beside ONNX Runtime's quantize_static.
 
 Each measurement runs in its own child process and reports that process's peak RSS
 (ru_maxrss) and wall time; the table also shows the RSS right after imports. Data: windows
@@ -140,7 +140,7 @@ def child(mode: str, model: Path, first: int, count: int, seq_len: int, threads:
     import onnxruntime  # noqa: F401 - imported before the baseline, as every mode needs it
 
     from edgeq.calibration.sources import TokenWindows
-    from edgeq.calibration.collect import CalibrationOptions, calibrate
+    from edgeq.calibration.collection import CollectionOptions, calibrate
 
     baseline = _rss_mb()
     start = time.perf_counter()
@@ -148,7 +148,7 @@ def child(mode: str, model: Path, first: int, count: int, seq_len: int, threads:
     if mode.startswith("edgeq"):
         tensors = linear_input_names(model)
         histogram = mode == "edgeq-histogram"
-        options = CalibrationOptions(histogram=histogram, threads=threads, progress=False)
+        options = CollectionOptions(histogram=histogram, threads=threads, progress=False)
         result = calibrate(model, TokenWindows(TOKEN_IDS, seq_len, count, first), tensors, options)
         method = "percentile" if histogram else "minmax"
         ranges = result.ranges(method, symmetric=True, percentile=99.999)

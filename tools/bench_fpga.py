@@ -48,6 +48,7 @@ from edgeq.options import CalibrationOptions, CompileOptions
 from edgeq.pipeline import PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
+from edgeq.pipeline.artifacts import CALIBRATION_DATA
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLOAT_COMPUTE = {"MatMul", "Gemm", "Softmax", "LayerNormalization", "Erf", "Gelu", "Sqrt", "Pow", "Tanh",
@@ -135,7 +136,7 @@ def variant_cosine(float_path: Path, work: Path, inputs: dict, reference: np.nda
             factory = getattr(cls, "from_options", None)
             passes.append(factory(options, target) if factory else cls())
     ctx = PassContext(target=target)
-    ctx.artifacts["calibration-data"] = ev.minilm_calibration_feeds(SHARED, 16)
+    ctx.artifacts[CALIBRATION_DATA] = ev.minilm_calibration_feeds(SHARED, 16)
     graph = PassManager(passes)(load(float_path), ctx).graph
     # the per-channel variant breaks the target's one-scale-per-tensor rule (for comparison only)
     problems = validate(graph, target, raise_on_error=False)

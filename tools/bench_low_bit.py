@@ -196,7 +196,8 @@ def speed(models: dict[str, Path], threads: int, repeats: int) -> tuple[list[str
     import onnxruntime as ort
 
     from edgeq.models.evaluation import smollm2_eval_windows
-    from edgeq.runtime.sessions import fusion_report, make_session
+    from edgeq.runtime.fusion import fusion_report
+    from edgeq.runtime.sessions import make_session
 
     window = smollm2_eval_windows(DEFAULT_SHARED)[0][None, :]
     inputs = {"256 tokens": window, "1 token": window[:, :1]}

@@ -27,7 +27,8 @@ from edgeq.models import evaluation  # noqa: E402
 from edgeq.compiler import compile as edgeq_compile  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions  # noqa: E402
-from edgeq.runtime.sessions import fusion_report, make_session  # noqa: E402
+from edgeq.runtime.fusion import fusion_report  # noqa: E402
+from edgeq.runtime.sessions import make_session  # noqa: E402
 
 VARIANTS = {
     "default": CompileOptions(calibration=CalibrationOptions(method="minmax")),

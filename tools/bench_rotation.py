@@ -42,6 +42,7 @@ from _common import DEFAULT_SHARED, load_line, machine_line  # noqa: E402
 from edgeq.models import evaluation  # noqa: E402
 from edgeq.models import catalog  # noqa: E402
 from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions  # noqa: E402
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN
 
 
 def rotation_rows(task: str, *, weights: str = "int8", rotate: bool = True, smooth: float | None = None,
@@ -147,6 +148,7 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
     on one further sample: SQNR in dB, peak/RMS, and the ratio of the largest token's RMS to the
     median token's (token outliers, which no channel rotation removes)."""
     import edgeq
+    from edgeq.ir import to_model_proto
     from edgeq.pipeline import PassContext, PassManager
     from edgeq.passes.hadamard_rotation import HadamardRotation
     from edgeq.quant.numerics import dequantize, qparams, quantize, sqnr_db
@@ -162,14 +164,14 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
 
     # the same calibration samples the pass's smoothing search sees in compile()
     if task == "smollm2":
-        ctx.artifacts["calibration-data"] = open_source(evaluation.smollm2_calibration_feeds(shared, 16),
+        ctx.artifacts[CALIBRATION_DATA] = open_source(evaluation.smollm2_calibration_feeds(shared, 16),
                                                         str(float_path))
     else:
-        ctx.artifacts["calibration-data"] = open_source(evaluation.minilm_calibration_feeds(shared, 16),
+        ctx.artifacts[CALIBRATION_DATA] = open_source(evaluation.minilm_calibration_feeds(shared, 16),
                                                         str(float_path))
     PassManager([get_pass(n)() for n in names] + [HadamardRotation(enabled=rotate, **_VARIANT),
                 SelectPrecision(CompileOptions(activations="int8"))])(graph, ctx)
-    plan = ctx.artifacts["select-precision"]
+    plan = ctx.artifacts[QUANT_PLAN]
     sources = plan.activation_sources(graph)
     if task == "smollm2":   # ranges from `samples` windows, measured on the next one
         feeds = evaluation.smollm2_calibration_feeds(shared, samples + 1, first=1100)
@@ -179,7 +181,7 @@ def activation_stats(task: str, rotate: bool, shared: Path = DEFAULT_SHARED, sam
     with tempfile.TemporaryDirectory(prefix="bench-rotation-") as tmp:
         import onnx
         path = Path(tmp) / "model.onnx"
-        proto = graph.to_onnx()
+        proto = to_model_proto(graph)
         del graph
         out_names = sorted(sources)
         del proto.graph.output[:]

@@ -76,7 +76,7 @@ def model_inputs(model: ModelLike) -> tuple[InputSpec, ...]:
 
 
 def _load_graph_only(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    from edgeq.ir.onnx_io import read_skeleton
+    from edgeq.ir.loader import read_skeleton
 
     return read_skeleton(path)
 

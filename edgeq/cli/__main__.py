@@ -2,6 +2,6 @@
 
 import sys
 
-from edgeq.cli import main
+from edgeq.cli.app import main
 
 sys.exit(main())

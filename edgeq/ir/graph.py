@@ -4,6 +4,9 @@ Edges run value -> op (key ("in", slot)) and op -> value (key ("out", slot)), so
 is two parallel edges. Values used by a subgraph of an op (If/Loop/Scan bodies reading outer
 names) are linked by ("implicit", name) edges so that liveness and ordering see them.
 Passes use the accessors here and never the networkx dicts.
+
+Conversion to and from ONNX protos lives beside it: `edgeq.ir.to_proto` (`to_model_proto`,
+`graph_to_proto`) and `edgeq.ir.from_proto` (`graph_from_proto`, `clone_graph`).
 """
 
 from __future__ import annotations
@@ -368,23 +371,12 @@ class Graph:
         this Graph object see the result."""
         self.__dict__.update(other.__dict__)
 
-    def clone(self) -> Graph:
-        """A structural copy that shares the weight Tensors (they are immutable)."""
-        from edgeq.ir.onnx_io import graph_from_proto, graph_to_proto
-        proto = graph_to_proto(self, with_data=False)
-        tensors = {v.name: v.const for v in self.initializers}
-        return graph_from_proto(proto, model=_model_info_copy(self.model), tensors=tensors)
-
     def _rename_capture(self, old: str, new: str) -> None:
         if old in self._values and self._values[old].outer:
             self.rename_value(self._values[old], new)
         for op in self.ops():
             for sub in _iter_subgraphs(op):
                 sub._rename_capture(old, new)
-
-    def to_onnx(self) -> onnx.ModelProto:
-        from edgeq.ir.onnx_io import to_model_proto
-        return to_model_proto(self)
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {len(self.ops())} ops, {len(self.initializers)} initializers)"
@@ -409,10 +401,3 @@ def _sort_key(node: Op | Value) -> tuple:
 def _iter_subgraphs(op: Op) -> Iterator[Graph]:
     for sub in op.subgraphs.values():
         yield from (sub if isinstance(sub, list) else [sub])
-
-
-def _model_info_copy(info: ModelInfo | None) -> ModelInfo | None:
-    if info is None:
-        return None
-    return ModelInfo(**{k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                        for k, v in info.__dict__.items()})

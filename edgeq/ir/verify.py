@@ -40,6 +40,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx.defs import OpSchema
 
 from edgeq.errors import GraphError
@@ -52,6 +53,9 @@ from edgeq.ir.tensor import (
     np_dtype,
     storage_nbytes,
 )
+from edgeq.ir.to_proto import to_model_proto
+from edgeq.ir.writer import save
+from edgeq.runtime.sessions import make_session
 
 # Models whose weights exceed this are checked from a temporary file with external data
 # instead of an in-memory copy of the whole model.
@@ -352,11 +356,9 @@ def check_with_onnx(graph: Graph, *, full_check: bool = True, runtime: bool = Tr
     over protobuf's 2 GB limit) are written once to a temporary folder with external data and
     checked from the file, so the weights are never copied into a proto.
     """
-    from edgeq.ir.onnx_io import save
-
     weights = sum(v.const.nbytes for v in graph.initializers if v.const is not None)
     if weights <= IN_MEMORY_LIMIT:
-        data = graph.to_onnx().SerializeToString()
+        data = to_model_proto(graph).SerializeToString()
         _run_checks(onnx.load_from_string(data), data, full_check, runtime)
         return
     with tempfile.TemporaryDirectory(prefix="edgeq-check-") as tmp:
@@ -370,13 +372,8 @@ def _run_checks(model: onnx.ModelProto | str, source: bytes | str, full_check: b
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise GraphError(f"onnx.checker rejects the model: {_first_line(err)}") from None
     if runtime:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
         try:
-            ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+            make_session(source, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         except Exception as err:  # noqa: BLE001 (ORT's pybind errors share no base class)
             raise GraphError(f"onnxruntime cannot load the model: {_first_line(err)}") from None
 

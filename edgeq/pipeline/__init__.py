@@ -1,8 +1,9 @@
-"""Pass infrastructure: the pass protocol, the pass manager, the context passes read, and
-instruments that observe a pipeline."""
+"""Pass infrastructure: the pass protocol and pass manager (core), the typed keys of what passes
+hand each other (artifacts), and instruments that observe a pipeline (instruments)."""
 
-from edgeq.pipeline.core import (DumpInstrument, Instrument, Pass, PassContext, PassManager, PassRecord,
-                                 PassResult, TimingInstrument, VerifyInstrument)
+from edgeq.pipeline.artifacts import ArtifactKey
+from edgeq.pipeline.core import Instrument, Pass, PassContext, PassManager, PassRecord, PassResult, leaf_records
+from edgeq.pipeline.instruments import DumpInstrument, ReleasePagesInstrument, TimingInstrument, VerifyInstrument
 
-__all__ = ["DumpInstrument", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
-           "TimingInstrument", "VerifyInstrument"]
+__all__ = ["ArtifactKey", "DumpInstrument", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord",
+           "PassResult", "ReleasePagesInstrument", "TimingInstrument", "VerifyInstrument", "leaf_records"]

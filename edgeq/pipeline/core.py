@@ -1,20 +1,22 @@
-"""Pass protocol, pass manager, context and instruments (after onnx-ir's pass infra and TVM's
-instruments): passes transform a Graph and report what they changed; instruments observe."""
+"""The pass protocol (after onnx-ir's pass infrastructure): passes transform a Graph and report
+what they changed; a PassManager is itself a pass; the context carries everything else a pass
+may read, explicitly. What observes a pipeline (timing, checks, dumps, page release) is an
+instrument (edgeq.pipeline.instruments), never code inside a pass."""
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
 
-from edgeq.errors import EdgeqError, PassError
+from edgeq.errors import EdgeqError, PassError, PostconditionError, PreconditionError
 from edgeq.ir import Graph
-from edgeq.ir.onnx_io import release_file_pages
+from edgeq.pipeline.artifacts import ArtifactKey
 
 if TYPE_CHECKING:
     from edgeq.targets.base import Target
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,14 +26,16 @@ class PassResult:
     stats: Mapping[str, int | float] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassRecord:
-    """What one pass did, for the report."""
+    """What one pass did, in completion order: pipelines are recorded too (after their passes),
+    at the nesting depth they ran at."""
 
     name: str
     modified: bool
     stats: Mapping[str, int | float]
-    seconds: float
+    depth: int = 0
+    pipeline: bool = False
 
 
 class Instrument:
@@ -52,48 +56,63 @@ class PassContext:
     seed: int = 0
     instruments: list[Instrument] = field(default_factory=list)
     records: list[PassRecord] = field(default_factory=list)
-    # Results that later passes consume (calibration statistics, sensitivity, ...), keyed by
-    # the producing pass's name so the dependency is visible in `requires`.
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    # Results later passes consume (calibration statistics, the quantization plan, ...), under
+    # the typed keys of edgeq.pipeline.artifacts.
+    artifacts: dict[ArtifactKey, Any] = field(default_factory=dict)
+    depth: int = 0  # how many pipelines enclose the pass now running
 
-    def artifact(self, key: str, needed_by: str) -> Any:
+    def artifact(self, key: ArtifactKey[T], needed_by: str) -> T:
+        """The artifact under `key`; a PreconditionError naming its producer when it is missing."""
         if key not in self.artifacts:
-            raise EdgeqError(f"pass '{needed_by}' needs the result of '{key}', which has not run",
-                             fix=f"run '{key}' earlier in the pipeline")
+            raise PreconditionError(f"pass '{needed_by}' needs the {key.name}, which '{key.producer}' produces "
+                                    "and which has not run", fix=f"run '{key.producer}' earlier in the pipeline")
         return self.artifacts[key]
 
 
 class Pass(ABC):
-    """A graph transformation. Options are typed constructor arguments."""
+    """A graph transformation. Options are typed constructor arguments.
+
+    `requires` raises PreconditionError (the graph or context does not fit the pass: the user's
+    input or pipeline); `ensures` raises PostconditionError (the pass broke its own promise: a
+    bug). Any other exception from `ensures` is reported as a PostconditionError too."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    is_pipeline: ClassVar[bool] = False
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
-        """Raise an EdgeqError if the pass cannot run on this graph/context."""
+        """Raise a PreconditionError (or another EdgeqError) if the pass cannot run here."""
 
     @abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         ...
 
     def ensures(self, graph: Graph, ctx: PassContext) -> None:
-        """Raise if the pass's postconditions do not hold."""
+        """Raise a PostconditionError if the pass's promises do not hold."""
 
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx if ctx is not None else PassContext()
         self.requires(graph, ctx)
         for instrument in ctx.instruments:
             instrument.before_pass(self, graph, ctx)
-        start = time.perf_counter()
-        result = self.run(graph, ctx)
-        self.ensures(result.graph, ctx)
-        if not isinstance(self, PassManager):
-            ctx.records.append(PassRecord(self.name, result.modified, dict(result.stats),
-                                          time.perf_counter() - start))
-            release_file_pages()  # weights this pass read need not stay resident
+        ctx.depth += 1
+        try:
+            result = self.run(graph, ctx)
+        finally:
+            ctx.depth -= 1
+        self._check_ensures(result.graph, ctx)
+        ctx.records.append(PassRecord(self.name, result.modified, dict(result.stats), ctx.depth, self.is_pipeline))
         for instrument in ctx.instruments:
             instrument.after_pass(self, result, ctx)
         return result
+
+    def _check_ensures(self, graph: Graph, ctx: PassContext) -> None:
+        try:
+            self.ensures(graph, ctx)
+        except PostconditionError:
+            raise
+        except Exception as err:  # a broken promise is the pass's bug, whatever it raised
+            raise PostconditionError(f"{self.name} broke its postcondition: {err}") from err
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -104,6 +123,7 @@ class PassManager(Pass):
     and every pass that ran before it."""
 
     name = "pipeline"
+    is_pipeline = True
 
     def __init__(self, passes: Sequence[Pass], *, name: str = "pipeline", until_fixed_point: bool = False,
                  max_iterations: int = 8):
@@ -133,49 +153,10 @@ class PassManager(Pass):
         return PassResult(graph, modified_any, {"passes": len(ran)})
 
 
-# ---- instruments ----------------------------------------------------------------------
+def leaf_records(records: Sequence[PassRecord]) -> list[PassRecord]:
+    """The records of passes that are not pipelines, in run order."""
+    return [r for r in records if not r.pipeline]
 
 
-class TimingInstrument(Instrument):
-    """Wall time of every pass, in run order."""
-
-    def __init__(self) -> None:
-        self.seconds: list[tuple[str, float]] = []
-        self._start: list[float] = []
-
-    def before_pass(self, pass_, graph, ctx):
-        self._start.append(time.perf_counter())
-
-    def after_pass(self, pass_, result, ctx):
-        self.seconds.append((pass_.name, time.perf_counter() - self._start.pop()))
-
-
-class VerifyInstrument(Instrument):
-    """Checks the IR invariants after every pass; optionally that onnx and ORT accept it."""
-
-    def __init__(self, with_onnxruntime: bool = False) -> None:
-        self.with_onnxruntime = with_onnxruntime
-
-    def after_pass(self, pass_, result, ctx):
-        from edgeq.ir.verify import check_with_onnx, verify
-
-        verify(result.graph)
-        if self.with_onnxruntime:
-            check_with_onnx(result.graph)
-
-
-class DumpInstrument(Instrument):
-    """Saves the graph after the named passes (all when `after` is empty)."""
-
-    def __init__(self, directory: str | Path, after: Sequence[str] = ()) -> None:
-        self.directory = Path(directory)
-        self.after = set(after)
-        self.count = 0
-
-    def after_pass(self, pass_, result, ctx):
-        if isinstance(pass_, PassManager) or (self.after and pass_.name not in self.after):
-            return
-        from edgeq.ir import save
-
-        self.count += 1
-        save(result.graph, self.directory / f"{self.count:02d}_{pass_.name}.onnx")
+__all__ = ["EdgeqError", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
+           "leaf_records"]

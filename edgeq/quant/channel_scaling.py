@@ -1,7 +1,7 @@
 """Folding per-channel factors into the weights around an activation (SmoothQuant, AWQ).
 
 The rule shape follows onnxscript's rewrite rules: a fold checks that it is exact and that the
-constants it changes are read by nothing outside the match, and refuses otherwise.
+constants it changes are private to the match (`edgeq.quant.sharing`), and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -9,20 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.ir import Graph, Op, Value
-
-
-def _only_readers(graph: Graph, value: Value, ops: list[Op]) -> bool:
-    readers = graph.consumers(value)
-    return not graph.is_graph_output(value) and set(readers) == set(ops)
-
-
-def _private_const(graph: Graph, value: Value | None, reader: Op) -> bool:
-    return value is not None and value.const is not None and graph.consumers(value) == [reader]
+from edgeq.quant.sharing import is_owned_by_match, is_private_constant
 
 
 def fold_channel_scale_into_producer(graph: Graph, source: Value, ops: list[Op], inv: np.ndarray) -> bool:
     """Scale the producer of `source` by inv per last-axis channel, if that is exact and safe."""
-    if not _only_readers(graph, source, ops):
+    if not is_owned_by_match(graph, source, ops):
         return False
     producer = graph.producer(source)
     if producer is None:
@@ -30,14 +22,15 @@ def fold_channel_scale_into_producer(graph: Graph, source: Value, ops: list[Op],
     ins = graph.inputs_of(producer)
     if producer.op_type == "LayerNormalization" and producer.attr("axis", -1) == -1:
         gamma, beta = ins[1], ins[2] if len(ins) > 2 else None
-        if not _private_const(graph, gamma, producer) or (beta is not None and not _private_const(graph, beta, producer)):
+        if not is_private_constant(graph, gamma, producer) or (
+                beta is not None and not is_private_constant(graph, beta, producer)):
             return False
         graph.set_const(gamma, gamma.const.numpy() * inv)
         if beta is not None:
             graph.set_const(beta, beta.const.numpy() * inv)
         return True
     if producer.op_type == "Mul":  # RMSNorm's gamma (or any per-channel constant scale)
-        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
+        const_slot = next((i for i, v in enumerate(ins) if is_private_constant(graph, v, producer)), None)
         if const_slot is None:
             return False
         gamma = ins[const_slot].const.numpy()
@@ -46,7 +39,7 @@ def fold_channel_scale_into_producer(graph: Graph, source: Value, ops: list[Op],
         graph.set_const(ins[const_slot], (gamma * inv).astype(gamma.dtype))
         return True
     if producer.op_type == "Add":  # bias of a preceding linear: MatMul(a, W) + b
-        const_slot = next((i for i, v in enumerate(ins) if _private_const(graph, v, producer)), None)
+        const_slot = next((i for i, v in enumerate(ins) if is_private_constant(graph, v, producer)), None)
         if const_slot is None:
             return False
         other = graph.producer(ins[1 - const_slot])
@@ -54,7 +47,7 @@ def fold_channel_scale_into_producer(graph: Graph, source: Value, ops: list[Op],
             return False
         w = graph.inputs_of(other)[1]
         mm_out = graph.outputs_of(other)[0]
-        if not _private_const(graph, w, other) or graph.consumers(mm_out) != [producer]:
+        if not is_private_constant(graph, w, other) or not is_owned_by_match(graph, mm_out, [producer]):
             return False
         graph.set_const(ins[const_slot], ins[const_slot].const.numpy() * inv)
         graph.set_const(w, w.const.numpy() * inv[None, :])

@@ -11,7 +11,7 @@ from edgeq.errors import OptionError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import CompileOptions
 from edgeq.frontend.patterns import DATA_MOVEMENT, Roles
-from edgeq.targets.base import Granularity, OpRule, QSpec, Target
+from edgeq.targets.base import OpRule, QSpec, Target
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -23,22 +23,22 @@ class Scheme:
     rules: dict[str, OpRule]
     label: str
     head_weight: QSpec | None = None   # the LM head's weights where they differ from the others'
-    weight_dtype: str = "int8"          # the linears' weight dtype
+    weight_dtype: str = "int8"          # the linears' weight dtype (as --weights names it)
 
     @classmethod
     def resolve(cls, target: Target, options: CompileOptions) -> "Scheme":
-        weight = target.weight
-        head_weight = None
-        if options.weights == "int4":
-            if options.head_weights == "int8":
-                head_weight = target.weight
-            weight = QSpec("int4", symmetric=True, granularity=Granularity.BLOCK, axis=0,
-                           block_size=options.group or 128)
-        elif options.weights == "int8" and options.group:
-            weight = weight.replace(granularity=Granularity.BLOCK, axis=0, block_size=options.group)
-        if weight.dtype not in target.weight_dtypes:
-            raise OptionError(f"target {target.name} does not support {weight.dtype} weights",
+        """Every constant comes from the target: the spec of the chosen weight dtype, its
+        block sizes (--group), and the LM head's wider spec."""
+        dtype = options.weights or target.weight.dtype
+        weight = target.weight_spec(dtype)
+        if weight is None:
+            raise OptionError(f"target {target.name} does not support {dtype} weights",
                               fix=f"use one of {', '.join(sorted(target.weight_dtypes))}")
+        if options.group:
+            weight = weight.blocked(options.group)
+        # The LM head keeps `head_weights` where that spec is wider than the other linears'.
+        head = target.weight_spec(options.head_weights)
+        head_weight = head if head is not None and head.bits > weight.bits else None
         act_label = options.activations or "int8"
         rules = {}
         for kind, rule in target.ops.items():
@@ -56,7 +56,7 @@ class Scheme:
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
         activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
         label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
-        return cls(rules, label, head_weight, weight.dtype)
+        return cls(rules, label, head_weight, dtype)
 
 
 def rotates(options: CompileOptions, target: Target | None) -> bool:

@@ -14,7 +14,7 @@ import pytest
 import edgeq
 from edgeq.compiler import Compiled, compile
 from edgeq.errors import ValidationError
-from edgeq.ir.onnx_io import graph_to_proto
+from edgeq.ir import clone_graph, graph_to_proto
 from edgeq.options import CompileOptions
 from edgeq.registry import get_target
 from edgeq.targets.base import Target, validate
@@ -146,7 +146,7 @@ def _first_weight_dq(graph):
 
 
 def test_validate_rejects_a_nonzero_zero_point_on_a_symmetric_weight(compiled):
-    graph = compiled("bert", "x86-vnni", "W8A8").graph.clone()
+    graph = clone_graph(compiled("bert", "x86-vnni", "W8A8").graph)
     dq, _, _, zero = _first_weight_dq(graph)
     broken = zero.const.numpy().copy()
     broken[0] = 3
@@ -182,7 +182,7 @@ def test_validate_rejects_a_scale_that_is_not_a_power_of_two(compiled, synthetic
 
 
 def test_validate_rejects_a_dtype_the_target_lacks(compiled):
-    graph = compiled("bert", "x86-vnni", "W8A8").graph.clone()
+    graph = clone_graph(compiled("bert", "x86-vnni", "W8A8").graph)
     _, q, _, zero = _first_weight_dq(graph)
     graph.set_const(q, q.const.numpy().astype(np.uint16))
     graph.set_const(zero, zero.const.numpy().astype(np.uint16))

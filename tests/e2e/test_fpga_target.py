@@ -24,6 +24,7 @@ from edgeq.options import CompileOptions
 from edgeq.pipeline import PassContext, PassManager
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
+from edgeq.pipeline.artifacts import CALIBRATION_DATA
 
 # Ops that only exist in float (integer Div/Mul/Add are part of the kernels: the dtype check
 # below covers them).
@@ -181,7 +182,7 @@ def test_per_channel_factors_are_an_explicit_option(compiled_bert, tmp_path: Pat
     passes[target.default_pipeline.index("select-precision")] = get_pass("select-precision").from_options(
         CompileOptions(), target)
     ctx = PassContext(target=target)
-    ctx.artifacts["calibration-data"] = _calibration()
+    ctx.artifacts[CALIBRATION_DATA] = _calibration()
     graph = PassManager(passes)(edgeq.load(float_path), ctx).graph
     # outside the target's rule, and validate says so: its edge Q/DQ carry channel scales
     problems = validate(graph, target, raise_on_error=False)
@@ -284,7 +285,7 @@ def test_minilm_embedding_cosine(minilm_onnx: Path, shared_dir: Path, tmp_path: 
 
 
 def _host_names(graph) -> set[str]:
-    from edgeq.backends.fpga.lower_to_integer import HOST_OPS_KEY
+    from edgeq.backends.fpga.metadata import HOST_OPS_KEY
 
     return {entry["name"] for entry in json.loads(dict(graph.model.metadata_props)[HOST_OPS_KEY])}
 
@@ -305,10 +306,11 @@ def test_mse_scale_choice_is_a_power_of_two_near_the_covering_one() -> None:
     error on the histogram: a long thin tail is clipped (a finer scale), a flat range is not."""
     from types import SimpleNamespace
 
-    from edgeq.calibration.collect import Histogram
+    from edgeq.calibration.histogram import Histogram
     from edgeq.errors import OptionError
     from edgeq.options import CalibrationOptions
-    from edgeq.backends.fpga.lower_to_integer import LowerToInteger, _Ranges
+    from edgeq.backends.fpga.lower_to_integer import LowerToInteger
+    from edgeq.backends.fpga.lowering.ranges import CalibratedRanges
     from edgeq.targets.base import QSpec
 
     def histogram(values: np.ndarray, exponent: int = -6) -> SimpleNamespace:
@@ -320,7 +322,7 @@ def test_mse_scale_choice_is_a_power_of_two_near_the_covering_one() -> None:
     rng = np.random.default_rng(0)
     stats = {"tail": histogram(np.concatenate([rng.normal(0, 1, 200_000), [60.0]])),
              "flat": histogram(rng.uniform(-60, 60, 200_000))}
-    ranges = _Ranges(stats, CalibrationOptions(method="minmax"))
+    ranges = CalibratedRanges(stats, CalibrationOptions(method="minmax"))
     assert ranges.pow2_mse("tail", 0.5, spec) == 0.25          # clips the one outlier among 200k normals
     assert ranges.pow2_mse("flat", 0.5, spec) == 0.5           # nothing to gain from clipping
     with pytest.raises(OptionError, match="scale_choice"):

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 import edgeq
-from edgeq.ir.onnx_io import graph_to_proto
+from edgeq.ir import graph_to_proto
 from edgeq.frontend.patterns import Role, find_roles
 from tests.passes.helpers import model, vi
 

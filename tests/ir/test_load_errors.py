@@ -275,9 +275,9 @@ def test_duplicate_initializer_and_duplicate_input():
 
 def test_saving_over_2gb_inline_is_refused(tmp_path: Path, monkeypatch):
     """external_data=False with a model over protobuf's limit: a clear error, no broken file."""
-    from edgeq.ir import onnx_io
+    from edgeq.ir import writer
 
-    monkeypatch.setattr(onnx_io, "_TWO_GB", 1000)
+    monkeypatch.setattr(writer, "_TWO_GB", 1000)
     model, _ = synthetic.opset_model(17)
     with pytest.raises(OptionError, match="2 GB"):
         edgeq.save(edgeq.load(model), tmp_path / "m.onnx", external_data=False)

@@ -8,7 +8,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 import edgeq
-from edgeq.ir import onnx_io
+from edgeq.ir import files
+from edgeq.ir.loader import read_skeleton
 
 
 def _model(path):
@@ -24,10 +25,10 @@ def _model(path):
 def test_released_pages_read_back_the_same_values(tmp_path):
     weight = _model(tmp_path / "m.onnx")
     graph = edgeq.load(tmp_path / "m.onnx")
-    mapped = [ref() for ref in onnx_io._LIVE_MAPS if ref() is not None]
+    mapped = [ref() for ref in files._LIVE_MAPS if ref() is not None]
     assert mapped, "the loaded file is registered as a live map"
     before = graph.constant(graph.value("w")).numpy().copy()
-    onnx_io.release_file_pages()
+    files.release_file_pages()
     after = graph.constant(graph.value("w")).numpy()
     np.testing.assert_array_equal(before, weight)
     np.testing.assert_array_equal(after, weight)
@@ -35,7 +36,7 @@ def test_released_pages_read_back_the_same_values(tmp_path):
 
 def test_skeleton_has_the_graph_but_not_the_weight_bytes(tmp_path):
     _model(tmp_path / "m.onnx")
-    skeleton = onnx_io.read_skeleton(tmp_path / "m.onnx")
+    skeleton = read_skeleton(tmp_path / "m.onnx")
     (init,) = skeleton.graph.initializer
     assert (init.name, list(init.dims)) == ("w", [256, 256])
     assert not init.raw_data and [i.name for i in skeleton.graph.input] == ["x"]

@@ -14,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 import edgeq
+from edgeq.ir import clone_graph, to_model_proto
 from tests.ir import synthetic
 from tests.ir.helpers import assert_bit_identical, run, write_model
 from tests.ir.protodiff import first_difference
@@ -50,8 +51,8 @@ def test_ort_outputs_bit_identical_from_in_memory_proto(built, tmp_path: Path):
 
 def test_proto_identical(built, tmp_path: Path):
     model, _, src = built
-    assert first_difference(model, edgeq.load(src).to_onnx()) is None
-    assert first_difference(model, edgeq.load(model).to_onnx()) is None
+    assert first_difference(model, to_model_proto(edgeq.load(src))) is None
+    assert first_difference(model, to_model_proto(edgeq.load(model))) is None
     saved = edgeq.save(edgeq.load(src), tmp_path / "saved.onnx")
     assert first_difference(model, onnx.load(str(saved))) is None
 
@@ -73,7 +74,7 @@ def test_external_data_roundtrip(built, tmp_path: Path):
     assert (tmp_path / "ext" / "m.onnx.data").is_file()
     assert_bit_identical(run(src, feeds), run(ext, feeds), src.name)
     reloaded = edgeq.load(ext)
-    assert first_difference(model, reloaded.to_onnx()) is None
+    assert first_difference(model, to_model_proto(reloaded)) is None
     inline = edgeq.save(reloaded, tmp_path / "inline.onnx").read_bytes()
     assert inline == edgeq.save(edgeq.load(src), tmp_path / "direct.onnx").read_bytes()
 
@@ -96,7 +97,7 @@ def test_custom_domain_op_proto_identical(tmp_path: Path):
     (fancy,) = [op for op in graph.ops() if op.domain == "com.example"]
     assert fancy.kind == "com.example::FancyOp" and set(fancy.subgraphs) == {"body"}
     assert [v.name if v else None for v in graph.inputs_of(fancy)] == ["x", None, "w"]
-    assert first_difference(model, graph.to_onnx()) is None
+    assert first_difference(model, to_model_proto(graph)) is None
     saved = edgeq.save(graph, tmp_path / "saved.onnx")
     assert first_difference(model, onnx.load(str(saved))) is None
     assert edgeq.save(edgeq.load(saved), tmp_path / "again.onnx").read_bytes() == saved.read_bytes()
@@ -230,10 +231,10 @@ def test_passes_changes_survive_a_save(tmp_path: Path):
 
 
 def test_clone_shares_weights_and_saves_identically(built, tmp_path: Path):
-    """Graph.clone() goes through graph_to_proto/graph_from_proto: same model, same Tensors."""
+    """clone_graph goes through graph_to_proto/graph_from_proto: same model, same Tensors."""
     _, _, src = built
     graph = edgeq.load(src)
-    twin = graph.clone()
+    twin = clone_graph(graph)
     for value in graph.initializers:
         assert twin.value(value.name).const is value.const
     from edgeq.ir.verify import verify

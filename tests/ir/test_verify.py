@@ -313,10 +313,8 @@ def test_check_with_onnx_through_a_file_for_large_models(monkeypatch):
     """Past IN_MEMORY_LIMIT the model goes through a temporary external-data file."""
     monkeypatch.setattr(verify_module, "IN_MEMORY_LIMIT", 0)
     saved = []
-    from edgeq.ir import onnx_io
-
-    real_save = onnx_io.save
-    monkeypatch.setattr(onnx_io, "save", lambda *a, **k: saved.append(k) or real_save(*a, **k))
+    real_save = verify_module.save
+    monkeypatch.setattr(verify_module, "save", lambda *a, **k: saved.append(k) or real_save(*a, **k))
     check_with_onnx(_mlp())
     assert saved == [{"external_data": True}]
     graph = _mlp()

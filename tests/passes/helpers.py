@@ -11,11 +11,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.ir import Graph
+from edgeq.ir import Graph, to_model_proto
 from edgeq.ir.verify import check_with_onnx, verify
 from edgeq.options import CompileOptions
 from edgeq.pipeline import Pass, PassContext, PassManager
 from edgeq.registry import get_pass, get_target
+from edgeq.pipeline.artifacts import CALIBRATION_DATA
 
 F = TensorProto.FLOAT
 # The passes that need no target, calibration or plan.
@@ -30,7 +31,7 @@ def session(model: onnx.ModelProto | Graph | str | Path, *, optimize: bool = Tru
     graph as written: ORT's fusions pick other kernels once shapes are known, which changes
     float results in the last bits without any change of meaning."""
     if isinstance(model, Graph):
-        model = model.to_onnx()
+        model = to_model_proto(model)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     opts = ort.SessionOptions()
@@ -99,5 +100,5 @@ def ptq_context(target_name: str, model_path: str | Path | None = None, feeds=No
     if feeds is not None:
         from edgeq.calibration.sources import open_source
 
-        ctx.artifacts["calibration-data"] = open_source(list(feeds), str(model_path))
+        ctx.artifacts[CALIBRATION_DATA] = open_source(list(feeds), str(model_path))
     return ctx

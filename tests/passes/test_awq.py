@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from edgeq.calibration.sources import open_source
-from edgeq.quant.linears import linear_groups, quantize_kn
+from edgeq.quant.linears import linear_groups
+from edgeq.quant.rounding import quantize_kn
 from edgeq.ir import load
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
@@ -21,6 +22,7 @@ from edgeq.pipeline import PassContext
 from edgeq.passes.awq import AWQ
 from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import get_target
+from edgeq.pipeline.artifacts import AWQ_CHOICES, CALIBRATION_DATA, QUANT_PLAN, WEIGHT_ROUNDING
 
 from .helpers import assert_valid, ptq_pipeline, relative_l2, run
 
@@ -42,7 +44,7 @@ def feeds() -> list[dict]:
 
 def _context(path, feeds) -> PassContext:
     ctx = PassContext(target=get_target("x86-vnni"))
-    ctx.artifacts["calibration-data"] = open_source(list(feeds), str(path))
+    ctx.artifacts[CALIBRATION_DATA] = open_source(list(feeds), str(path))
     return ctx
 
 
@@ -67,11 +69,11 @@ def test_scaling_keeps_the_float_function_and_uses_every_fold(llama_path, feeds)
     # the attention context through a Reshape: an explicit Mul.
     assert stats["groups"] == 9 and stats["scaled"] == 9
     assert (stats["folded"], stats["folded_gated"], stats["explicit_mul"]) == (5, 2, 2)
-    assert "weight-rounding" not in ctx.artifacts
+    assert WEIGHT_ROUNDING not in ctx.artifacts
     for f, reference in zip(feeds[:3], before):
         after = run(result.graph, f, optimize=False)[0]
         np.testing.assert_allclose(after, reference, rtol=1e-4, atol=1e-4 * float(np.abs(reference).max()))
-    chosen = {r["alpha"] for r in ctx.artifacts["awq"]}
+    chosen = {r["alpha"] for r in ctx.artifacts[AWQ_CHOICES]}
     assert chosen - {0.0}  # the outlier channels make scaling worth it somewhere
     assert stats["mean_error_scaled"] < stats["mean_error_rtn"]
 
@@ -95,8 +97,8 @@ def test_clip_search_lowers_error_and_emitted_weights_are_the_stored_ones(llama_
     assert record.stats["layers"] == 15
     assert record.stats["mean_error_clipped"] < record.stats["mean_error_rtn"]
     assert next(r for r in ctx.records if r.name == "gptq").stats == {"layers": 0}  # awq rounds alone
-    stored = dict(ctx.artifacts["weight-rounding"])
-    plan = ctx.artifacts["select-precision"]
+    stored = dict(ctx.artifacts[WEIGHT_ROUNDING])
+    plan = ctx.artifacts[QUANT_PLAN]
     groups, _ = linear_groups(graph, plan)
     clipped = 0
     for lin in (lin for g in groups for lin in g.linears):
@@ -158,3 +160,37 @@ def test_w4a8_activations_are_calibrated_on_the_scaled_graph(llama_path, feeds):
     quantized_sources = {graph.inputs_of(q)[0].name for q in graph.ops_of_type("QuantizeLinear")}
     assert sum(name.endswith("_smoothed") for name in quantized_sources) >= stats["explicit_mul"]
     assert compiled.report.verification.worst_relative_l2 < 0.5
+
+
+def _gated_block(visible: dict[str, str]):
+    """y = (h Wa * h Wb) Wd; `visible` makes names graph inputs ("input") or outputs ("output")."""
+    from onnx import helper
+
+    from .helpers import model, vi
+
+    rng = np.random.default_rng(0)
+    inits = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in ("wa", "wb", "wd")}
+    nodes = [helper.make_node("MatMul", ["h", "wa"], ["a"]), helper.make_node("MatMul", ["h", "wb"], ["b"]),
+             helper.make_node("Mul", ["a", "b"], ["p"]), helper.make_node("MatMul", ["p", "wd"], ["y"])]
+    shapes = {"wa": [8, 8], "wb": [8, 8], "a": [2, 8], "b": [2, 8]}
+    inputs = [vi("h", [2, 8])] + [vi(n, shapes[n]) for n, w in visible.items() if w == "input"]
+    outputs = [vi("y", [2, 8])] + [vi(n, shapes[n]) for n, w in visible.items() if w == "output"]
+    graph = load(onnx.shape_inference.infer_shapes(model(nodes, inputs, outputs, inits)))  # a, b: [2, 8]
+    return graph, {n: graph.value(n).const.numpy().copy() for n in ("wa", "wb")}
+
+
+@pytest.mark.parametrize("visible, scaled", [
+    ({}, "wb"),                                        # the second factor's linear first
+    ({"wb": "input"}, "wa"), ({"wb": "output"}, "wa"), ({"b": "output"}, "wa"),
+    ({"wa": "input", "wb": "input"}, None), ({"a": "output", "b": "output"}, None),
+])
+def test_the_gate_fold_scales_only_a_linear_private_to_the_match(visible, scaled):
+    from edgeq.passes.awq import _fold_through_gate
+
+    graph, before = _gated_block(visible)
+    (down,) = [op for op in graph.ops_of_type("MatMul") if graph.inputs_of(op)[0].name == "p"]
+    inv = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    assert _fold_through_gate(graph, graph.value("p"), [down], inv) == (scaled is not None)
+    for name, old in before.items():
+        new = graph.value(name).const.numpy()
+        assert np.allclose(new, old * inv[None, :]) if name == scaled else np.array_equal(new, old)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 import edgeq
 from edgeq.ir import Graph
-from edgeq.pipeline import PassContext, PassManager, VerifyInstrument
+from edgeq.pipeline import PassContext, PassManager, VerifyInstrument, leaf_records
 from edgeq.passes.constant_folding import ConstantFolding
 from edgeq.passes.dead_code_elimination import DeadCodeElimination
 from edgeq.passes.identity_elimination import IdentityElimination
@@ -66,8 +66,9 @@ def test_generic_pipeline_reaches_a_fixed_point(which, synthetic_bert, synthetic
     pipeline = PassManager([get_pass(n)() for n in GENERIC], until_fixed_point=True, max_iterations=5)
     ctx = PassContext(instruments=[VerifyInstrument()])
     pipeline(graph, ctx)
-    assert len(ctx.records) < 5 * len(GENERIC), "the generic passes never stop reporting changes"
-    assert all(not r.modified for r in ctx.records[-len(GENERIC):])
+    records = leaf_records(ctx.records)
+    assert len(records) < 5 * len(GENERIC), "the generic passes never stop reporting changes"
+    assert all(not r.modified for r in records[-len(GENERIC):])
     assert_valid(graph)
     _outputs_unchanged(onnx.load(str(path)), graph, feeds)
 
@@ -167,7 +168,7 @@ def test_constant_folding_reports_no_change_for_a_constant_op_it_cannot_fold():
     assert result.modified is False
     ctx = PassContext()
     PassManager([ConstantFolding()], until_fixed_point=True, max_iterations=8)(graph, ctx)
-    assert len(ctx.records) == 1
+    assert len(leaf_records(ctx.records)) == 1
     _outputs_unchanged(before, graph, {"x": np.array([-1.0, 1.0], np.float32)})
 
 

@@ -13,8 +13,9 @@ import pytest
 
 from edgeq.calibration.sources import open_source
 from edgeq.errors import CalibrationError
-from edgeq.quant.linears import (CLIP_RATIOS, ActivationStream, dequantize_kn, gptq_quantize, linear_groups,
-                           output_errors, quantize_kn, search_params)
+from edgeq.calibration.layer_inputs import ActivationStream
+from edgeq.quant.linears import linear_groups
+from edgeq.quant.rounding import CLIP_RATIOS, dequantize_kn, gptq_quantize, output_errors, quantize_kn, search_params
 from edgeq.ir import load
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
@@ -25,6 +26,7 @@ from edgeq.passes.insert_qdq import weight_key
 from edgeq.quant.numerics import quantize_weight
 from edgeq.registry import get_target
 from edgeq.targets.base import Granularity, QSpec
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, GPTQ_ERRORS, QUANT_PLAN, WEIGHT_ROUNDING
 
 from .helpers import ptq_pipeline, relative_l2, run
 
@@ -51,7 +53,7 @@ def feeds() -> list[dict]:
 def _run_until(path, feeds, options: CompileOptions, stop_after: str, **kwargs):
     graph = load(path)
     ctx = PassContext(target=get_target("x86-vnni"))
-    ctx.artifacts["calibration-data"] = open_source(list(feeds), str(path))
+    ctx.artifacts[CALIBRATION_DATA] = open_source(list(feeds), str(path))
     pipeline = ptq_pipeline("x86-vnni", options, stop_after=stop_after, **kwargs)
     graph = pipeline(graph, ctx).graph
     return graph, ctx
@@ -68,7 +70,7 @@ def _layer_inputs(path, graph, feeds, names):
 def test_gptq_lowers_every_layers_output_error_against_rtn(llama_path, feeds, group):
     options = CompileOptions(weights="int4", rotate=False, group=group, activations="float", weight_rounding="gptq")
     graph, ctx = _run_until(llama_path, feeds, options, "gptq")
-    per_layer = ctx.artifacts["gptq"]
+    per_layer = ctx.artifacts[GPTQ_ERRORS]
     assert len(per_layer) == 15  # 2 x (q, k, v, o, gate, up, down) + lm_head
     for layer in per_layer:
         assert layer["gptq_error"] < layer["rtn_error"], layer
@@ -77,13 +79,13 @@ def test_gptq_lowers_every_layers_output_error_against_rtn(llama_path, feeds, gr
 
     # The same comparison computed from the activations themselves (not through H): the output
     # error of x @ W on every calibration token, for the MLP's down projection (K = 256).
-    plan = ctx.artifacts["select-precision"]
+    plan = ctx.artifacts[QUANT_PLAN]
     groups, _ = linear_groups(graph, plan)
     down = next(g for g in groups if g.linears[0].weight_kn(graph).shape[0] == 256)
     x = _layer_inputs(llama_path, graph, feeds, [down.source])[down.source]
     lin = down.linears[0]
     w = lin.weight_kn(graph)
-    q, scale, zero = ctx.artifacts["weight-rounding"][weight_key(graph, lin.op, 1, lin.spec)]
+    q, scale, zero = ctx.artifacts[WEIGHT_ROUNDING][weight_key(graph, lin.op, 1, lin.spec)]
     reference = x @ w
     gptq_error = relative_l2(reference, x @ dequantize_kn(q, scale, zero, lin.spec))
     rtn_error = relative_l2(reference, x @ dequantize_kn(*quantize_kn(w, lin.spec), lin.spec))
@@ -94,8 +96,8 @@ def test_act_order_still_beats_rtn_and_changes_the_rounding(llama_path, feeds):
     options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     _, plain = _run_until(llama_path, feeds, options, "gptq")
     _, ordered = _run_until(llama_path, feeds, replace(options, act_order=True), "gptq")
-    assert all(r["gptq_error"] < r["rtn_error"] for r in ordered.artifacts["gptq"])
-    assert plain.artifacts["gptq"] != ordered.artifacts["gptq"]
+    assert all(r["gptq_error"] < r["rtn_error"] for r in ordered.artifacts[GPTQ_ERRORS])
+    assert plain.artifacts[GPTQ_ERRORS] != ordered.artifacts[GPTQ_ERRORS]
     record = next(r for r in ordered.records if r.name == "gptq")
     assert record.stats["mean_error_gptq"] < 0.6 * record.stats["mean_error_rtn"]
 
@@ -124,8 +126,8 @@ def test_act_order_groups_are_static_and_contiguous(ratios):
 def test_int8_channel_weights_gptq_beats_rtn(llama_path, feeds):
     options = CompileOptions(weights="int8", activations="float", weight_rounding="gptq")
     _, ctx = _run_until(llama_path, feeds, options, "gptq")
-    assert all(r["gptq_error"] < r["rtn_error"] for r in ctx.artifacts["gptq"])
-    arrays = next(iter(ctx.artifacts["weight-rounding"].values()))
+    assert all(r["gptq_error"] < r["rtn_error"] for r in ctx.artifacts[GPTQ_ERRORS])
+    arrays = next(iter(ctx.artifacts[WEIGHT_ROUNDING].values()))
     assert arrays[0].dtype == np.int8 and arrays[1].ndim == 1
 
 
@@ -163,7 +165,7 @@ def test_emitted_weights_are_exactly_the_stored_ones_and_ort_runs_matmulnbits(ll
 
     options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     graph, ctx = _run_until(llama_path, feeds, options, "insert-qdq")
-    stored = ctx.artifacts["weight-rounding"]
+    stored = ctx.artifacts[WEIGHT_ROUNDING]
     emitted = 0
     for dq in graph.ops_of_type("DequantizeLinear"):
         q, s, z = (graph.constant(v) for v in graph.inputs_of(dq))
@@ -198,7 +200,7 @@ def test_gptq_needs_calibration_data_unless_automatic(llama_path, feeds):
         GPTQ()(graph, ctx)
     result = GPTQ(required=False)(graph, ctx)
     assert result.stats == {"layers": 0, "no_calibration_data": 1}
-    assert "weight-rounding" not in ctx.artifacts
+    assert WEIGHT_ROUNDING not in ctx.artifacts
     auto = GPTQ.from_options(CompileOptions(weights="int4", rotate=False, weight_rounding="auto"), get_target("x86-vnni"))
     assert auto.enabled and not auto.required and not auto.act_order
     assert auto.signed_scales  # x86's kernels take signed int4 scales (16 levels)
@@ -216,10 +218,10 @@ def test_sequential_mode_measures_later_layers_on_the_rounded_earlier_ones(llama
     options = CompileOptions(weights="int4", rotate=False, group=32, activations="float", weight_rounding="gptq")
     graph, ctx = _planned(llama_path, feeds, options)
     GPTQ(hessian_budget_mb=0)(graph, ctx)
-    plain = {r["op"]: r for r in ctx.artifacts["gptq"]}
+    plain = {r["op"]: r for r in ctx.artifacts[GPTQ_ERRORS]}
     graph, ctx = _planned(llama_path, feeds, options)
     result = GPTQ(sequential=True, hessian_budget_mb=0)(graph, ctx)
-    sequential = {r["op"]: r for r in ctx.artifacts["gptq"]}
+    sequential = {r["op"]: r for r in ctx.artifacts[GPTQ_ERRORS]}
     assert result.stats["hessian_passes"] == 9  # one chunk per input group
     first, *rest = list(sequential)
     assert sequential[first] == plain[first]  # the first layers see the float model either way
@@ -232,7 +234,7 @@ def test_signed_scales_use_sixteen_levels_and_run_in_ort(llama_path, feeds):
                              head_weights="int4")
     graph, ctx = _planned(llama_path, feeds, options)
     GPTQ(signed_scales=True)(graph, ctx)
-    signed = ctx.artifacts["weight-rounding"]
+    signed = ctx.artifacts[WEIGHT_ROUNDING]
     assert any(np.any(scale < 0) for _, scale, _ in signed.values())
     assert all(int(q.astype(np.int8).min()) >= -8 for q, _, _ in signed.values())
     graph = ptq_pipeline("x86-vnni", options, skip=tuple(get_target("x86-vnni").default_pipeline[

@@ -12,13 +12,14 @@ from onnx import helper
 
 import edgeq
 from edgeq.quant.hadamard import Rotation
-from edgeq.ir import Graph
+from edgeq.ir import Graph, to_model_proto
 from edgeq.models import synthetic
 from edgeq.models.llama import LlamaConfig
 from edgeq.options import CalibrationOptions, CompileOptions
 from edgeq.pipeline import PassContext, PassManager, VerifyInstrument
 from edgeq.passes.hadamard_rotation import HadamardRotation, RotationError
 from edgeq.registry import get_pass, get_target
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, ROTATION
 from tests.passes.helpers import PREPROCESS, assert_valid, model, relative_l2, run, vi
 
 node = helper.make_node
@@ -161,7 +162,7 @@ def test_rotation_spreads_the_planted_activation_outliers(synthetic_llama, llama
         first_q = next(op for op in graph.ops_of_type("MatMul")
                        if graph.inputs_of(op)[1].name == "model.layers.0.self_attn.q_proj.weight")
         name = graph.inputs_of(first_q)[0].name
-        proto = graph.to_onnx()
+        proto = to_model_proto(graph)
         proto.graph.output.add().name = name
         (x,) = run(proto, llama_feeds[0])[-1:]
         return float(np.abs(x).max() / np.sqrt(np.mean(x.astype(np.float64) ** 2)))
@@ -180,7 +181,7 @@ def test_bert_post_norm_gets_online_rotations_and_keeps_its_layer_norms(syntheti
     # per layer: online before q/k/v, intermediate, output.dense and attention.output.dense
     assert stats["stream"] == 0 and stats["online_hadamards"] == 8 and stats["attention_folds"] == 2
     assert stats["qk_rotations"] == 2
-    summary = ctx.artifacts["hadamard-rotation"]
+    summary = ctx.artifacts[ROTATION]
     assert any("LayerNorm" in note and "post-norm" in note for note in summary.notes)
     # LayerNorm gamma/beta are untouched: its centring and gain stay exact where they are.
     for name, value in before.items():
@@ -266,10 +267,10 @@ def test_smoothing_before_the_online_hadamards_keeps_the_function(which, synthet
     path, feeds = (synthetic_llama, llama_feeds) if which == "llama" else (synthetic_bert, bert_feeds)
     graph = edgeq.load(path)
     ctx = PassContext(seed=SEED, instruments=[VerifyInstrument()])
-    ctx.artifacts["calibration-data"] = open_source(feeds[:4], str(path))
+    ctx.artifacts[CALIBRATION_DATA] = open_source(feeds[:4], str(path))
     PassManager([get_pass(n)() for n in PREPROCESS] + [HadamardRotation()])(graph, ctx)
     assert_valid(graph)
-    summary = ctx.artifacts["hadamard-rotation"]
+    summary = ctx.artifacts[ROTATION]
     smoothed = [name for name, alpha in summary.smoothing if alpha]
     assert smoothed and _stats(ctx)["smoothed"] == len(smoothed)
     # never on an attention context (its input is rotated per head already); names only checked
@@ -284,7 +285,7 @@ def test_smoothing_before_the_online_hadamards_keeps_the_function(which, synthet
 
 def test_no_smoothing_without_calibration_data(synthetic_llama):
     graph, ctx = _rotate(synthetic_llama)
-    summary = ctx.artifacts["hadamard-rotation"]
+    summary = ctx.artifacts[ROTATION]
     assert _stats(ctx)["smoothed"] == 0 and any("no calibration data" in n for n in summary.notes)
 
 
@@ -308,7 +309,7 @@ def test_stream_mode_refuses_a_hidden_size_without_hadamard_matrix(tmp_path):
     assert isinstance(info.value.__cause__, RotationError) and "order 92" in str(info.value)
     # auto: the stream is left alone, the MLP input (128 wide) still rotates online, exactly
     graph, ctx = _rotate(proto)
-    summary = ctx.artifacts["hadamard-rotation"]
+    summary = ctx.artifacts[ROTATION]
     assert summary.mode == "online" and summary.online and any("order 92" in why for _, why in summary.skipped)
     _assert_same_function(proto, graph, [synthetic.llama_feeds(seq=8, seed=1, config=config)])
 
@@ -342,6 +343,45 @@ def test_refuses_to_fold_into_a_shared_embedding_table():
     result = HadamardRotation()(graph, PassContext())
     assert result.stats["stream"] == 0
     _assert_same_function(m, graph, [{"ids": np.array([[1, 5, 7, 30, 2]], np.int64)}])
+
+
+def _token_and_position_embeddings(visible: str | None = None, where: str = "input") -> onnx.ModelProto:
+    """The pre-norm LayerNorm decoder with x0 = E[ids] + P[positions], and `visible` (a table or
+    an embedding part) also a graph input or output."""
+    proto = _pre_norm_layer_norm_model()
+    d = 24
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather")
+    gather.output[0] = "tok"
+    at = list(proto.graph.node).index(gather) + 1
+    proto.graph.node.insert(at, node("Gather", ["P", "positions"], ["pos"]))
+    proto.graph.node.insert(at + 1, node("Add", ["tok", "pos"], ["x0"]))
+    p = 0.5 * np.random.default_rng(1).standard_normal((16, d)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(p, "P"))
+    proto.graph.input.append(vi("positions", ["batch", "seq"], onnx.TensorProto.INT64))
+    if visible is not None:
+        shapes = {"E": [40, d], "P": [16, d], "tok": ["batch", "seq", d]}
+        getattr(proto.graph, where).append(vi(visible, shapes[visible]))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.parametrize("visible, where, why", [
+    (None, "", None),                          # both tables private: the stream folds into them
+    ("P", "input", "read elsewhere too"),      # an overridable initializer: the caller may replace it
+    ("tok", "output", "embedding part 'tok' is read elsewhere too"),
+])
+def test_refuses_to_fold_into_an_embedding_the_caller_sees(visible, where, why):
+    proto = _token_and_position_embeddings(visible, where)
+    rng = np.random.default_rng(2)
+    feeds = [{"ids": rng.integers(0, 40, size=(2, 7)).astype(np.int64),
+              "positions": np.tile(np.arange(7, dtype=np.int64), (2, 1))}]
+    if why is not None:
+        with pytest.raises(RotationError, match=why):
+            HadamardRotation(mode="stream")(_load_proto(proto), PassContext())
+    graph = _load_proto(proto)
+    result = HadamardRotation()(graph, PassContext())
+    assert result.stats["stream"] == int(why is None) and result.stats["embeddings"] == (2 if why is None else 0)
+    _assert_same_function(proto, graph, feeds)   # the visible part included
 
 
 def _rms(x: str, out: str, tag: str) -> list:

@@ -20,6 +20,7 @@ from edgeq.passes.insert_qdq import InsertQDQ
 from edgeq.passes.select_precision import SelectPrecision
 from edgeq.frontend.patterns import DATA_MOVEMENT
 from edgeq.registry import get_pass
+from edgeq.pipeline.artifacts import QUANT_PLAN
 from tests.passes.helpers import PREPROCESS, assert_valid, ptq_context, relative_l2, run
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -49,7 +50,7 @@ def _float_weights(path: Path) -> dict[str, np.ndarray]:
 def test_weights_become_integer_initializers_and_no_float_copy_is_left(synthetic_bert, bert_feeds):
     graph, ctx = _quantize(synthetic_bert, bert_feeds)
     assert_valid(graph)
-    plan = ctx.artifacts["select-precision"]
+    plan = ctx.artifacts[QUANT_PLAN]
     for op_plan in plan.ops:
         if op_plan.op.op_type != "MatMul" or 1 not in op_plan.weights:
             continue

@@ -157,3 +157,50 @@ def test_the_search_is_the_default_except_after_a_rotation():
     assert grid(weights="int4", rotate=False) == SMOOTH_SEARCH_GRID
     assert grid(rotate=True, smooth_alpha_grid=(0.0, 0.5)) == (0.0, 0.5)  # asked for: searched
     assert grid(smooth_alpha=0.5) == () and SmoothQuant.from_options(CompileOptions(smooth_alpha=0.5), x86).alpha == 0.5
+
+
+def _visible(source: onnx.ModelProto, name: str, where: str) -> onnx.ModelProto:
+    """`source` with initializer `name` also a graph input (overridable) or a graph output."""
+    array = next(onnx.numpy_helper.to_array(t) for t in source.graph.initializer if t.name == name)
+    getattr(source.graph, where).append(vi(name, list(array.shape)))
+    return source
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_norm_constant_the_caller_sees_is_not_folded_into(tmp_path, where):
+    source = _visible(_pre_norm_block(), "gamma", where)
+    path = tmp_path / "block.onnx"
+    onnx.save(source, str(path))
+    graph = edgeq.load(path)
+    old_gamma = graph.value("gamma").const.numpy().copy()
+    stats = _smooth(graph, path, _block_feeds(4))
+    assert stats["folded"] == 0 and stats["explicit_mul"] == 1
+    assert np.array_equal(graph.value("gamma").const.numpy(), old_gamma)
+    _assert_same_function(source, graph, _block_feeds(2, seed=1))
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_weight_the_caller_sees_leaves_its_group_alone(tmp_path, where):
+    source = _visible(_pre_norm_block(), "wa", where)
+    path = tmp_path / "block.onnx"
+    onnx.save(source, str(path))
+    graph = edgeq.load(path)
+    old = {n: graph.value(n).const.numpy().copy() for n in ("gamma", "beta", "wa", "wb")}
+    stats = _smooth(graph, path, _block_feeds(4))
+    assert stats == {"groups": 0}
+    assert all(np.array_equal(graph.value(n).const.numpy(), a) for n, a in old.items())
+    assert _smoothing_muls(graph) == []
+
+
+def test_a_weight_shared_by_two_linears_leaves_its_group_alone(tmp_path):
+    source = _pre_norm_block()
+    for n in source.graph.node:   # both linears read wa
+        n.input[:] = ["h", "wa"] if list(n.input) == ["h", "wb"] else list(n.input)
+    del source.graph.initializer[[t.name for t in source.graph.initializer].index("wb")]
+    path = tmp_path / "block.onnx"
+    onnx.save(source, str(path))
+    graph = edgeq.load(path)
+    old = {n: graph.value(n).const.numpy().copy() for n in ("gamma", "beta", "wa")}
+    stats = _smooth(graph, path, _block_feeds(4))
+    assert stats == {"groups": 0}
+    assert all(np.array_equal(graph.value(n).const.numpy(), a) for n, a in old.items())

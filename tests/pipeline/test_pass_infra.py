@@ -10,9 +10,10 @@ import onnx
 import pytest
 
 import edgeq
-from edgeq.errors import EdgeqError, GraphError, OptionError, PassError
+from edgeq.errors import GraphError, OptionError, PassError, PostconditionError, PreconditionError
 from edgeq.ir import Graph, Value
 from edgeq.pipeline import (
+    ArtifactKey,
     DumpInstrument,
     Instrument,
     Pass,
@@ -21,10 +22,15 @@ from edgeq.pipeline import (
     PassResult,
     TimingInstrument,
     VerifyInstrument,
+    leaf_records,
 )
+from edgeq.pipeline.artifacts import QUANT_PLAN
 from edgeq.passes.dead_code_elimination import DeadCodeElimination
 from edgeq.passes.identity_elimination import IdentityElimination
 from tests.passes.helpers import model, op_types, run, vi
+
+
+TRACE: ArtifactKey[list[str]] = ArtifactKey("trace of the passes that ran", "the test passes")
 
 
 class Named(Pass):
@@ -38,7 +44,7 @@ class Named(Pass):
 
     def run(self, graph, ctx):
         self.calls += 1
-        ctx.artifacts.setdefault("trace", []).append(self.name)
+        ctx.artifacts.setdefault(TRACE, []).append(self.name)
         if self.sleep:
             time.sleep(self.sleep)
         return PassResult(graph, self.calls <= self.modify_times, {"calls": self.calls})
@@ -106,7 +112,7 @@ def _tiny() -> Graph:
 
 
 def _trace(ctx: PassContext) -> list[str]:
-    return ctx.artifacts.get("trace", [])
+    return ctx.artifacts.get(TRACE, [])
 
 
 # ---- nesting ----------------------------------------------------------------------------
@@ -118,8 +124,12 @@ def test_nested_pipelines_run_in_order_and_records_name_each_leaf_pass():
     ctx = PassContext()
     result = outer(_tiny(), ctx)
     assert _trace(ctx) == ["a", "b", "c", "d", "e"]
-    # Records hold leaf passes only, in run order; a pipeline's stats count what it ran.
-    assert [r.name for r in ctx.records] == ["a", "b", "c", "d", "e"]
+    # Records come in completion order, pipelines after their passes, each at its depth; a
+    # pipeline's stats count what it ran.
+    assert [(r.name, r.depth, r.pipeline) for r in ctx.records] == [
+        ("a", 1, False), ("b", 2, False), ("c", 3, False), ("innermost", 2, True), ("d", 2, False),
+        ("inner", 1, True), ("e", 1, False), ("outer", 0, True)]
+    assert [r.name for r in leaf_records(ctx.records)] == ["a", "b", "c", "d", "e"]
     assert result.stats == {"passes": 3}
     assert result.modified is False
 
@@ -185,8 +195,23 @@ def test_fixed_point_repeats_until_nothing_changes_and_is_capped():
 
 
 def test_missing_artifact_names_the_producer_and_the_consumer():
-    with pytest.raises(EdgeqError, match="pass 'insert-qdq' needs the result of 'select-precision'"):
-        PassContext().artifact("select-precision", needed_by="insert-qdq")
+    with pytest.raises(PreconditionError, match="pass 'insert-qdq' needs the quantization plan, which "
+                                                "'select-precision' produces") as info:
+        PassContext().artifact(QUANT_PLAN, needed_by="insert-qdq")
+    assert info.value.exit_code == 2
+
+
+def test_a_broken_postcondition_is_an_internal_error_whatever_the_pass_raised():
+    for raised in (GraphError("postcondition violated"), AssertionError("not what I promised")):
+        class Promise(BrokenPromise):
+            def ensures(self, graph, ctx, raised=raised):
+                raise raised
+
+        with pytest.raises(PassError) as info:
+            PassManager([Promise()])(_tiny(), PassContext())
+        assert isinstance(info.value.cause, PostconditionError)
+        assert info.value.exit_code == 1  # a bug in edgeq, not the user's input
+        assert str(raised) in str(info.value)
 
 
 # ---- instruments ---------------------------------------------------------------------------
@@ -267,3 +292,33 @@ def test_dump_instrument_after_filter(tmp_path):
         _tiny(), PassContext(instruments=[dump]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01_dead-code-elimination.onnx",
                                                           "02_dead-code-elimination.onnx"]
+
+
+def test_release_pages_runs_after_each_pass_but_not_after_pipelines(monkeypatch):
+    from edgeq.pipeline import ReleasePagesInstrument
+
+    released = []
+    monkeypatch.setattr("edgeq.ir.files.release_file_pages", lambda: released.append(1))
+    PassManager([Named("a"), PassManager([Named("b")], name="inner")])(
+        _tiny(), PassContext(instruments=[ReleasePagesInstrument()]))
+    assert len(released) == 2
+    PassManager([Named("a")])(_tiny(), PassContext())  # without the instrument nothing is released
+    assert len(released) == 2
+
+
+def test_compile_takes_instruments_and_reports_every_leaf_pass_with_its_time(synthetic_bert, bert_feeds):
+    from edgeq.options import CompileOptions
+
+    timing, log = TimingInstrument(), []
+
+    class Seen(Instrument):
+        def after_pass(self, pass_, result, ctx):
+            log.append(pass_.name)
+
+    compiled = edgeq.compile(synthetic_bert, "x86-vnni", CompileOptions(verify=False), calibration=bert_feeds[:3],
+                             instruments=[timing, Seen()])
+    leaf = [name for name, _ in timing.seconds if not name.endswith("-pipeline")]
+    assert log == [name for name, _ in timing.seconds]  # the user's instruments saw every pass
+    assert [row.name for row in compiled.report.passes] == leaf
+    assert compiled.report.passes[0].name == "convert-opset" and "insert-qdq" in leaf
+    assert all(row.seconds >= 0 for row in compiled.report.passes)

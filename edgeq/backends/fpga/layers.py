@@ -33,6 +33,7 @@ from onnx import TensorProto, numpy_helper
 
 from edgeq.errors import CostModelError
 from edgeq.backends.fpga.errors import UnpricedOpError
+from edgeq.backends.fpga.metadata import HOST_OPS_KEY, UNIT_KEY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,8 +656,6 @@ def _layout_reason(g: _Graph, node: onnx.NodeProto) -> str:
 # Integer-lowered models (edgeq.backends.fpga.lower_to_integer) tag every node they emit with the
 # hardware unit it belongs to, as node metadata UNIT_KEY = "kind@instance"; a unit's nodes form
 # one layer. Ops the host runs are listed in the model metadata HOST_OPS_KEY.
-UNIT_KEY = "edgeq.unit"
-HOST_OPS_KEY = "edgeq.host_ops"
 _MATMUL_UNITS = frozenset({"linear", "attention"})
 _NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add", "hadamard"})
 

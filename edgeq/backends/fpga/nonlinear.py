@@ -22,7 +22,7 @@ from edgeq.backends.fpga.layers import NonlinearUnit
 from edgeq.backends.fpga.primitives import Resources
 
 _TABLE_LUTS = 32  # 256 x 8-bit lookup table in LUTRAM (64 bits per LUT6)
-HADAMARD_STAGES = 9  # log2 of the largest online Hadamard block (lower_to_integer.HADAMARD_MAX_BLOCK)
+HADAMARD_STAGES = 9  # log2 of the largest online Hadamard block (lowering.rotation.HADAMARD_MAX_BLOCK)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,14 @@ from edgeq.backends.fpga import MatVecLayer, layers_from_onnx
 from edgeq.backends.fpga.integer.fixedpoint import pow2_exponent
 from edgeq.backends.fpga.integer.program import (Dequantize, GeluInt, IntegerProgram, LayerNormInt, MatMulInt, Quantize, Shift,
                                    check_against_onnxruntime)
-from edgeq.ir import Graph
+from edgeq.ir import Graph, clone_graph, to_model_proto
 from edgeq.options import CompileOptions
 from edgeq.pipeline import PassManager
-from edgeq.backends.fpga.lower_to_integer import HOST_OPS_KEY, LowerToInteger
+from edgeq.backends.fpga.lower_to_integer import LowerToInteger
+from edgeq.backends.fpga.metadata import HOST_OPS_KEY
 from edgeq.registry import get_pass, get_target
 from edgeq.targets.base import validate
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, INTEGER_PROGRAM
 
 from tests.passes.helpers import assert_valid, model, ptq_context, ptq_pipeline, vi
 
@@ -36,7 +38,7 @@ def lower(graph: Graph, feeds, path, **kwargs) -> tuple[Graph, IntegerProgram]:
     passes = ptq_pipeline("fpga", CompileOptions(), stop_after="select-precision").passes
     passes += [LowerToInteger(**kwargs), get_pass("dead-code-elimination")(), get_pass("topological-sort")()]
     graph = PassManager(passes)(graph, ctx).graph
-    return graph, ctx.artifacts["lower-to-integer"]
+    return graph, ctx.artifacts[INTEGER_PROGRAM]
 
 
 def region(graph: Graph) -> list:
@@ -91,7 +93,7 @@ def test_host_ops_are_the_embedding_before_the_quantize(lowered) -> None:
 
 def test_onnxruntime_is_bit_identical_to_the_numpy_reference(lowered, bert_feeds) -> None:
     graph, _ = lowered
-    check = check_against_onnxruntime(graph.to_onnx(), bert_feeds[0])
+    check = check_against_onnxruntime(to_model_proto(graph), bert_feeds[0])
     assert check.bit_exact, check.mismatched
     assert check.tensors > 40  # the output and the integer tensor of every lowered float tensor
 
@@ -127,7 +129,7 @@ def test_one_scale_per_tensor_without_equalization(synthetic_bert, bert_feeds) -
             assert isinstance(step.scale, float)
         if isinstance(step, (LayerNormInt, GeluInt)):
             assert isinstance(step.out_scale, float)
-    assert check_against_onnxruntime(graph.to_onnx(), bert_feeds[1]).bit_exact
+    assert check_against_onnxruntime(to_model_proto(graph), bert_feeds[1]).bit_exact
 
 
 def test_first_norm_on_the_host(synthetic_bert, bert_feeds) -> None:
@@ -138,7 +140,7 @@ def test_first_norm_on_the_host(synthetic_bert, bert_feeds) -> None:
     host = json.loads(dict(graph.model.metadata_props)[HOST_OPS_KEY])
     assert [e["op_type"] for e in host].count("LayerNormalization") == 1
     assert not {op.op_type for op in region(graph)} & FLOAT_COMPUTE
-    assert check_against_onnxruntime(graph.to_onnx(), bert_feeds[0]).bit_exact
+    assert check_against_onnxruntime(to_model_proto(graph), bert_feeds[0]).bit_exact
 
 
 @pytest.mark.parametrize("bits, low, high", [(4, -8, 7), (2, -2, 1)])
@@ -152,11 +154,11 @@ def test_narrow_weights(synthetic_bert, bert_feeds, bits: int, low: int, high: i
         if weight is not None:
             values = weight.numpy()
             assert values.dtype == np.int8 and values.min() >= low and values.max() <= high
-    layers = layers_from_onnx(graph.to_onnx(), input_shapes={"input_ids": [1, 16], "attention_mask": [1, 16],
+    layers = layers_from_onnx(to_model_proto(graph), input_shapes={"input_ids": [1, 16], "attention_mask": [1, 16],
                                                              "token_type_ids": [1, 16]})
     matvecs = [layer for layer in layers if isinstance(layer, MatVecLayer)]
     assert len(matvecs) == 12 and all(layer.weight_bits <= bits for layer in matvecs)
-    assert check_against_onnxruntime(graph.to_onnx(), bert_feeds[0]).bit_exact
+    assert check_against_onnxruntime(to_model_proto(graph), bert_feeds[0]).bit_exact
 
 
 @pytest.mark.parametrize("kwargs", [{"probability_bits": 8}, {"weight_granularity": "tensor"}])
@@ -167,7 +169,7 @@ def test_variants_stay_bit_exact(synthetic_bert, bert_feeds, kwargs) -> None:
     assert validate(graph, FPGA) == []
     kinds = {step.kind for step in program.steps}
     assert ("Digit" in kinds) is (kwargs.get("probability_bits", 16) == 16)  # 16-bit P as two digits
-    assert check_against_onnxruntime(graph.to_onnx(), bert_feeds[0]).bit_exact
+    assert check_against_onnxruntime(to_model_proto(graph), bert_feeds[0]).bit_exact
 
 
 def test_gptq_rounding_stays_on_the_grid(synthetic_bert, bert_feeds) -> None:
@@ -179,12 +181,12 @@ def test_gptq_rounding_stays_on_the_grid(synthetic_bert, bert_feeds) -> None:
     weights = [[graph.constant(graph.inputs_of(op)[1]).numpy() for op in graph.ops_of_type("MatMulInteger")
                 if graph.is_const(graph.inputs_of(op)[1])] for graph in (nearest, gptq)]
     assert any(not np.array_equal(a, b) for a, b in zip(*weights))  # GPTQ moved some roundings
-    assert check_against_onnxruntime(gptq.to_onnx(), bert_feeds[0]).bit_exact
+    assert check_against_onnxruntime(to_model_proto(gptq), bert_feeds[0]).bit_exact
 
 
 def test_validate_finds_float_inside_the_datapath(lowered) -> None:
     graph, _ = lowered
-    graph = graph.clone()
+    graph = clone_graph(graph)
     (dequantize,) = graph.ops_of_type("DequantizeLinear")
     int8 = graph.inputs_of(dequantize)[0]
     producer = graph.producer(int8)
@@ -201,7 +203,7 @@ def test_validate_finds_float_inside_the_datapath(lowered) -> None:
 
 def test_validate_finds_non_power_of_two_scales_and_zero_points(lowered) -> None:
     graph, _ = lowered
-    graph = graph.clone()
+    graph = clone_graph(graph)
     (quantize,) = graph.ops_of_type("QuantizeLinear")
     ins = graph.inputs_of(quantize)
     graph.set_const(ins[1], (graph.constant(ins[1]).numpy() * np.float32(1.5)).astype(np.float32))
@@ -226,7 +228,7 @@ def test_an_op_without_an_integer_rule_is_named(tmp_path) -> None:
     path = tmp_path / "relu.onnx"
     onnx.save(proto, path)
     ctx = ptq_context("fpga")
-    ctx.artifacts["calibration-data"] = open_source([{"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
+    ctx.artifacts[CALIBRATION_DATA] = open_source([{"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
                                                      for _ in range(3)], str(path))
     with pytest.raises(PassError, match="no integer rule for Relu") as info:
         ptq_pipeline("fpga", CompileOptions())(edgeq.load(path), ctx)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import (DyadicAffine, dyadic_affine, np_dyadic, np_saturate, np_shift,
                                       require_pow2, saturation_limit, working_shift)

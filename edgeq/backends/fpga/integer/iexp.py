@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder
 from edgeq.backends.fpga.integer.fixedpoint import working_shift
 

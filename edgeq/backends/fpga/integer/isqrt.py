@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder
 from edgeq.backends.fpga.integer.fixedpoint import np_bit_length
 

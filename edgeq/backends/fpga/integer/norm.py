@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import (DyadicAffine, Rounding, dyadic_affine, np_bit_length, np_dyadic,
                                       np_saturate, np_shift_by, np_shift_right_rounding, require_pow2)

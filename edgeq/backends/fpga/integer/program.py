@@ -38,15 +38,15 @@ from typing import ClassVar
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import np_saturate, np_shift_by
 from edgeq.backends.fpga.integer.gelu import Gelu
 from edgeq.backends.fpga.integer.norm import Normalization
 from edgeq.backends.fpga.integer.softmax import Softmax
+from edgeq.backends.fpga.metadata import PROGRAM_KEY
 
 F32 = np.dtype(np.float32)
-METADATA_KEY = "edgeq.integer.program"   # model metadata holding the program's JSON
 MASKED = -(1 << 31)   # additive mask of a masked key: int32 minimum, exp() of it is exactly 0
 
 
@@ -522,9 +522,9 @@ class IntegerProgram:
         """The program a lowered model (onnx.ModelProto or edgeq Graph) carries in its metadata."""
         props = dict(model.model.metadata_props) if hasattr(model, "model") else {
             p.key: p.value for p in model.metadata_props}
-        if METADATA_KEY not in props:
+        if PROGRAM_KEY not in props:
             raise OptionError("the model carries no integer program", fix="compile it for the fpga target")
-        return cls.from_json(props[METADATA_KEY])
+        return cls.from_json(props[PROGRAM_KEY])
 
 
 @dataclass
@@ -546,8 +546,9 @@ def check_against_onnxruntime(model, feeds: Mapping[str, np.ndarray], *, interme
     host tensors the datapath starts from; run the program's numpy reference from those; compare
     the outputs and (with `intermediates`) every integer tensor of the datapath, bit for bit."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
+
+    from edgeq.runtime.sessions import make_session
 
     program = IntegerProgram.from_model(model)
     graph_inputs = {i.name for i in model.graph.input}
@@ -561,10 +562,7 @@ def check_against_onnxruntime(model, feeds: Mapping[str, np.ndarray], *, interme
         if name not in present:
             extended.graph.output.append(onnx.helper.make_tensor_value_info(
                 name, types.get(name, onnx.TensorProto.FLOAT), None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(extended.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = make_session(extended.SerializeToString(), threads)
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in graph_inputs})))
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IO_DTYPES, IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import (DyadicAffine, Rounding, dyadic_affine, np_dyadic, np_saturate,
                                       pow2_exponent)

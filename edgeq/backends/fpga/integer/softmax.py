@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.errors import OptionError
-from edgeq.backends.fpga.integer import ops
+import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import (Rounding, np_saturate, np_shift, np_shift_right_rounding,
                                       probability_frac_bits)

@@ -1,94 +1,31 @@
-"""The command line, in process through `edgeq.cli.main` (returns the exit code) and, where
-the process boundary matters (tracebacks), as a subprocess."""
+"""edgeq.cli.compile: `edgeq compile` writes a valid model and its report, refuses bad input with
+one line and exit 2 before writing anything, and times its passes on request."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 import edgeq
-from edgeq import cli, registry
+from edgeq import registry
 from edgeq.targets.base import validate
 from tests.passes.helpers import assert_valid
-
-RUN_MAIN = "import sys; from edgeq.cli import main; sys.exit(main())"
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.setitem(cli._DEBUG, "on", False)  # --debug state must not leak between tests
-
-
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-# ---- informational verbs ---------------------------------------------------------------------
-
-
-def test_version(capsys):
-    code, out, err = _main(capsys, "--version")
-    assert code == 0 and out.strip() == f"edgeq, version {edgeq.__version__}" and err == ""
-
-
-def test_inspect_json_matches_the_model(capsys, synthetic_bert):
-    code, out, _ = _main(capsys, "inspect", "--json", synthetic_bert)
-    assert code == 0
-    summary = json.loads(out)
-    proto = onnx.load(str(synthetic_bert))
-    assert summary["nodes"] == len(proto.graph.node)
-    assert summary["ops"] == dict(Counter(n.op_type for n in proto.graph.node))
-    assert summary["opsets"] == {"": 17}
-    assert [i["name"] for i in summary["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert summary["outputs"] == [{"name": "last_hidden_state", "dtype": "float",
-                                   "shape": ["batch", "sequence", 64]}]
-    assert summary["parameters_total"] == sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-
-
-def test_passes_lists_every_registered_pass(capsys):
-    code, out, _ = _main(capsys, "passes")
-    assert code == 0
-    listed = [line.split()[0] for line in out.splitlines()]
-    assert listed == list(registry.passes())
-    code, out, _ = _main(capsys, "passes", "--json")
-    assert json.loads(out) == {n: c.description for n, c in registry.passes().items()}
-
-
-def test_targets_and_targets_show(capsys):
-    code, out, _ = _main(capsys, "targets")
-    assert code == 0 and [line.split()[0] for line in out.splitlines()] == list(registry.targets())
-    code, out, _ = _main(capsys, "targets", "show", "x86-vnni")
-    assert code == 0
-    assert out.startswith("x86-vnni: ")
-    assert "weights (default):     int8 sym channel" in out
-    assert "activations (default): uint8 asym tensor" in out
-    target = registry.get_target("x86-vnni")
-    assert "pipeline: " + " -> ".join(target.default_pipeline) in out
-    code, out, _ = _main(capsys, "targets", "show", "x86-vnni", "--json")
-    data = json.loads(out)
-    assert data["name"] == "x86-vnni" and data["pipeline"] == list(target.default_pipeline)
-    assert set(data["ops"]) == set(target.ops)
 
 
 # ---- compile -------------------------------------------------------------------------------
 
 
-def test_compile_writes_model_and_reports(capsys, tmp_path, synthetic_bert, bert_calib_dir):
+def test_compile_writes_model_and_reports(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
     out_model = tmp_path / "out" / "bert-int8.onnx"
     out_model.parent.mkdir()
-    code, out, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", out_model,
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", out_model,
                            "--calib", bert_calib_dir, "--report", tmp_path / "report.json")
     assert code == 0, err
     assert out.splitlines()[0] == f"wrote {out_model}"
+    assert "pass times" not in out  # only with --time-passes
     graph = edgeq.load(out_model)
     assert_valid(graph)
     assert validate(graph, registry.get_target("x86-vnni")) == []
@@ -97,7 +34,7 @@ def test_compile_writes_model_and_reports(capsys, tmp_path, synthetic_bert, bert
     assert report["target"] == "x86-vnni" and report["scheme"].startswith("W8A8")
     assert report["verification"]["samples"] == 2
     assert [p["name"] for p in report["passes"]] == list(registry.get_target("x86-vnni").default_pipeline)
-    code, out, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "b.onnx",
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "b.onnx",
                            "--calib", bert_calib_dir, "--report", tmp_path / "report.md")
     assert code == 0, err
     markdown = (tmp_path / "report.md").read_text()
@@ -106,8 +43,8 @@ def test_compile_writes_model_and_reports(capsys, tmp_path, synthetic_bert, bert
     assert (tmp_path / "b.onnx").read_bytes() == out_model.read_bytes()  # deterministic via the CLI too
 
 
-def test_compile_json_flag_prints_the_report(capsys, tmp_path, synthetic_bert, bert_calib_dir):
-    code, out, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-avx2", "-o", tmp_path / "o.onnx",
+def test_compile_json_flag_prints_the_report(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-avx2", "-o", tmp_path / "o.onnx",
                            "--calib", bert_calib_dir, "--weights", "int4", "--group", "32", "--activations", "float",
                            "--json")
     assert code == 0, err
@@ -185,12 +122,12 @@ BAD_CASES = ["missing file", "not onnx", "truncated", "empty file", "unknown tar
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(capsys, tmp_path, case, synthetic_bert,
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(run_cli, tmp_path, case, synthetic_bert,
                                                                  mlp_onnx, bert_calib_dir):
     argv, words = _bad_case(case, tmp_path, synthetic_bert, mlp_onnx, bert_calib_dir)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code, out, err = _main(capsys, *argv, "-o", out_dir / "model.onnx", "--report", out_dir / "report.json")
+    code, out, err = run_cli(*argv, "-o", out_dir / "model.onnx", "--report", out_dir / "report.json")
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -200,22 +137,22 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(capsys, tmp_pa
 
 
 @pytest.mark.parametrize("spelling", ["same", "dotted"])
-def test_output_path_equal_to_input_is_refused_and_the_input_survives(capsys, tmp_path, synthetic_bert,
+def test_output_path_equal_to_input_is_refused_and_the_input_survives(run_cli, tmp_path, synthetic_bert,
                                                                       bert_calib_dir, spelling):
     model = tmp_path / "m" / "model.onnx"
     model.parent.mkdir()
     model.write_bytes(synthetic_bert.read_bytes())
     before = model.read_bytes()
     output = model if spelling == "same" else tmp_path / "m" / ".." / "m" / "model.onnx"
-    code, _, err = _main(capsys, "compile", model, "-t", "x86-vnni", "-o", output, "--calib", bert_calib_dir)
+    code, _, err = run_cli("compile", model, "-t", "x86-vnni", "-o", output, "--calib", bert_calib_dir)
     assert code == 2 and err.startswith("error: the output would overwrite the input model")
     assert model.read_bytes() == before
     assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx"]
 
 
-def test_an_unwritable_output_path_is_a_user_error(capsys, tmp_path, synthetic_bert, bert_calib_dir):
+def test_an_unwritable_output_path_is_a_user_error(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
     (tmp_path / "a_file").write_text("not a directory")
-    code, out, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "a_file" / "m.onnx",
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "a_file" / "m.onnx",
                            "--calib", bert_calib_dir)
     assert code == 2
     (line,) = err.strip().splitlines()
@@ -223,53 +160,45 @@ def test_an_unwritable_output_path_is_a_user_error(capsys, tmp_path, synthetic_b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_a_bad_report_path_leaves_no_model_behind(capsys, tmp_path, synthetic_bert, bert_calib_dir):
+def test_a_bad_report_path_leaves_no_model_behind(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
     (tmp_path / "a_file").write_text("not a directory")
-    code, _, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "m.onnx",
+    code, _, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "m.onnx",
                          "--calib", bert_calib_dir, "--report", tmp_path / "a_file" / "r.json")
     assert code == 2 and err.startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_debug_state_does_not_leak_into_the_next_call(capsys, tmp_path):
-    with pytest.raises(edgeq.EdgeqError):
-        cli.main(["--debug", "inspect", str(tmp_path / "nope.onnx")])
-    capsys.readouterr()
-    assert cli.main(["no-such-verb"]) == 2
-    capsys.readouterr()
-    code, _, err = _main(capsys, "inspect", tmp_path / "nope.onnx")
-    assert code == 2 and err.startswith("error: model file not found")
+# ---- --time-passes ----------------------------------------------------------------------------
 
 
-def test_usage_errors_exit_2(capsys, synthetic_bert, tmp_path):
-    code, _, err = _main(capsys, "compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "o.onnx",
-                         "--weights", "int3")
-    assert code == 2 and "int3" in err
-    code, _, err = _main(capsys, "no-such-verb")
-    assert code == 2 and "no-such-verb" in err
-    assert list(tmp_path.iterdir()) == []
+def test_time_passes_prints_each_pass_under_its_pipeline(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "m.onnx",
+                             "--calib", bert_calib_dir, "--time-passes")
+    assert code == 0, err
+    lines = out.splitlines()
+    start = lines.index("pass times (wall clock):")
+    assert start > 1 and lines[start - 1].startswith("  ")  # after the summary
+    rows = [(len(line) - len(line.lstrip()), line.split()) for line in lines[start + 1:]]
+    assert all(words[-1] == "s" for _, words in rows)
+    (pipeline_indent, pipeline), *passes = rows
+    assert pipeline_indent == 2 and all(indent == 4 for indent, _ in passes)
+    assert [words[0] for _, words in passes] == list(registry.get_target("x86-vnni").default_pipeline)
+    seconds = [float(words[1]) for _, words in passes]
+    assert 0 < sum(seconds) <= float(pipeline[1]) + 0.001 * len(seconds)
 
 
-# ---- process boundary ------------------------------------------------------------------------
+def test_time_passes_with_json_adds_only_a_pass_seconds_list(run_cli, tmp_path, synthetic_bert, bert_calib_dir):
+    from dataclasses import fields
 
+    from edgeq.report import Report
 
-def _subprocess(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUN_MAIN, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
-
-
-def test_debug_shows_the_traceback_and_plain_errors_do_not(tmp_path):
-    plain = _subprocess("inspect", tmp_path / "nope.onnx", cwd=tmp_path)
-    assert plain.returncode == 2
-    missing = tmp_path / "nope.onnx"
-    assert plain.stderr.strip().splitlines() == [f"error: model file not found: {missing} (check the path)"]
-    debug = _subprocess("--debug", "inspect", tmp_path / "nope.onnx", cwd=tmp_path)
-    assert debug.returncode != 0
-    assert "Traceback (most recent call last)" in debug.stderr
-    assert "edgeq.errors.ModelLoadError" in debug.stderr
-
-
-def test_python_m_edgeq_cli_knows_compile(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "edgeq.cli", "compile", "--help"], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0 and "--target" in result.stdout
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", tmp_path / "m.onnx",
+                             "--calib", bert_calib_dir, "--json", "--time-passes")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {f.name for f in fields(Report)} | {"size_ratio", "pass_seconds"}
+    timed = data["pass_seconds"]
+    assert set(timed[0]) == {"name", "seconds", "depth", "pipeline"}
+    assert timed[0]["pipeline"] and timed[0]["depth"] == 0
+    assert [t["name"] for t in timed[1:]] == [p["name"] for p in data["passes"]]
+    assert all(t["depth"] == 1 and not t["pipeline"] and t["seconds"] >= 0 for t in timed[1:])

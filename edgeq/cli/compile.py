@@ -1,0 +1,118 @@
+"""`edgeq compile`: flags -> typed options (edgeq.cli.option_flags) -> `edgeq.compile`, then the
+model, the report, the device estimate of a cost model that prices one, and pass times."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from edgeq.cli.flags import CalibrationFlags, DeviceFlags, calibration_flags, device_flags, echo_json
+from edgeq.cli.option_flags import compile_options
+from edgeq.errors import OptionError
+
+
+def _check_writable(path: Path | None) -> None:
+    """Fail before the long work when an output's folder cannot be created or written."""
+    if path is None:
+        return
+    parent = path.resolve().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OptionError(f"cannot write {path}: {existing} is a file, not a folder", fix="check the paths given")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise OptionError(f"cannot write {path}: {existing} is not writable", fix="check the paths given")
+
+
+# The flags between --weights and --accuracy-budget (and --threads) set CompileOptions fields:
+# edgeq.cli.option_flags.FLAG_FIELDS says which.
+@click.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", "target_name", required=True, help="Target name (see `edgeq targets`).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@calibration_flags
+@click.option("--weights", type=click.Choice(["int8", "int4"]), help="Weight precision (default: target's).")
+@click.option("--group", type=int, help="Block size for block-wise weights (int4 default 128).")
+@click.option("--activations", type=click.Choice(["int8", "int16", "float"]), help="Activation precision.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="How activation ranges are chosen (default percentile 99.999).")
+@click.option("--percentile", type=float, help="Percentile for --calib-method percentile.")
+@click.option("--exclude", multiple=True, help="Keep this node high (name; repeatable).")
+@click.option("--exclude-regex", multiple=True, help="Keep nodes whose name matches high.")
+@click.option("--exclude-op", multiple=True, help="Keep every op of this type high.")
+@click.option("--nodes-to-exclude", type=click.Path(path_type=Path),
+              help="ONNX Runtime nodes_to_exclude list (JSON list or one name a line).")
+@click.option("--tensor-overrides", type=click.Path(path_type=Path),
+              help="ONNX Runtime TensorQuantOverrides JSON.")
+@click.option("--keep-high", type=int, help="Keep the K most sensitive quantized ops high.")
+@click.option("--sensitivity", is_flag=True, help="Rank quantized ops by their error in the report.")
+@click.option("--smooth", "smooth_alpha", type=float, help="SmoothQuant with this alpha (e.g. 0.5).")
+@click.option("--smooth-search", is_flag=True, help="SmoothQuant with alpha searched per layer (the default, except after a Hadamard rotation).")
+@click.option("--no-smooth", is_flag=True, help="No SmoothQuant.")
+@click.option("--two-digit", multiple=True, metavar="REGEX",
+              help="Quantize these ops' activation input as two int8 digits (integer, 2x MACs, near-int16 accuracy).")
+@click.option("--weight-rounding", type=click.Choice(["auto", "rtn", "gptq", "awq", "awq+gptq"]),
+              help="Weight rounding: RTN, GPTQ, AWQ, AWQ scaling + GPTQ (these need calibration data); "
+                   "default auto: GPTQ for int4 weights given calibration data, else RTN.")
+@click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
+@click.option("--head-weights", type=click.Choice(["int8", "int4"]),
+              help="LM head weight precision (default int8, also under --weights int4).")
+@click.option("--rotate/--no-rotate", default=None,
+              help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first "
+                   "(default: the target's choice; some targets rotate int4 presets).")
+@click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
+@click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads for calibration/verification.")
+@click.option("--external-data/--no-external-data", default=None, help="Weights in a .data file (default: above 2 GB).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--time-passes", is_flag=True, help="Print each pass's wall time (with --json: a pass_seconds list).")
+@device_flags
+def compile_command(model: Path, target_name: str, output: Path, *, calibration: CalibrationFlags,
+                    device: DeviceFlags, config: Path | None, report: Path | None, external_data: bool | None,
+                    as_json: bool, time_passes: bool, **option_flags) -> None:
+    """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
+    from edgeq.cli.pass_times import PassTimes
+    from edgeq.compiler import compile as compile_model
+    from edgeq.registry import get_target
+
+    target = get_target(target_name)  # unknown targets fail before any work
+    device.check(target, device_required=False)
+    name_device = getattr(target.cost_model, "device", None)  # a device cost model's catalog lookup
+    if device.device is not None and name_device is not None:
+        name_device(device.device)  # an unknown device fails now, not after compiling
+    if output.resolve() == model.resolve():
+        raise OptionError("the output would overwrite the input model", fix="choose another -o path")
+    for path in (output, report):
+        _check_writable(path)
+    options = compile_options(option_flags, config)
+    timing = PassTimes() if time_passes else None
+    compiled = compile_model(model, target, options, calibration=calibration.spec(),
+                             instruments=(timing,) if timing is not None else ())
+    compiled.save(output, external_data=external_data)
+    if report:
+        compiled.report.write(report)
+    estimate = (target.cost_model.estimate(output, input_shapes=None, **device.given())
+                if device.device is not None else None)
+    if as_json:
+        if estimate is None and timing is None:
+            click.echo(compiled.report.to_json())
+            return
+        data = (json.loads(compiled.report.to_json()) if estimate is None else
+                {"report": compiled.report.to_dict(), "estimate": json.loads(estimate.to_json())})
+        if timing is not None:
+            data["pass_seconds"] = timing.to_json()
+        echo_json(data)
+        return
+    click.echo(f"wrote {output}")
+    for line in compiled.report.summary_lines():
+        click.echo("  " + line)
+    if timing is not None:
+        for line in timing.text_lines():
+            click.echo(line)
+    if estimate is not None:
+        click.echo(estimate.to_text())
+    elif target.cost_model is not None and target.cost_model.needs_device:
+        click.echo(f"  (add --device D for the resources and latency of {target.name} on a device)")

@@ -1,0 +1,43 @@
+"""`edgeq eval`: a compiled model against its float model on data (error per output)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgeq.cli.flags import CalibrationFlags, calibration_flags, echo_json
+
+
+@click.command(name="eval")
+@click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("compiled_model", type=click.Path(dir_okay=False, path_type=Path))
+@calibration_flags
+@click.option("--max-samples", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(float_model: Path, compiled_model: Path, calibration: CalibrationFlags, max_samples: int,
+                 threads: int, as_json: bool) -> None:
+    """Compare COMPILED_MODEL with FLOAT_MODEL on data (error per output)."""
+    from edgeq.calibration.sources import open_source
+    from edgeq.ir import load
+    from edgeq.runtime.feeds import synthetic_feeds
+    from edgeq.runtime.verification import compare_with_float
+
+    for path in (float_model, compiled_model):
+        load(path)  # clear errors for missing or broken files before running anything
+    spec = calibration.spec()
+    if spec is None:
+        feeds, synthetic = synthetic_feeds(float_model, max_samples), True
+    else:
+        feeds = [f for _, f in zip(range(max_samples), open_source(spec, str(float_model)))]
+        synthetic = False
+    result = compare_with_float(float_model, compiled_model, feeds, threads=threads, synthetic=synthetic)
+    if as_json:
+        echo_json({"samples": result.samples, "synthetic_inputs": result.synthetic_inputs,
+                   "outputs": [o.__dict__ for o in result.outputs]})
+        return
+    click.echo(f"{result.samples} sample(s){' (synthetic inputs)' if synthetic else ''}")
+    for o in result.outputs:
+        click.echo(f"  {o.name}: rel L2 {o.relative_l2:.5f}  cosine mean {o.cosine_mean:.6f} min {o.cosine_min:.6f}"
+                   f"  SQNR {o.sqnr_db:.2f} dB  max abs {o.max_abs:.4g}")
