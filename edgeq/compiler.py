@@ -13,6 +13,7 @@ import onnx
 from edgeq.errors import OptionError
 from edgeq.ir import Graph, clone_graph, load, save
 from edgeq.options import CompileOptions
+from edgeq.quant.plan import Scheme
 from edgeq.pipeline import Instrument, Pass, PassContext, PassManager, ReleasePagesInstrument, TimingInstrument
 from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SENSITIVITY
 from edgeq.registry import get_pass, get_target
@@ -54,6 +55,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
 
     options = options or CompileOptions()
     target = get_target(target) if isinstance(target, str) else target
+    Scheme.resolve(target, options)  # options the target cannot take fail before any work
     graph = clone_graph(model) if isinstance(model, Graph) else load(model)
     with tempfile.TemporaryDirectory(prefix="edgeq-compile-") as tmp:
         float_path = _float_model_path(model, graph, Path(tmp))

@@ -24,7 +24,7 @@ else as <activation float dtype> x uint<bits>. How each pair then runs (at what 
 target's price table's business (targets/base.py `CostModel`).
 
 Shapes: the model's static dims, else the `input_shapes` given, else those a compile recorded
-in the model metadata (RECORDED_INPUT_SHAPES_KEY); dims inside the graph come from ONNX shape
+in the model metadata (edgeq.metadata.INPUT_SHAPES_KEY); dims inside the graph come from ONNX shape
 inference on a weight-less copy, with shape arithmetic folded.
 """
 
@@ -42,10 +42,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from edgeq.errors import CostModelError
-
-# Compile-time input shapes (JSON {input name: dims}) a lowering recorded from its calibration
-# samples; today the fpga lowering writes it (edgeq.backends.fpga.metadata.INPUT_SHAPES_KEY).
-RECORDED_INPUT_SHAPES_KEY = "edgeq.fpga.input_shapes"
+from edgeq.metadata import INPUT_SHAPES_KEY
 
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
                 TensorProto.DOUBLE: "float64", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
@@ -172,7 +169,7 @@ def _input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[int]] | N
         raise CostModelError(f"--input-shape names no input of the model: {', '.join(unknown)}",
                              fix=f"use one of {', '.join(vi.name for vi in inputs)}")
     props = {p.key: p.value for p in model.metadata_props}
-    recorded = {k: tuple(v) for k, v in json.loads(props.get(RECORDED_INPUT_SHAPES_KEY, "{}")).items()}
+    recorded = {k: tuple(v) for k, v in json.loads(props.get(INPUT_SHAPES_KEY, "{}")).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     sources: list[str] = []
     for vi in inputs:

@@ -178,8 +178,8 @@ class CompileOptions:
             raise OptionError(f"--weights must be int8 or int4, not {self.weights!r}")
         if self.activations not in (None, "int8", "int16", "float"):
             raise OptionError(f"--activations must be int8, int16 or float, not {self.activations!r}")
-        if self.group is not None and (self.group < 16 or self.group & (self.group - 1)):
-            raise OptionError(f"--group must be a power of two >= 16, not {self.group}")
+        if self.group is not None and self.group < 1:  # which block sizes work is the target's data
+            raise OptionError(f"--group must be a positive block size, not {self.group}")
         if self.head_weights not in ("int8", "int4"):
             raise OptionError(f"--head-weights must be int8 or int4, not {self.head_weights!r}")
         if self.keep_high < 0:

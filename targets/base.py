@@ -21,6 +21,7 @@ import onnx
 
 from edgeq.cost import CostReport, count_work
 from edgeq.errors import CostModelError, OptionError, ValidationError
+from edgeq.metadata import HOST_OPS_KEY  # host ops are exempt from the integer-only rule
 
 if TYPE_CHECKING:
     from edgeq.ir import Graph
@@ -110,8 +111,11 @@ class QSpec:
     def blocked(self, block_size: int) -> "QSpec":
         """This spec block-wise with `block_size`, one the kernel accepts. Blocks run along the
         reduction axis K (axis 0 of a [K, N] MatMul weight; insert-qdq maps it onto each op's K)."""
+        if not self.accepted_block_sizes:
+            raise OptionError(f"{self.dtype} weights are {self.granularity.value}-wise on this target, not blocks",
+                              fix="drop --group")
         if block_size not in self.accepted_block_sizes:
-            accepted = ", ".join(map(str, self.accepted_block_sizes)) or "none"
+            accepted = ", ".join(map(str, self.accepted_block_sizes))
             raise OptionError(f"{self.dtype} weights take no block size {block_size} on this target "
                               f"(accepted: {accepted})", fix="choose an accepted --group, or drop it")
         axis = self.axis if self.granularity == Granularity.BLOCK else 0
@@ -445,9 +449,6 @@ def _static_dims(value) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-# Model metadata listing ops that run on the host (JSON list of {"name": ...}); they are exempt
-# from the integer-only rule (e.g. an embedding lookup).
-HOST_OPS_KEY = "edgeq.host_ops"
 _FLOAT_ELEMS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                           onnx.TensorProto.DOUBLE})
 _INTEGER_MATMULS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3)}  # weight slot, its zero-point slot

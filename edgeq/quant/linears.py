@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeq.ir import Graph, Op
 from edgeq.quant.plan import QuantPlan, is_float
+from edgeq.quant.sharing import is_private_constant
 from edgeq.targets.base import QSpec
 
 
@@ -102,8 +103,8 @@ def linear_groups(graph: Graph, plan: QuantPlan) -> tuple[list[LinearGroup], dic
             reason = "Gemm with transA"
         elif tensor is None or len(tensor.dims) != 2 or weight.const is None:
             reason = "weight is not a 2-D initializer"
-        elif graph.consumers(weight) != [op]:
-            reason = "weight shared with other ops"
+        elif not is_private_constant(graph, weight, op):
+            reason = "weight shared with other ops, or a graph input or output"
         elif ins[0] is None or graph.is_const(ins[0]) or not is_float(ins[0]):
             reason = "input is not a float activation"
         if reason:

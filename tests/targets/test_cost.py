@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq.targets.fpga as fpga_module
 from edgeq.backends.fpga.cost import FpgaCostModel
-from edgeq.backends.fpga.metadata import INPUT_SHAPES_KEY
-from edgeq.cost import RECORDED_INPUT_SHAPES_KEY, count_work
+from edgeq.cost import count_work
+from edgeq.metadata import INPUT_SHAPES_KEY
 from edgeq.errors import CostModelError, OptionError
 from edgeq.registry import get_target, targets
 from edgeq.targets.base import CostModel
@@ -151,16 +151,12 @@ def test_symbolic_inputs_take_the_given_shapes():
 
 
 def test_symbolic_inputs_take_the_recorded_shapes():
-    work = count_work(_symbolic({RECORDED_INPUT_SHAPES_KEY: json.dumps({"x": [1, 7, K]})}))
+    work = count_work(_symbolic({INPUT_SHAPES_KEY: json.dumps({"x": [1, 7, K]})}))
     assert work.counts["op_mac_float32_float32"] == 7 * K * N
     assert work.shapes_from == "recorded at compile time"
     # given shapes win over recorded ones
-    assert count_work(_symbolic({RECORDED_INPUT_SHAPES_KEY: json.dumps({"x": [1, 7, K]})}),
+    assert count_work(_symbolic({INPUT_SHAPES_KEY: json.dumps({"x": [1, 7, K]})}),
                       input_shapes={"x": [1, 3, K]}).macs == 3 * K * N
-
-
-def test_the_recorded_shapes_key_is_the_one_the_fpga_lowering_writes():
-    assert RECORDED_INPUT_SHAPES_KEY == INPUT_SHAPES_KEY
 
 
 def test_symbolic_inputs_without_shapes_ask_for_input_shape():

@@ -10,7 +10,9 @@ estimator (edgeq.backends.fpga.layers) and the fpga cost model read them.
     UNIT_KEY          node metadata of every emitted node: its hardware unit, "kind@instance"
 """
 
+__all__ = ["HOST_OPS_KEY", "INPUT_SHAPES_KEY", "PROGRAM_KEY", "UNIT_KEY"]
+
+from edgeq.metadata import HOST_OPS_KEY, INPUT_SHAPES_KEY  # shared with core code
+
 PROGRAM_KEY = "edgeq.integer.program"
-HOST_OPS_KEY = "edgeq.host_ops"
-INPUT_SHAPES_KEY = "edgeq.fpga.input_shapes"
 UNIT_KEY = "edgeq.unit"
