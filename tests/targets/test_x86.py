@@ -84,7 +84,7 @@ def test_scheme_refuses_a_group_the_target_does_not_accept():
                                  weight_specs={"int4": base.weight_spec("int4").replace(block_sizes=(32,))})
     with pytest.raises(OptionError, match="int4 weights take no block size 64 on this target"):
         Scheme.resolve(narrow, CompileOptions(weights="int4", group=64))
-    with pytest.raises(OptionError, match="int8 weights take no block size 32"):
+    with pytest.raises(OptionError, match="int8 weights are channel-wise on this target, not blocks"):
         Scheme.resolve(dataclasses.replace(base, weight=base.weight.replace(block_sizes=())),
                        CompileOptions(group=32))
 
