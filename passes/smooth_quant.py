@@ -24,7 +24,7 @@ from edgeq.ir import Graph, Op, Value, save
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SMOOTHING
 from edgeq.options import SMOOTH_SEARCH_GRID
-from edgeq.quant.plan import OpPlan, QuantPlan, rotates
+from edgeq.quant.plan import QuantPlan, rotates
 from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
 from edgeq.quant.sharing import is_private_constant
 from edgeq.registry import register_pass

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeq.calibration.sources import Feed, ModelLike
 from edgeq.errors import ModelLoadError
 from edgeq.ir.files import read_external
+from edgeq.runtime.sessions import make_session
 
 _MIN_WEIGHT_ELEMENTS = 1024  # smaller initializers (shapes, scalars) stay in the graph
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -87,14 +88,9 @@ class FloatModel:
         graph.node.extend(nodes)
         graph.ClearField("output")
         graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)  # ORT infers types
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        try:  # unoptimised: the statistics are those of the float graph as written
+            return make_session(model.SerializeToString(), self.threads,
+                                level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated types
             raise ModelLoadError(f"ONNX Runtime cannot run the model for calibration: {exc}",
                                  fix="check that onnxruntime runs the float model as it is") from exc

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgeq.errors import CalibrationError, ModelLoadError
+from edgeq.errors import CalibrationError
 
 Feed = dict[str, np.ndarray]
 ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
