@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 __all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "compile", "load", "save", "__version__"]
 
 
-def compile(model, target, options=None, *, calibration=None, instruments=()) -> "Compiled":  # noqa: A001
+def compile(model, target, options=None, *, calibration=None, instruments=(), provider=None) -> "Compiled":  # noqa: A001
     """Quantize `model` for `target` (see `edgeq.compiler.compile`)."""
     from edgeq.compiler import compile as compile_model
 
-    return compile_model(model, target, options, calibration=calibration, instruments=instruments)
+    return compile_model(model, target, options, calibration=calibration, instruments=instruments,
+                         provider=provider)

@@ -42,7 +42,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from edgeq.errors import CostModelError
-from edgeq.metadata import INPUT_SHAPES_KEY
+from edgeq.metadata import recorded_input_shapes
 
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
                 TensorProto.DOUBLE: "float64", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
@@ -169,7 +169,7 @@ def _input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[int]] | N
         raise CostModelError(f"--input-shape names no input of the model: {', '.join(unknown)}",
                              fix=f"use one of {', '.join(vi.name for vi in inputs)}")
     props = {p.key: p.value for p in model.metadata_props}
-    recorded = {k: tuple(v) for k, v in json.loads(props.get(INPUT_SHAPES_KEY, "{}")).items()}
+    recorded = {k: tuple(v) for k, v in recorded_input_shapes(props).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     sources: list[str] = []
     for vi in inputs:

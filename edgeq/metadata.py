@@ -3,9 +3,28 @@ defined; a backend's own keys live in its package, e.g. edgeq.backends.fpga.meta
 
     HOST_OPS_KEY      JSON list of the ops the host runs ({name, op_type, why}): exempt from an
                       integer-only target's rule (targets.base.validate)
-    INPUT_SHAPES_KEY  JSON {input: shape} of the first calibration sample: the shapes a cost
-                      estimate assumes for symbolic inputs
+    INPUT_SHAPES_KEY  JSON {input: shape}: the shapes a cost estimate assumes for symbolic
+                      inputs. Every compile records them (edgeq.frontend.shapes): the given
+                      --input-shape, else those of the first calibration sample.
+    TARGET_KEY, PROVIDER_KEY  the target and its execution a compile was for (eval and bench
+                      run the model there by default)
 """
 
+import json
+from typing import Mapping
+
 HOST_OPS_KEY = "edgeq.host_ops"
-INPUT_SHAPES_KEY = "edgeq.fpga.input_shapes"
+# The target and the execution (provider) a model was compiled for: what eval and bench run it on.
+TARGET_KEY = "edgeq.target"
+PROVIDER_KEY = "edgeq.provider"
+INPUT_SHAPES_KEY = "edgeq.input_shapes"
+# Where models compiled before the key was target-neutral recorded the same shapes.
+_OLDER_INPUT_SHAPES_KEYS = ("edgeq.fpga.input_shapes",)
+
+
+def recorded_input_shapes(metadata: Mapping[str, str]) -> dict[str, list[int]]:
+    """The input shapes a compile recorded in `metadata` (model metadata_props as a dict)."""
+    for key in (INPUT_SHAPES_KEY, *_OLDER_INPUT_SHAPES_KEYS):
+        if key in metadata:
+            return {k: [int(d) for d in v] for k, v in json.loads(metadata[key]).items()}
+    return {}

@@ -113,6 +113,39 @@ class PrecisionOverrides:
         return tuple(out)
 
 
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """One `--input-shape NAME=D0,D1,...` as (name, dims)."""
+    name, _, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if name.strip() and dims.strip() else None
+    except ValueError:
+        shape = None
+    if shape is None:
+        raise OptionError(f"--input-shape {text!r} is not NAME=D0,D1,...", fix="e.g. --input-shape input_ids=1,128")
+    return name.strip(), shape
+
+
+def _typed_input_shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """input_shapes as ((name, dims), ...), from that form, a {name: dims} table or NAME=D0,.. texts."""
+    items = value.items() if isinstance(value, dict) else value
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for item in items:
+        name, dims = parse_input_shape(item) if isinstance(item, str) else item
+        try:
+            dims = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            raise OptionError(f"input shape of {name!r} must be a list of sizes, not {dims!r}") from None
+        if not isinstance(name, str) or not name:
+            raise OptionError(f"input shape names must be input names, not {name!r}")
+        if any(d < 1 for d in dims):
+            raise OptionError(f"--input-shape {name}={','.join(map(str, dims))} has a size below 1",
+                              fix="give every axis a positive size")
+        if any(n == name for n, _ in out):
+            raise OptionError(f"--input-shape gives {name} twice", fix="give each input once")
+        out.append((name, dims))
+    return tuple(out)
+
+
 def _scalar(value, kind=float):
     if value is None:
         return None
@@ -172,8 +205,13 @@ class CompileOptions:
     quantize_embeddings: bool = True
     verify: bool = True
     threads: int = 0                     # ORT intra-op threads for calibration/verification (0: default)
+    # Input shapes to fix before the pipeline (--input-shape NAME=D0,D1,...): ((name, dims), ...).
+    # A TOML table {name = [dims]} is taken too. Without them a target that needs static shapes
+    # takes the first calibration sample's (edgeq.frontend.shapes).
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shapes", _typed_input_shapes(self.input_shapes))
         if self.weights not in (None, "int8", "int4"):
             raise OptionError(f"--weights must be int8 or int4, not {self.weights!r}")
         if self.activations not in (None, "int8", "int16", "float"):

@@ -22,6 +22,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.convert_opset",
     "edgeq.passes.shape_inference",
     "edgeq.passes.constant_folding",
+    "edgeq.passes.canonicalize",
+    "edgeq.passes.canonicalize_shapes",
     "edgeq.passes.dead_code_elimination",
     "edgeq.passes.identity_elimination",
     "edgeq.passes.topological_sort",
@@ -35,9 +37,10 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.sensitivity",
     "edgeq.passes.insert_qdq",
     "edgeq.passes.fold_scalar_into_dequantize",
+    "edgeq.passes.quantize_kv_cache",
     "edgeq.backends.fpga.lower_to_integer",
 )
-BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.fpga")
+BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.arm", "edgeq.targets.fpga")
 
 _PASSES: dict[str, type["Pass"]] = {}
 _TARGETS: dict[str, "Target"] = {}

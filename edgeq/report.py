@@ -39,6 +39,7 @@ class Report:
     target: str
     scheme: str
     options: dict[str, Any]
+    provider: str = "cpu"           # the target's execution the output was compiled for and checked on
     passes: list[PassRow] = field(default_factory=list)
     quantized_ops: dict[str, int] = field(default_factory=dict)
     kept_high: dict[str, list[str]] = field(default_factory=dict)     # reason -> op names
@@ -63,8 +64,8 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
 
     def summary_lines(self) -> list[str]:
-        lines = [f"target {self.target} ({self.scheme}): {sum(self.quantized_ops.values())} ops quantized "
-                 f"({', '.join(f'{k} {v}' for k, v in sorted(self.quantized_ops.items()))})"]
+        lines = [f"target {self.target} ({self.scheme}) on {self.provider}: {sum(self.quantized_ops.values())} ops "
+                 f"quantized ({', '.join(f'{k} {v}' for k, v in sorted(self.quantized_ops.items()))})"]
         if self.float_bytes:
             lines.append(f"size: {self.float_bytes / 1e6:.1f} MB -> {self.compiled_bytes / 1e6:.1f} MB "
                          f"({100 * self.size_ratio:.1f}% of float)")
@@ -75,13 +76,7 @@ class Report:
                              f"{out.name}: rel L2 {out.relative_l2:.4f}, cosine mean {out.cosine_mean:.5f} "
                              f"min {out.cosine_min:.5f}, SQNR {out.sqnr_db:.1f} dB, max abs {out.max_abs:.4g}")
         if self.fusion is not None:
-            kernels = ", ".join(f"{k} {v}" for k, v in self.fusion.integer_kernels.items()) or "none"
-            lines.append(f"ONNX Runtime integer kernels: {kernels}")
-            if self.fusion.unfused:
-                shown = ", ".join(self.fusion.unfused[:8]) + (" ..." if len(self.fusion.unfused) > 8 else "")
-                lines.append(f"UNFUSED quantized ops ({len(self.fusion.unfused)}): {shown}")
-            else:
-                lines.append("every quantized compute op fused into an integer kernel")
+            lines.extend(placement_lines(self.fusion))
         for reason, names in sorted(self.kept_high.items()):
             lines.append(f"kept high: {len(names)} op(s), {reason}")
         for item in self.sensitivity[:5]:
@@ -121,12 +116,35 @@ class Report:
         write_text_atomic(path, text)
 
 
+def placement_lines(placement: FusionReport) -> list[str]:
+    """The placement check in the summary: provider, node assignment, integer kernels, leftovers."""
+    where = placement.provider + ("" if placement.via == "onnxruntime" else f" (via the {placement.via})")
+    nodes = ", ".join(f"{k} {v}" for k, v in placement.nodes_by_provider.items())
+    lines = [f"placement: {where}" + (f"; nodes: {nodes}" if nodes else "")]
+    kernels = ", ".join(f"{k} {v}" for k, v in placement.integer_kernels.items()) or "none"
+    lines.append(f"integer kernels ({placement.check}): {kernels}")
+    if placement.float_layers:
+        lines.append("float compute layers: " + ", ".join(f"{k} {v}" for k, v in placement.float_layers.items()))
+    if placement.unfused:
+        shown = ", ".join(placement.unfused[:8]) + (" ..." if len(placement.unfused) > 8 else "")
+        lines.append(f"UNFUSED quantized ops ({len(placement.unfused)}): {shown}")
+    else:
+        lines.append("every quantized compute op fused into an integer kernel")
+    return lines
+
+
 def _jsonable(obj):
     if hasattr(obj, "__dict__"):
         return obj.__dict__
     if isinstance(obj, float):
         return str(obj)
     return str(obj)
+
+
+def _execution_text(execution) -> str:
+    how = f"plugin {execution.plugin.package}, edgeq[{execution.plugin.extra}]" if execution.plugin else "built in"
+    text = f"{execution.name} = {execution.provider} ({how}; kept-high ops in {execution.high_precision}"
+    return text + (", own QDQ layout)" if execution.ops is not None else ")")
 
 
 def kept_high_by_reason(kept: list[tuple[Any, str]]) -> dict[str, list[str]]:
@@ -148,7 +166,8 @@ def describe_target(target: Target) -> dict[str, Any]:
     lines += [f"activation dtypes:     {', '.join(sorted(target.activation_dtypes))}",
               f"kept high:             {', '.join(sorted(target.keep_high)) or '-'}",
               f"opset:                 {target.opset}",
-              f"providers:             {', '.join(target.execution.providers)}", "", "integer ops:"]
+              "runs on (preferred first): " + "; ".join(_execution_text(e) for e in target.executions),
+              "", "integer ops:"]
     for kind, rule in sorted(target.ops.items()):
         acts = ", ".join(s.describe() if s else "float" for s in rule.activations) or "-"
         weight = rule.weight.describe() if rule.weight else "-"

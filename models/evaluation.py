@@ -34,6 +34,8 @@ from edgeq.errors import EdgeqError
 if TYPE_CHECKING:  # onnxruntime is imported where a model runs, not on import
     from onnxruntime import InferenceSession
 
+    from edgeq.targets.base import Execution
+
 SMOLLM2_IDS = "reference/wikitext2_test_smollm2_ids.npy"
 WIKITEXT = "data/wikitext-2-raw-test.txt"
 WINDOW_TOKENS = 256
@@ -140,13 +142,23 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- running a model (in the child process) ----------------------------------------------------
 
-def session(model: Path, threads: int = 0) -> InferenceSession:
-    """A CPU session; threads=0 lets ONNX Runtime pick (one per physical core)."""
-    import onnxruntime as ort
+def session(model: Path, threads: int = 0, execution: "Execution | None" = None, *,
+            reference: bool = False) -> InferenceSession:
+    """A session from edgeq's factory on `execution` (default: ONNX Runtime's CPU provider);
+    threads=0 lets the runtime pick (one per physical core). `reference`: the execution's
+    full-precision settings (the float model as the reference)."""
+    from edgeq.runtime.sessions import make_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return make_session(str(model), threads, execution=execution, reference=reference)
+
+
+def execution_of(target: str | None, provider: str | None) -> "Execution | None":
+    """The execution `provider` of `target` (None: ONNX Runtime's CPU provider)."""
+    if target is None or provider is None:
+        return None
+    from edgeq.registry import get_target
+
+    return get_target(target).execution_named(provider)
 
 
 def lm_window_nll(sess: InferenceSession, windows: np.ndarray) -> np.ndarray:
@@ -186,10 +198,13 @@ def _child_main(argv: Sequence[str]) -> None:
     parser.add_argument("--outputs", type=Path, required=True)
     parser.add_argument("--timings", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--target")
+    parser.add_argument("--provider")
+    parser.add_argument("--reference", action="store_true")
     args = parser.parse_args(argv)
     data = dict(np.load(args.inputs))
     start = time.perf_counter()
-    sess = session(args.model, args.threads)
+    sess = session(args.model, args.threads, execution_of(args.target, args.provider), reference=args.reference)
     loaded = time.perf_counter()
     np.save(args.outputs, _RUNNERS[args.runner](sess, data))
     done = time.perf_counter()
@@ -243,8 +258,11 @@ class EvalResult:
                 "peak_rss_mib": self.peak_rss_bytes / 2**20}
 
 
-def measure(model: Path, runner: str, inputs: Feeds, threads: int = 0) -> Measurement:
-    """Run `model` on `inputs` in a child process; return its outputs, times and peak RSS.
+def measure(model: Path, runner: str, inputs: Feeds, threads: int = 0, *, target: str | None = None,
+            provider: str | None = None, reference: bool = False) -> Measurement:
+    """Run `model` on `inputs` in a child process; return its outputs, times and peak RSS. The
+    child's session runs on `provider` of `target` (default: ONNX Runtime's CPU provider), with
+    the full-precision settings if `reference`.
 
     runner "lm-nll": inputs {"windows": int64 [n, S]} -> mean next-token NLL per window [n];
     runner "embeddings": MiniLM's feeds -> normalised mean-pooled embeddings [n, hidden]."""
@@ -257,23 +275,30 @@ def measure(model: Path, runner: str, inputs: Feeds, threads: int = 0) -> Measur
         cmd = [sys.executable, "-m", "edgeq.models.evaluation", "--model", str(model), "--runner", runner,
                "--inputs", str(work / "inputs.npz"), "--outputs", str(work / "outputs.npy"),
                "--timings", str(work / "timings.json"), "--threads", str(threads)]
+        if target and provider:
+            cmd += ["--target", target, "--provider", provider] + (["--reference"] if reference else [])
         _run_child(cmd, work / "log.txt", model)
         timings = json.loads((work / "timings.json").read_text())
         return Measurement(outputs=np.load(work / "outputs.npy"), load_s=timings["load_s"],
                            eval_s=timings["eval_s"], peak_rss_bytes=timings["peak_rss_bytes"])
 
 
-def evaluate_smollm2(model: Path, shared: Path, threads: int = 0) -> EvalResult:
-    """Perplexity on the standard protocol (windows 0..31 of 256 tokens)."""
-    run = measure(model, "lm-nll", {"windows": smollm2_eval_windows(shared)}, threads)
+def evaluate_smollm2(model: Path, shared: Path, threads: int = 0, *, target: str | None = None,
+                     provider: str | None = None) -> EvalResult:
+    """Perplexity on the standard protocol (windows 0..31 of 256 tokens), on `provider` of
+    `target` (default ONNX Runtime's CPU provider)."""
+    run = measure(model, "lm-nll", {"windows": smollm2_eval_windows(shared)}, threads, target=target,
+                  provider=provider)
     return _result(model, "smollm2-wikitext2-ppl", {"perplexity": perplexity(run.outputs)}, run)
 
 
 def evaluate_minilm(model: Path, shared: Path, reference: np.ndarray | None = None,
-                    threads: int = 0) -> EvalResult:
+                    threads: int = 0, *, target: str | None = None, provider: str | None = None) -> EvalResult:
     """Cosine of the 256 paragraph embeddings to `reference` (None: the model is its own
-    reference, as for the float model whose outputs then serve the others)."""
-    run = measure(model, "embeddings", minilm_tokenize(minilm_eval_paragraphs(shared)), threads)
+    reference, as for the float model whose outputs then serve the others, run at full
+    precision). `provider` of `target`: the runtime (default ONNX Runtime's CPU provider)."""
+    run = measure(model, "embeddings", minilm_tokenize(minilm_eval_paragraphs(shared)), threads,
+                  target=target, provider=provider, reference=reference is None)
     cosines = cosine_rows(run.outputs, run.outputs if reference is None else reference)
     return _result(model, "minilm-wikitext2-cosine",
                    {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min())}, run)

@@ -43,7 +43,7 @@ class Calibrate(Pass):
                 fix="pass --calib DIR|FILE.npz or --calib-text, or --activations float for weight-only")
         names = sorted(n for n in sources if n not in overrides_fixed)
         stats_options = CollectionOptions(histogram=self.options.method != "minmax",
-                                          threads=self.threads or 1)
+                                          threads=self.threads or 1, execution=ctx.target.execution)
         with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save(graph, path, external_data=True)  # ORT is fed memory-mapped weights, not a proto copy
@@ -58,6 +58,8 @@ class Calibrate(Pass):
         for name, uses in sources.items():
             spec = uses[0][2]
             method = self.options.method
-            ranges[name] = stats[name].range(method, symmetric=spec.symmetric,
+            # A spec stored unsigned when the tensor is non-negative takes that tensor's own range.
+            symmetric = spec.symmetric and not (spec.unsigned_when_nonnegative and stats[name].min >= 0)
+            ranges[name] = stats[name].range(method, symmetric=symmetric,
                                              percentile=self.options.percentile, num_bits=spec.bits)
         return ranges

@@ -22,7 +22,7 @@ from edgeq.pipeline.artifacts import ACTIVATION_RANGES, QUANT_PLAN, WEIGHT_ROUND
 from edgeq.quant.numerics import qparams, quantize_weight
 from edgeq.quant.plan import OpPlan, QuantPlan, quant_source
 from edgeq.registry import register_pass
-from edgeq.targets.base import Granularity, QSpec
+from edgeq.targets.base import ActivationPlacement, Granularity, QSpec
 
 
 
@@ -68,7 +68,8 @@ class InsertQDQ(Pass):
         ranges = ctx.artifacts.get(ACTIVATION_RANGES, {})
         # Weights already rounded by GPTQ/AWQ (same keys as `weight_key`) are used as they are.
         self.weight_cache.update(ctx.artifacts.get(WEIGHT_ROUNDING, {}))
-        emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache)
+        emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache,
+                           placement=ActivationPlacement(ctx.target.execution.activation_placement))
         for op_plan in plan.ops:
             emitter.quantize_op(op_plan)
         stats = {"activation_quantizers": len(emitter.q_cache), "weights_quantized": emitter.weights,
@@ -78,8 +79,9 @@ class InsertQDQ(Pass):
 
 class _Emitter:
     def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]], overrides: PrecisionOverrides,
-                 arrays: dict):
+                 arrays: dict, *, placement: ActivationPlacement = ActivationPlacement.SOURCE):
         self.graph = graph
+        self.placement = placement  # where an activation's Q (and DQ) go around data movement
         self.arrays = arrays
         self.ranges = ranges
         self.overrides = overrides
@@ -118,6 +120,8 @@ class _Emitter:
         graph = self.graph
         source, chain = quant_source(graph, value)
         spec, lo_hi = self._activation_spec(source, spec)
+        if self.placement == ActivationPlacement.READER:  # the moved tensor has the source's values and range
+            source, chain = value, []
         key = (source.name, spec)
         if key not in self.q_cache:
             scale, zero = qparams(*lo_hi, spec)
@@ -130,7 +134,15 @@ class _Emitter:
             q_value.set_type(spec.elem_type, source.shape)
             self.q_cache[key] = (q_value, s, z)
         current, s, z = self.q_cache[key]
-        for mover in chain:  # replay data movement on the integer tensor, once per mover
+        adjacent = self.placement == ActivationPlacement.SOURCE_QDQ
+        if adjacent:  # DQ right after Q at the source; the movement below runs on its float output
+            if (id(current), spec) not in self.dq_cache:
+                dq_op = graph.add_op("DequantizeLinear", [current, s, z], [f"{source.name}_dequantized"],
+                                     after=graph.producer(current))
+                graph.outputs_of(dq_op)[0].type = source.type
+                self.dq_cache[(id(current), spec)] = graph.outputs_of(dq_op)[0]
+            current = self.dq_cache[(id(current), spec)]
+        for mover in chain:  # replay data movement on the integer (or dequantized) tensor, once per mover
             memo = (id(mover), id(current))
             if memo not in self.moved_cache:
                 others = graph.inputs_of(mover)[1:]
@@ -139,13 +151,18 @@ class _Emitter:
                 clone.attributes = dict(mover.attributes)
                 out = graph.outputs_of(clone)[0]
                 float_out = graph.outputs_of(mover)[0]
-                out.set_type(spec.elem_type, float_out.shape)
+                if adjacent:
+                    out.type = float_out.type
+                else:
+                    out.set_type(spec.elem_type, float_out.shape)
                 # Shape readers get the same answer from the integer copy, so the float
                 # chain is not kept alive just to be measured.
                 for shape_reader in [r for r in graph.consumers(float_out) if r.op_type == "Shape"]:
                     graph.set_input(shape_reader, 0, out)
                 self.moved_cache[memo] = out
             current = self.moved_cache[memo]
+        if adjacent:
+            return current, s.const.numpy()
         dq_key = (id(current), spec)
         if dq_key not in self.dq_cache:
             dq_op = graph.add_op("DequantizeLinear", [current, s, z], [f"{value.name}_dequantized"], before=reader)
@@ -205,7 +222,10 @@ class _Emitter:
         if source.name not in self.ranges:
             raise CalibrationError(f"no calibration range for tensor {source.name!r}",
                                    fix="pass calibration data (--calib) or a TensorQuantOverrides range")
-        return spec, self.ranges[source.name]
+        lo, hi = self.ranges[source.name]
+        if spec.unsigned_when_nonnegative and spec.signed and np.all(np.asarray(lo) >= 0):
+            spec = spec.replace(dtype="u" + spec.dtype, symmetric=False, qrange=None)  # zero point 0
+        return spec, (lo, hi)
 
     def weight(self, value: Value, spec: QSpec, channel_axis: int, k_axis: int, reader: Op
                ) -> tuple[Value, np.ndarray]:

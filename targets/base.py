@@ -22,6 +22,8 @@ import onnx
 from edgeq.cost import CostReport, count_work
 from edgeq.errors import CostModelError, OptionError, ValidationError
 from edgeq.metadata import HOST_OPS_KEY  # host ops are exempt from the integer-only rule
+# Where a target's output runs (target data, defined beside the runtime that reads it).
+from edgeq.runtime.execution import ActivationPlacement, DeviceConfig, Execution, PluginLibrary  # noqa: F401
 
 if TYPE_CHECKING:
     from edgeq.ir import Graph
@@ -67,6 +69,10 @@ class QSpec:
     # alternatives to its default `block_size`, or the blocks a TENSOR/CHANNEL spec may take
     # instead (--group). Empty: a BLOCK spec takes only `block_size`, others take no blocks.
     block_sizes: tuple[int, ...] = ()
+    # A symmetric signed activation whose calibrated range has no negative values is stored in
+    # the unsigned type of the same width with zero point 0 instead (softmax probabilities keep
+    # all 256 levels), as NNCF and OpenVINO quantize activations: no zero point either way.
+    unsigned_when_nonnegative: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -134,6 +140,8 @@ class QSpec:
             parts.append("pow2 scale")
         if self.fixed:
             parts.append(f"fixed scale {self.fixed[0]:g}")
+        if self.unsigned_when_nonnegative:
+            parts.append(f"u{self.dtype} zero point 0 when >= 0")
         return " ".join(parts)
 
 
@@ -145,14 +153,6 @@ class OpRule:
     weight: QSpec | None = None           # a constant input in `weight_slots`
     weight_slots: tuple[int, ...] = (1,)
     bias: QSpec | None = None             # int32 bias of Conv/Gemm, scale = s_x * s_w
-
-
-@dataclass(frozen=True)
-class Execution:
-    """How ONNX Runtime should run the target's output."""
-
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    session_config: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,10 @@ class Target:
     keep_high: frozenset[str] = frozenset({"LayerNorm", "RMSNorm", "Softmax", "ResidualAdd"})
     default_pipeline: tuple[str, ...] = ()
     opset: int = 21
-    execution: Execution = field(default_factory=Execution)
+    # Where the output runs, in order of preference (the first whose provider is available here
+    # unless --provider names one); `on(execution)` is the target as compiled for one of them.
+    executions: tuple[Execution, ...] = (Execution(),)
+    runs_on: Execution | None = None           # set by `on(execution)`: the one compiled for
     cost_model: CostModel | None = None
     notes: tuple[str, ...] = ()
     # Integer-only datapath: between the first QuantizeLinear and the last DequantizeLinear no
@@ -220,6 +223,10 @@ class Target:
     # with a negative scale, as ONNX Runtime's own int4 quantizer does: its CPU kernels accept
     # it; runtimes that require positive scales (WebNN) do not.
     signed_weight_scales: bool = False
+    # The runtime needs static input shapes (NPU compilers): a compile fixes the graph inputs'
+    # dynamic dims (--input-shape, else the first calibration sample's) before the pipeline.
+    # False: dynamic batch/sequence axes stay (x86, and the FPGA's functional model).
+    static_shapes: bool = False
 
     def __post_init__(self) -> None:
         if self.weight.dtype in self.weight_specs:
@@ -236,6 +243,26 @@ class Target:
 
     def rule(self, op_kind: str) -> OpRule | None:
         return self.ops.get(op_kind)
+
+    @property
+    def execution(self) -> Execution:
+        """The execution this target is compiled for (`on`), else the first of its executions
+        that runs the target's own op rules (no QDQ layout of its own)."""
+        if self.runs_on is not None:
+            return self.runs_on
+        return next((e for e in self.executions if e.ops is None), self.executions[0])
+
+    def execution_named(self, name: str) -> Execution:
+        for execution in self.executions:
+            if execution.name == name:
+                return execution
+        names = ", ".join(e.name for e in self.executions)
+        raise OptionError(f"target {self.name} runs on no provider {name!r}", fix=f"use --provider {names}")
+
+    def on(self, execution: Execution) -> "Target":
+        """This target compiled for `execution`: its op rules where the runtime declares its own."""
+        return dataclasses.replace(self, ops=execution.ops if execution.ops is not None else self.ops,
+                                   runs_on=execution)
 
 
 # ---- validation -------------------------------------------------------------------------
@@ -332,6 +359,8 @@ def _stored_specs(role: str, spec: QSpec, dtype: str, target: Target) -> tuple[l
         if dtype not in target.activation_dtypes:
             return [], (f"activation dtype {dtype} is not one of "
                         f"{', '.join(sorted(target.activation_dtypes))}")
+        if spec.unsigned_when_nonnegative and dtype == "u" + spec.dtype:  # stored unsigned, zero point 0
+            return [spec.replace(dtype=dtype, symmetric=False, qrange=None)], None
         return [spec.replace(dtype=dtype, qrange=None)], None
     return [], f"{role} dtype {dtype} where the target takes {spec.dtype}"
 
@@ -385,6 +414,8 @@ class _QuantizedTensor:
                 problems.append("scale is not a power of two")
             if np.any(scale <= 0) and not (role == _WEIGHT and target.signed_weight_scales and np.all(scale != 0)):
                 problems.append("scale is not positive; the target takes positive scales only")
+        if spec.unsigned_when_nonnegative and not spec.signed and np.any(zero != 0):
+            problems.append("zero point is not 0 but the target takes unsigned activations without one")
         if spec.symmetric and np.any(zero != spec.symmetric_zero_point):
             problems.append(f"zero point is not {spec.symmetric_zero_point} but the target needs symmetric "
                             "quantization")

@@ -11,9 +11,10 @@ DequantizeLinear, whose ONNX Runtime execution is the bit-exact functional model
 - weights int8 (or narrower: int4, int2 values stored in int8 for MatMulInteger), symmetric,
   per output channel or per tensor, power-of-two scales;
 - requantization is shift-only (scales are powers of two, so every ratio is a shift);
-- softmax, LayerNorm and GELU run as integer kernels (edgeq.backends.fpga.integer: I-BERT i-exp/i-erf, exact
-  isqrt); the embedding lookup before the first norm runs on the host and is listed in the
-  model's `edgeq.host_ops` metadata;
+- softmax, LayerNorm, RMSNorm, GELU and SiLU run as integer kernels (edgeq.backends.fpga.integer: I-BERT
+  i-exp/i-erf, exact isqrt); the embedding lookup before the first norm (and a decoder's rotary
+  cos/sin, which depend on the positions only) runs on the host and is listed in the model's
+  `edgeq.host_ops` metadata; a decoder's causal mask is computed from positions in integers;
 - resources and latency come from edgeq.backends.fpga (dataflow / overlay templates) on a named device:
   the cost model (edgeq.backends.fpga.cost) is declared below; this module holds only data.
 """
@@ -30,7 +31,8 @@ WEIGHT = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, axis=-1,
 WEIGHT_INT4 = WEIGHT.replace(qrange=(-8, 7))
 WEIGHT_INT2 = WEIGHT.replace(qrange=(-2, 1))
 
-_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
+               "canonicalize-shapes", "dead-code-elimination", "shape-inference")
 # No `calibrate` pass: lower-to-integer calibrates every tensor it quantizes itself, in one run,
 # with the per-channel statistics its channel scales need (the calibrate pass keeps none).
 _PIPELINE = _PREPROCESS + ("select-precision", "lower-to-integer", "dead-code-elimination", "topological-sort")
@@ -39,7 +41,8 @@ _PIPELINE = _PREPROCESS + ("select-precision", "lower-to-integer", "dead-code-el
 FPGA = register_target(Target(
     name="fpga",
     description="FPGA integer datapath: int8 symmetric power-of-two scales, shift-only requantization, "
-                "integer softmax/LayerNorm/GELU; embedding on the host",
+                "integer softmax/LayerNorm/RMSNorm/GELU/SiLU, causal mask from positions; embedding (and "
+                "rotary cos/sin) on the host",
     ops={"MatMul": OpRule(activations=(ACTIVATION, ACTIVATION), weight=WEIGHT, weight_slots=(1,))},
     activation=ACTIVATION,
     weight=WEIGHT,
@@ -54,9 +57,15 @@ FPGA = register_target(Target(
         source="edgeq.backends.fpga: dataflow template (FINN MVAU formulas) or overlay template; device catalog "
                "edgeq.backends.fpga.devices"),
     notes=("integer-only between the first QuantizeLinear and the last DequantizeLinear; host ops (embedding "
-           "lookup) are listed in the model metadata 'edgeq.host_ops'",
+           "lookup; a decoder's rotary cos/sin, computed from the positions) are listed in the model metadata "
+           "'edgeq.host_ops'",
            "softmax, LayerNorm, GELU and residual adds run as integer kernels (edgeq.backends.fpga.integer, emitted by "
            "the lower-to-integer pass), not as Q/DQ rules; MatMul is the only op kind above",
+           "Llama-style decoders in the front end's canonical forms: RMSNorm as the integer RMSNorm on the int32 "
+           "pre-norm residual sums (gamma folded into the reading linears' weights), SiLU as i-exp sigmoid, SwiGLU's "
+           "and rotary's products as exact integer products (16-bit SwiGLU operands), rotate_half and the GQA "
+           "repeat as integer data movement, the causal (+ padding) mask as integer compares of positions (dynamic "
+           "batch and sequence), a tied LM head as a linear layer on the table's transpose; logits leave as int8",
            "activation scales: one power of two per tensor (every MatMulInteger input 8-bit); LayerNorm outputs "
            "(residual stream) int16; a linear layer's wide input (LayerNorm or GELU output, P.V product) passes an "
            "online integer Walsh-Hadamard transform before the int8 shift (rotation folded into the weights); the "

@@ -1,4 +1,7 @@
-"""x86 CPU targets, executed by ONNX Runtime's CPU provider (MLAS integer GEMMs).
+"""x86 CPU targets, executed by OpenVINO's CPU plugin through ONNX Runtime's OpenVINO provider
+where edgeq[openvino] is installed and its plugin lists the CPU (Intel), else by ONNX Runtime's
+CPU provider (MLAS integer GEMMs); `--provider openvino|cpu` picks one. Each runtime gets the QDQ
+layout its kernels take (see "where the x86 targets run" below).
 
 - x86-vnni: AVX-512 VNNI / AVX-VNNI (vpdpbusd: u8 x s8 -> s32 without saturation), U8S8.
 - x86-avx2: no VNNI; vpmaddubsw adds two u8*s8 products into s16 and saturates
@@ -10,7 +13,10 @@
 from __future__ import annotations
 
 from edgeq.registry import register_target
-from edgeq.targets.base import CostModel, Granularity, OpRule, QSpec, Target
+from dataclasses import replace
+
+from edgeq.targets.base import (ActivationPlacement, CostModel, DeviceConfig, Execution, Granularity, OpRule,
+                                PluginLibrary, QSpec, Target)
 
 # Block sizes of block-wise weights (--group): ONNX Runtime fuses DequantizeLinear(blocked
 # along axis 0) -> MatMul into MatMulNBits only for a power of two >= 16 (qdq_selectors.cc,
@@ -77,8 +83,8 @@ def _cost_model(qgemm_rate: float, nbits_rate: float, fp32_rate: float, source: 
                      assumptions=_ASSUMPTIONS)
 
 
-_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination",
-               "shape-inference")
+_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
+               "canonicalize-shapes", "dead-code-elimination", "shape-inference")
 _PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate",
                       "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize", "dead-code-elimination",
                       "topological-sort")
@@ -88,9 +94,60 @@ _PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision",
 _ROTATE_WEIGHTS = frozenset({"int4"})
 
 
-def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostModel, **fields) -> Target:
-    """The x86 targets differ in their weight spec and cost model; the rest is shared."""
+# ---- where the x86 targets run ------------------------------------------------------------
+# OpenVINO's CPU plugin through ONNX Runtime's OpenVINO execution provider, a plugin library in
+# the `onnxruntime-ep-openvino` wheel (edgeq[openvino]); its per-device settings go in the
+# provider's `load_config` JSON. What its low-precision transformations (LPT) turn into int8
+# kernels, read from the runtime precision of every layer (OpenVINO 2026.4, MiniLM, AVX-512 VNNI):
+# - linears (Gemm/MatMul with a constant weight): DQ(u8 asymmetric) x DQ(s8 symmetric per
+#   channel) -> FullyConnected u8 (brgemm int8), with a following Q fused as its output type;
+# - activation x activation MatMuls (attention scores and context): int8 only when Q and DQ are
+#   adjacent (ONNX Runtime's layout, Q -> Reshape/Transpose on integers -> DQ, leaves the DQ
+#   outside the MHA subgraph, in f32) and neither input has a zero point: s8 symmetric, or u8
+#   with zero point 0 for non-negative tensors (softmax probabilities; an s8 probability loses
+#   half its levels: MiniLM cosine 0.9939 instead of 0.9965). Then the whole MHA (MatMul, mask
+#   Add, Softmax, MatMul) is one int8 Subgraph kernel. Q -> DQ right after the producer (the
+#   FakeQuantize fuses into the projection's FullyConnected as its int8 output; LPT moves the
+#   dequantization through the head Reshape/Transpose) beats Q -> DQ before the MatMul, which
+#   leaves 24 standalone FakeQuantize layers (MiniLM 16x128, 2 threads: about 20% faster);
+# - s8 symmetric linear inputs (NNCF's choice) run no faster than u8 asymmetric here and cost
+#   accuracy (MiniLM cosine mean/min 0.99478/0.98340 against 0.99659/0.99176): linears keep u8;
+# - LayerNorm, Softmax, residual Adds, GELU stay in the precision hint (f32, or bf16 on AMX).
+OPENVINO_PLUGIN = PluginLibrary(package="onnxruntime-ep-openvino", module="onnxruntime_ep_openvino", extra="openvino",
+                                device_type="CPU", device_metadata=(("ov_device", "CPU"),), direct_runtime="openvino")
+ACT_OPENVINO = QSpec("int8", symmetric=True, unsigned_when_nonnegative=True)
+
+
+def _openvino_ops(weight: QSpec) -> dict[str, OpRule]:
+    ops = _ops(weight)
+    ops["MatMul"] = replace(ops["MatMul"], activations=(ACT_OPENVINO, ACT_OPENVINO))
+    return ops
+
+
+def _openvino(weight: QSpec, precision_hint: str) -> Execution:
+    return Execution(
+        name="openvino", provider="OpenVINOExecutionProvider", plugin=OPENVINO_PLUGIN,
+        description=f"OpenVINO's CPU plugin through ONNX Runtime's OpenVINO provider (float ops in {precision_hint})",
+        device_config=DeviceConfig("CPU", precision_hint=precision_hint),
+        # No CPU fallback: a node OpenVINO does not take is an error, not a silent float path. No
+        # QDQ rewriting by ONNX Runtime: its CPU-oriented QDQ transforms are not OpenVINO's (and
+        # its S8 activation rewrite fails on this layout: ORT 1.32, QuantizeLinear output_dtype
+        # INT8 against a UINT8 zero point).
+        session_config=(("session.disable_cpu_ep_fallback", "1"), ("session.disable_quant_qdq", "1")),
+        high_precision={"bf16": "bfloat16", "f32": "float32"}[precision_hint],
+        placement_check="openvino-runtime-precision", ops=_openvino_ops(weight),
+        activation_placement=ActivationPlacement.SOURCE_QDQ)
+
+
+CPU_PROVIDER = Execution()
+
+
+def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostModel, *,
+                precision_hint: str = "f32", **fields) -> Target:
+    """The x86 targets differ in their weight spec and cost model; the rest is shared. They run on
+    OpenVINO where its provider is installed and lists this CPU, else on ORT's CPU provider."""
     return register_target(Target(
+        executions=(_openvino(weight, precision_hint), CPU_PROVIDER),
         name=name, description=description, ops=_ops(weight), activation=ACT_U8, weight=weight,
         weight_specs={"int4": W_S4_BLOCK}, activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
         default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, signed_weight_scales=True, cost_model=cost_model,
@@ -114,6 +171,7 @@ X86_AMX = _x86_target(
         1024, 64, 32, "Intel AMX: TDPBUSD 16x64x16 int8 tile op (1024 MAC/cycle/core), TDPBF16PS "
                       "(512 MAC/cycle/core); AVX-512 VNNI VPDPBUSD (64 int8 MAC) for MatMulNBits; AVX-512 "
                       "2x FMA (32 fp32 MAC)", op_mac_bfloat16_bfloat16=512),
-    notes=("BF16: AMX runs BF16 matmuls (TDPBF16PS), but ONNX Runtime's CPU provider has no BF16 kernels for "
-           "LayerNorm/Softmax/Add; ops kept high therefore run in float32 under ORT, and BF16 applies where a "
-           "BF16-capable runtime executes them.",))
+    precision_hint="bf16",
+    notes=("BF16: on OpenVINO (the default where edgeq[openvino] is installed and its provider lists the CPU) "
+           "the ops kept high run in bf16 (INFERENCE_PRECISION_HINT=bf16, AMX-BF16); ONNX Runtime's CPU provider "
+           "has no BF16 kernels for LayerNorm/Softmax/Add, so under it they run in float32.",))

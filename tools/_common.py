@@ -27,7 +27,8 @@ def machine_line() -> str:
                 model = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
-    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                if f in flags]
     return f"{model}, {os.cpu_count()} cores, {' '.join(features) or 'no AVX2'}"
 
 

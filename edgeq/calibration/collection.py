@@ -31,6 +31,7 @@ from edgeq.calibration.float_model import FloatModel, load_model
 from edgeq.calibration.sources import ModelLike, open_source
 from edgeq.calibration.statistics import CalibrationResult, TensorAccumulator
 from edgeq.errors import OptionError
+from edgeq.runtime.execution import Execution
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CollectionOptions:
     outputs_per_run: fetch at most this many tensors per run (one pass over the data each);
         None fetches all at once.
     progress: show a tqdm bar; None shows it only when stderr is a terminal.
+    execution: where the float model runs (at full precision), e.g. the target's provider.
     """
 
     histogram: bool = True
@@ -53,6 +55,7 @@ class CollectionOptions:
     threads: int = 1
     outputs_per_run: int | None = None
     progress: bool | None = None
+    execution: Execution | None = None  # the runtime the float model runs on (fp32); None: ORT's CPU provider
 
     def __post_init__(self) -> None:
         if self.histogram_bins < 16:
@@ -69,7 +72,7 @@ def calibrate(model: ModelLike, data: Any, tensors: Sequence[str],
     proto, base_dir = load_model(model)
     source = open_source(data, proto)
     names = _check_tensor_names(proto.graph, tensors)
-    float_model = FloatModel(proto, base_dir, options.threads)
+    float_model = FloatModel(proto, base_dir, options.threads, options.execution)
     del proto  # a model loaded here from a path is freed before the long loop
     bins = options.histogram_bins if options.histogram else None
     accumulators = {name: TensorAccumulator(name, bins, options.channel_axis) for name in names}

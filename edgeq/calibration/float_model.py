@@ -30,9 +30,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.calibration.sources import Feed, ModelLike
-from edgeq.errors import ModelLoadError
+from edgeq.errors import EdgeqError, ModelLoadError
 from edgeq.ir.files import read_external
 from edgeq.runtime.sessions import make_session
+from edgeq.runtime.execution import Execution
 
 _MIN_WEIGHT_ELEMENTS = 1024  # smaller initializers (shapes, scalars) stay in the graph
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -60,12 +61,14 @@ class FloatModel:
     `weights` maps each fed initializer to its array; replacing an entry changes what later
     runs compute."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: Path | None, threads: int):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None, threads: int,
+                 execution: Execution | None = None):
         fed = {t.name for t in model.graph.initializer if _is_feedable_weight(t)}
         self.weights = {t.name: _weight_array(t, base_dir) for t in model.graph.initializer if t.name in fed}
         self.shell = _weight_less_graph(model, fed, base_dir)
         self.graph_inputs = {value.name for value in self.shell.graph.input} - set(self.weights)
         self.threads = threads
+        self.execution = execution  # where the float model runs (at full precision); None: ORT's CPU provider
 
     def runner(self, outputs: Sequence[str]) -> Callable[[Feed], list[np.ndarray]]:
         """A function feed -> arrays of `outputs` (graph inputs are passed through)."""
@@ -89,8 +92,10 @@ class FloatModel:
         graph.ClearField("output")
         graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)  # ORT infers types
         try:  # unoptimised: the statistics are those of the float graph as written
-            return make_session(model.SerializeToString(), self.threads,
+            return make_session(model.SerializeToString(), self.threads, execution=self.execution, reference=True,
                                 level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        except EdgeqError:  # the provider's own one-line error
+            raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own unrelated types
             raise ModelLoadError(f"ONNX Runtime cannot run the model for calibration: {exc}",
                                  fix="check that onnxruntime runs the float model as it is") from exc

@@ -41,6 +41,23 @@ class Histogram:
         bins = self.first_bin + np.arange(len(self.counts) + 1, dtype=np.int64)
         return np.ldexp(bins.astype(np.float64), self.exponent)
 
+    def bounded(self, max_magnitude_bins: int) -> "Histogram":
+        """This histogram, its bins merged pairwise until |x| spans at most `max_magnitude_bins`
+        bins from 0 (itself when it already does). Data far from 0 relative to its spread (a
+        constant tensor: one bin at 2**40 widths from 0) would otherwise fold into a dense
+        magnitude array of up to 2**41 entries."""
+        last = self.first_bin + len(self.counts) - 1
+        largest = max(last, -self.first_bin - 1, 0)
+        shift = max(0, (largest // max_magnitude_bins).bit_length())
+        if shift == 0:
+            return self
+        bins = (self.first_bin + np.arange(len(self.counts), dtype=np.int64)) >> shift
+        first = int(bins[0])
+        merged = np.zeros(int(bins[-1]) - first + 1, np.int64)
+        np.add.at(merged, bins - first, self.counts)
+        merged.setflags(write=False)
+        return Histogram(self.exponent + shift, first, merged)
+
     def magnitude_counts(self) -> np.ndarray:
         """Counts of |x| on bins [j * w, (j + 1) * w), j = 0, 1, ... (the grid is symmetric about 0)."""
         return _fold(self.first_bin + np.arange(len(self.counts)), self.counts)

@@ -24,6 +24,12 @@ class RangeMethod(str, Enum):
     MSE = "mse"  # least expected squared quantization error (clipping + rounding)
 
 
+# The range methods fold the histogram about 0; data far from 0 relative to its spread is first
+# coarsened so the folded arrays stay this small (normal activations span 0 in at most a few
+# times max_bins bins and are not touched).
+MAX_MAGNITUDE_BINS = 1 << 14
+
+
 def range_method(method: RangeMethod | str) -> RangeMethod:
     try:
         return RangeMethod(method)
@@ -43,6 +49,7 @@ def histogram_range(method: RangeMethod, hist: Histogram, lo: float, hi: float, 
                     percentile: float, num_bits: int) -> tuple[float, float]:
     """(lo, hi) by a histogram method (percentile, entropy, mse) for values in [lo, hi] whose
     histogram is `hist`; not yet widened to contain 0 (see `with_zero`)."""
+    hist = hist.bounded(MAX_MAGNITUDE_BINS)
     if method is RangeMethod.PERCENTILE:
         return _percentile_range(hist, lo, hi, percentile, symmetric)
     if method is RangeMethod.ENTROPY:

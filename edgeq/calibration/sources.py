@@ -7,7 +7,9 @@ sized stream of feed dicts ({graph input name: array}) that fit the model:
 - one `.npz` file whose arrays have a leading sample axis;
 - `TextWindows` (text + `tokenizer.json`) or `TokenWindows` (token ids): consecutive
   non-overlapping windows of `seq_len` tokens, fed as `input_ids` [1, seq_len] plus
-  `attention_mask` (ones), `position_ids` and `token_type_ids` where the model has them;
+  `attention_mask` (ones), `position_ids` and `token_type_ids` where the model has them; a
+  decoder with a KV cache gets each window as a prefill and `decode_steps` decode steps
+  (`edgeq.calibration.kv_cache`);
 - in Python, a sized re-iterable of feed dicts (a list) is used as it is; a one-shot iterable
   (generator, iterator, ONNX Runtime `CalibrationDataReader`) is read once, checked, and spooled
   to a temporary directory so it can be re-read (statistics may need several passes) while
@@ -41,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edgeq.calibration import kv_cache
 from edgeq.errors import CalibrationError
 
 Feed = dict[str, np.ndarray]
@@ -327,13 +330,15 @@ class TokenWindows:
     """Consecutive non-overlapping windows of `seq_len` tokens from a 1-D array (or .npy) of ids.
 
     Window w covers tokens [w * seq_len, (w + 1) * seq_len); windows first_window ..
-    first_window + num_samples - 1 are used.
+    first_window + num_samples - 1 are used. A model with a KV cache gets each window as a
+    prefill of seq_len - decode_steps tokens and decode_steps one-token steps.
     """
 
     ids: np.ndarray | str | os.PathLike[str]
     seq_len: int
     num_samples: int
     first_window: int = 0
+    decode_steps: int = kv_cache.DEFAULT_DECODE_STEPS
 
 
 @dataclass(frozen=True)
@@ -346,30 +351,41 @@ class TextWindows:
     seq_len: int
     num_samples: int
     first_window: int = 0
+    decode_steps: int = kv_cache.DEFAULT_DECODE_STEPS
 
 
 class TokenWindowSource(CalibrationSource):
     """Feeds input_ids [1, seq_len] plus whichever of attention_mask (ones), position_ids
-    (0..seq_len-1) and token_type_ids (zeros) the model has."""
+    (0..seq_len-1) and token_type_ids (zeros) the model has; for a model with a KV cache,
+    the prefill and decode steps of each window (`kv_cache.CacheSteps`)."""
 
-    def __init__(self, ids: np.ndarray, windows: TokenWindows, inputs: Sequence[InputSpec]):
+    def __init__(self, ids: np.ndarray, windows: TokenWindows, inputs: Sequence[InputSpec],
+                 model: ModelLike | None = None):
         _check_window_request(windows, len(ids))
         self.ids = ids
         self.windows = windows
-        self._check_model_takes_text(inputs)
-        super().__init__(inputs, windows.num_samples)
-        shape = (1, windows.seq_len)
-        meta = {spec.name: (shape, np.dtype(np.int64)) for spec in inputs}
+        self.cache = _cache_steps(model, inputs, windows) if model is not None else None
+        self._check_model_takes_text(inputs, self.cache)
+        per_window = self.cache.per_window() if self.cache else 1
+        super().__init__(inputs, windows.num_samples * per_window)
+        if self.cache is None:
+            shape = (1, windows.seq_len)
+            meta = {spec.name: (shape, np.dtype(np.int64)) for spec in inputs}
+        else:  # the prefill sample; decode steps share its dims but for the sequence lengths
+            prefill = (1, windows.seq_len - self.cache.decode_steps)
+            meta = {spec.name: (prefill, np.dtype(np.int64)) for spec in inputs}
+            meta.update({n: (a.shape, a.dtype) for n, a in self.cache.layout.empty().items()})
         self.checker.check_metadata(meta, f"token windows of {windows.seq_len}")
 
     @staticmethod
-    def _check_model_takes_text(inputs: Sequence[InputSpec]) -> None:
+    def _check_model_takes_text(inputs: Sequence[InputSpec], cache: kv_cache.CacheSteps | None = None) -> None:
         names = [spec.name for spec in inputs]
         if "input_ids" not in names:
             raise CalibrationError("the model has no 'input_ids' input, so text cannot feed it",
                                    fix="give .npz samples keyed by the model's input names")
+        cached = set(cache.layout.past_names) if cache else set()
         for spec in inputs:
-            if spec.name not in _TEXT_INPUTS and spec.required:
+            if spec.name not in _TEXT_INPUTS and spec.required and spec.name not in cached:
                 raise CalibrationError(
                     f"input '{spec.name}' cannot be made from text (only {', '.join(_TEXT_INPUTS)})",
                     fix="export the model without it (e.g. no KV cache) or give .npz samples")
@@ -377,6 +393,9 @@ class TokenWindowSource(CalibrationSource):
     def _samples(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
         seq_len = self.windows.seq_len
         names = {spec.name for spec in self.inputs}
+        if self.cache is not None:
+            yield from self._cache_samples(indices)
+            return
         for index in indices:
             window = self.windows.first_window + index
             ids = np.asarray(self.ids[window * seq_len:(window + 1) * seq_len], dtype=np.int64)
@@ -385,6 +404,34 @@ class TokenWindowSource(CalibrationSource):
                       "position_ids": np.arange(seq_len, dtype=np.int64)[None, :],
                       "token_type_ids": np.zeros((1, seq_len), np.int64)}
             yield f"token window {window}", {n: a for n, a in sample.items() if n in names}
+
+
+    def _cache_samples(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        seq_len = self.windows.seq_len
+        by_window: dict[int, list[int]] = {}
+        for index in indices:
+            at = self.cache.locate(index)
+            by_window.setdefault(at.window, []).append(at.step)
+        for offset, steps in by_window.items():
+            window = self.windows.first_window + offset
+            ids = np.asarray(self.ids[window * seq_len:(window + 1) * seq_len], dtype=np.int64)
+            for step, feed in self.cache.window_feeds(ids, steps):
+                yield f"token window {window} {'prefill' if step == 0 else f'decode step {step}'}", feed
+
+
+def _cache_steps(model: ModelLike, inputs: Sequence[InputSpec], windows: TokenWindows) -> kv_cache.CacheSteps | None:
+    """Prefill/decode samples for a model with a KV cache (None for one without)."""
+    proto = model if isinstance(model, onnx.ModelProto) else _load_graph_only(model)
+    layout = kv_cache.find_cache(inputs, kv_cache.model_outputs(proto))
+    if layout is None:
+        return None
+    path = kv_cache.model_path(model)
+    if path is None:
+        raise CalibrationError("token windows for a model with a KV cache need the model file (decode steps run it)",
+                               fix="give the model as a path, or .npz samples with the cache inputs")
+    steps = kv_cache.CacheSteps(path, layout, [spec.name for spec in inputs], windows.decode_steps)
+    steps.check_window(windows.seq_len)
+    return steps
 
 
 def _check_window_request(windows: TokenWindows, num_tokens: int) -> None:
@@ -508,12 +555,14 @@ def open_source(spec: Any, model: ModelLike) -> CalibrationSource:
     if isinstance(spec, (str, os.PathLike)):
         return _open_path(Path(spec), inputs)
     if isinstance(spec, TokenWindows):
-        return TokenWindowSource(_load_token_ids(spec.ids), spec, inputs)
+        return TokenWindowSource(_load_token_ids(spec.ids), spec, inputs, model)
     if isinstance(spec, TextWindows):
-        windows = TokenWindows(np.empty(0, np.int64), spec.seq_len, spec.num_samples, spec.first_window)
+        windows = TokenWindows(np.empty(0, np.int64), spec.seq_len, spec.num_samples, spec.first_window,
+                               spec.decode_steps)
         _check_window_request(windows, 1 << 62)  # argument check before the slow tokenization
         ids = _tokenize(spec)
-        return TokenWindowSource(ids, TokenWindows(ids, spec.seq_len, spec.num_samples, spec.first_window), inputs)
+        return TokenWindowSource(ids, TokenWindows(ids, spec.seq_len, spec.num_samples, spec.first_window,
+                                                   spec.decode_steps), inputs, model)
     if callable(getattr(spec, "get_next", None)):
         return SpooledSource(_reader_samples(spec), inputs)
     if isinstance(spec, Mapping):

@@ -9,11 +9,13 @@ import importlib
 import click
 
 import edgeq
+from edgeq.cli.bench import bench_command
 from edgeq.cli.catalog import passes_command, targets_group
 from edgeq.cli.compile import compile_command
 from edgeq.cli.estimate import estimate_command
 from edgeq.cli.eval import eval_command
 from edgeq.cli.inspect import inspect_command
+from edgeq.cli.package import package_command
 from edgeq.errors import EdgeqError
 
 # Command groups of the backend packages (edgeq.backends.<family>), as "module:attribute"; each
@@ -64,6 +66,8 @@ cli.add_command(targets_group)
 cli.add_command(compile_command)
 cli.add_command(eval_command)
 cli.add_command(estimate_command)
+cli.add_command(bench_command)
+cli.add_command(package_command)
 cli.add_lazy_command("models", MODELS_COMMAND_GROUP)
 for _group in BACKEND_COMMAND_GROUPS:
     cli.add_lazy_command(_backend_family(_group), _group)

@@ -63,22 +63,30 @@ def _check_writable(path: Path | None) -> None:
               help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first "
                    "(default: the target's choice; some targets rotate int4 presets).")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
+@click.option("--input-shape", multiple=True, metavar="NAME=D0,D1,...",
+              help="Fix an input's dynamic dims (repeatable); inputs sharing a dim name follow. Recorded for "
+                   "estimates (default: the first calibration sample's shapes).")
 @click.option("--config", type=click.Path(path_type=Path), help="TOML file of options (flags win).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report (.json or .md).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads for calibration/verification.")
+@click.option("--provider", help="Where the output runs: one of the target's executions (`edgeq targets show T`; "
+                                 "default: the first that runs here, e.g. openvino, else cpu).")
 @click.option("--external-data/--no-external-data", default=None, help="Weights in a .data file (default: above 2 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--time-passes", is_flag=True, help="Print each pass's wall time (with --json: a pass_seconds list).")
 @device_flags
 def compile_command(model: Path, target_name: str, output: Path, *, calibration: CalibrationFlags,
                     device: DeviceFlags, config: Path | None, report: Path | None, external_data: bool | None,
-                    as_json: bool, time_passes: bool, **option_flags) -> None:
+                    as_json: bool, time_passes: bool, provider: str | None, **option_flags) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
     from edgeq.cli.pass_times import PassTimes
     from edgeq.compiler import compile as compile_model
     from edgeq.registry import get_target
 
+    from edgeq.runtime.providers import resolve
+
     target = get_target(target_name)  # unknown targets fail before any work
+    resolve(target, provider)  # so does a provider that cannot run here
     device.check(target, device_required=False)
     name_device = getattr(target.cost_model, "device", None)  # a device cost model's catalog lookup
     if device.device is not None and name_device is not None:
@@ -90,7 +98,7 @@ def compile_command(model: Path, target_name: str, output: Path, *, calibration:
     options = compile_options(option_flags, config)
     timing = PassTimes() if time_passes else None
     compiled = compile_model(model, target, options, calibration=calibration.spec(),
-                             instruments=(timing,) if timing is not None else ())
+                             instruments=(timing,) if timing is not None else (), provider=provider)
     compiled.save(output, external_data=external_data)
     if report:
         compiled.report.write(report)

@@ -1,5 +1,5 @@
-"""`edgeq inspect`: what edgeq sees in a model (opsets, ops, parameters, inputs/outputs,
-subgraphs, recognised transformer blocks)."""
+"""`edgeq inspect`: what edgeq sees in a model (opsets, ops, parameters, inputs/outputs, dynamic
+axes, subgraphs, custom-domain ops) and what the front end recognised (blocks, mask forms)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from edgeq.cli.flags import echo_json
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_command(model: Path, as_json: bool) -> None:
-    """Show what edgeq sees in MODEL: opsets, ops, parameters, inputs/outputs, subgraphs."""
+    """Show what edgeq sees in MODEL: opsets, ops, parameters, inputs/outputs, subgraphs, and the
+    blocks and attention-mask form the front end recognises."""
     from edgeq.frontend.inspect import summarize
     from edgeq.ir import load
 
@@ -35,9 +36,25 @@ def inspect_command(model: Path, as_json: bool) -> None:
         click.echo(f"{kind}:")
         for v in summary[kind]:
             click.echo(f"  {v['name']}: {v['dtype']} {v['shape']}")
-    if summary["custom_domains"]:
-        click.echo("custom domains: " + ", ".join(f"{d} ({n} ops)" for d, n in summary["custom_domains"].items()))
+    if summary["dynamic_axes"]:
+        click.echo("dynamic axes: " + "; ".join(
+            f"{name} " + ", ".join(f"{axis}={dim}" for axis, dim in axes.items())
+            for name, axes in summary["dynamic_axes"].items()))
+    if summary["custom_ops"]:
+        click.echo("custom-domain ops: " + ", ".join(f"{k} {n}" for k, n in summary["custom_ops"].items()))
     if summary["functions"]:
         click.echo("local functions: " + ", ".join(summary["functions"]))
-    if summary["recognised_blocks"]:
-        click.echo("recognised blocks: " + ", ".join(f"{role} {n}" for role, n in summary["recognised_blocks"].items()))
+    front = summary["front_end"]
+    how = ("compiled model, read as it is" if front["compiled_model"]
+           else "after " + ", ".join(front["passes"]) if front["passes"] else "as loaded")
+    click.echo(f"front end ({how}):")
+    if front["error"]:
+        click.echo(f"  front end stopped: {front['error']}")
+    blocks = summary["recognised_blocks"]
+    click.echo("  recognised blocks: " + (", ".join(f"{role} {n}" for role, n in blocks.items()) or "none"))
+    if summary["mask"]:
+        click.echo("  attention mask: " + ", ".join(f"{form} ({n} attention{'s' if n > 1 else ''})"
+                                                     for form, n in summary["mask"].items()))
+    if summary["custom_ops_after_front_end"]:
+        click.echo("  custom-domain ops left: " + ", ".join(
+            f"{k} {n}" for k, n in summary["custom_ops_after_front_end"].items()))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from edgeq.options import SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides
+from edgeq.options import SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides, parse_input_shape
 
 
 def _unchanged(value: Any) -> Any:
@@ -63,6 +63,8 @@ FLAG_FIELDS: tuple[FlagField, ...] = (
     FlagField("rotate", "rotate", given=_given_unless_none),   # --no-rotate is given too
     FlagField("no_smooth", "smooth_alpha", _constant(None)),
     FlagField("no_smooth", "smooth_alpha_grid", _constant(())),
+    # --input-shape (repeatable) replaces the config's input_shapes.
+    FlagField("input_shape", "input_shapes", lambda texts: tuple(parse_input_shape(t) for t in texts)),
 )
 
 OPTION_FLAGS = frozenset(row.flag for row in FLAG_FIELDS)

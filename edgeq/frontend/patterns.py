@@ -5,6 +5,12 @@
 (decomposed Pow/ReduceMean/Add/Sqrt/(Div|Reciprocal)/Mul), softmax, GELU (Erf or Tanh
 formula), SiLU (x*Sigmoid(x)), residual adds, linear layers and activation x activation
 matmuls. It is an analysis: it never mutates the graph.
+
+Compiled (QDQ) graphs show the same blocks: a weight reached through DequantizeLinear (and data
+movement) is a constant, the integer linear kernels (MatMulInteger, QLinearMatMul, ConvInteger,
+com.microsoft MatMulNBits/QGemm/MatMulIntegerToFloat/DynamicQuantizeMatMul) are linears when their
+weight is constant, and a QuantizeLinear -> DequantizeLinear pair on an activation is looked
+through when blocks are matched.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from edgeq.ir import Graph, Op, Value
 # Ops that only move or reshape data: quantization passes through them unchanged.
 DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather",
                            "Identity", "Expand"})
+# Matrix products and the input slot of their weight: a linear when that input is constant.
+_PRODUCTS = {("", "MatMul"): 1, ("", "Gemm"): 1, ("", "MatMulInteger"): 1, ("", "QLinearMatMul"): 3,
+             ("", "ConvInteger"): 1, ("com.microsoft", "MatMulNBits"): 1, ("com.microsoft", "QGemm"): 3,
+             ("com.microsoft", "MatMulIntegerToFloat"): 1, ("com.microsoft", "DynamicQuantizeMatMul"): 1}
 
 
 class Role(str, Enum):
@@ -74,13 +84,14 @@ def find_roles(graph: Graph) -> Roles:
         elif op.op_type == "Gelu":
             roles.add(Role.GELU, [op])
     for op in order:
-        if op.op_type in ("MatMul", "Gemm"):
+        slot = _PRODUCTS.get((op.domain, op.op_type))
+        if slot is not None:
             ins = graph.inputs_of(op)
-            if graph.is_const(ins[1]) or (len(ins) > 1 and _is_const_chain(graph, ins[1])):
+            if len(ins) > slot and _is_const_chain(graph, ins[slot]):
                 roles.add(Role.LINEAR, [op])
-            elif not graph.is_const(ins[0]):
+            elif not _is_const_chain(graph, ins[0]):
                 roles.add(Role.ATTENTION_MATMUL, [op])
-        elif op.op_type == "Gather" and graph.is_const(graph.inputs_of(op)[0]):
+        elif op.op_type == "Gather" and not op.domain and _is_const_chain(graph, graph.inputs_of(op)[0]):
             roles.add(Role.EMBEDDING, [op])
         elif op.op_type == "Add" and op not in roles.of_op and _is_residual(graph, op):
             roles.add(Role.RESIDUAL_ADD, [op])
@@ -106,8 +117,36 @@ def lm_heads(graph: Graph, roles: Roles) -> list[Op]:
 def _single_consumer(graph: Graph, value: Value | None, op_type: str) -> Op | None:
     if value is None:
         return None
-    readers = graph.consumers(value)
+    readers = _readers(graph, value)
     return next((r for r in readers if r.op_type == op_type), None)
+
+
+def _readers(graph: Graph, value: Value) -> list[Op]:
+    """The ops reading `value`, looking through QuantizeLinear -> DequantizeLinear pairs."""
+    found = []
+    for reader in graph.consumers(value):
+        if reader.op_type == "QuantizeLinear" and not reader.domain:
+            for dq in graph.consumers(graph.outputs_of(reader)[0]):
+                if dq.op_type == "DequantizeLinear" and not dq.domain:
+                    found.extend(graph.consumers(graph.outputs_of(dq)[0]))
+        else:
+            found.append(reader)
+    return found
+
+
+def _source(graph: Graph, value: Value | None) -> Value | None:
+    """`value` with a QuantizeLinear -> DequantizeLinear pair in front of it looked through."""
+    dq = graph.producer(value) if value is not None else None
+    if dq is not None and dq.op_type == "DequantizeLinear" and not dq.domain:
+        q = graph.producer(graph.inputs_of(dq)[0])
+        if q is not None and q.op_type == "QuantizeLinear" and not q.domain:
+            return graph.inputs_of(q)[0]
+    return value
+
+
+def _producer(graph: Graph, value: Value | None) -> Op | None:
+    value = _source(graph, value)
+    return graph.producer(value) if value is not None else None
 
 
 def _out(graph: Graph, op: Op) -> Value:
@@ -118,7 +157,7 @@ def _match_norm(graph: Graph, reduce: Op, roles: Roles) -> None:
     """LayerNorm: x -> ReduceMean -> Sub(x, mean) -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Div.
     RMSNorm:   x -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Div(1, .)|Reciprocal -> Mul(x, .)."""
     x = graph.inputs_of(reduce)[0]
-    producer = graph.producer(x) if x is not None else None
+    producer = _producer(graph, x)
     if producer is not None and producer.op_type == "Pow":
         _match_rms(graph, producer, reduce, roles)
         return
@@ -174,7 +213,7 @@ def _affine_tail(graph: Graph, op: Op) -> list[Op]:
 def _match_gelu_erf(graph: Graph, erf: Op, roles: Roles) -> None:
     """x * 0.5 * (1 + Erf(x / sqrt 2)) in the orders exporters produce."""
     ops = [erf]
-    div = graph.producer(graph.inputs_of(erf)[0])
+    div = _producer(graph, graph.inputs_of(erf)[0])
     if div is not None and div.op_type in ("Div", "Mul"):
         ops.insert(0, div)
     add = _single_consumer(graph, _out(graph, erf), "Add")
@@ -192,17 +231,19 @@ def _match_gelu_erf(graph: Graph, erf: Op, roles: Roles) -> None:
 
 
 def _match_silu(graph: Graph, sigmoid: Op, roles: Roles) -> None:
-    x = graph.inputs_of(sigmoid)[0]
+    x = _source(graph, graph.inputs_of(sigmoid)[0])
     mul = _single_consumer(graph, _out(graph, sigmoid), "Mul")
-    if mul is not None and x in graph.inputs_of(mul):
+    if mul is not None and any(_source(graph, v) is x for v in graph.inputs_of(mul)):
         roles.add(Role.SILU, [sigmoid, mul])
 
 
 def _is_const_chain(graph: Graph, value: Value | None) -> bool:
-    """A weight reached through data movement (e.g. Transpose of an initializer)."""
+    """A weight: a constant, or one reached through data movement and DequantizeLinear (e.g.
+    Transpose of an initializer, a compiled model's DequantizeLinear of an integer weight)."""
     while value is not None and not graph.is_const(value):
         producer = graph.producer(value)
-        if producer is None or producer.op_type not in DATA_MOVEMENT:
+        if producer is None or producer.domain or (producer.op_type not in DATA_MOVEMENT
+                                                   and producer.op_type != "DequantizeLinear"):
             return False
         value = graph.inputs_of(producer)[0]
     return value is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from edgeq.runtime.sessions import make_session
+from edgeq.runtime.execution import Execution
 
 # Kernels ONNX Runtime runs quantized ops on once it has fused the QDQ groups.
 INTEGER_KERNELS = frozenset({
@@ -28,9 +29,17 @@ _COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", 
 
 @dataclass
 class FusionReport:
+    """Where a compiled model ran and whether its quantized ops became integer kernels there
+    (edgeq.runtime.placement fills in the provider's part)."""
+
     integer_kernels: dict[str, int]
-    unfused: list[str]          # float compute ops that still read a DequantizeLinear output
+    unfused: list[str]          # quantized compute ops left in float (ORT: a float op reading a DQ output)
     dequantize_left: int
+    provider: str = "CPUExecutionProvider"
+    via: str = "onnxruntime"                # or the runtime used directly ("openvino package")
+    check: str = "ort-optimized-graph"      # how the kernels were read
+    nodes_by_provider: dict[str, int] = field(default_factory=dict)  # ORT's node assignment
+    float_layers: dict[str, int] = field(default_factory=dict)       # OpenVINO: compute layers by precision
 
     @property
     def all_fused(self) -> bool:
@@ -38,11 +47,15 @@ class FusionReport:
 
 
 def fusion_report(model_path: str | os.PathLike, *, providers=("CPUExecutionProvider",),
-                  config: Iterable[tuple[str, str]] = ()) -> FusionReport:
-    """Let ORT optimize the model as it would run it, and read its optimized graph."""
+                  config: Iterable[tuple[str, str]] = (), execution: Execution | None = None,
+                  threads: int = 0) -> FusionReport:
+    """Let ORT optimize the model as it would run it (on `execution`, default the CPU provider,
+    or the built-in `providers`), and read its optimized graph."""
+    if execution is None:
+        execution = Execution(name=providers[0], provider=providers[0])
     with tempfile.TemporaryDirectory(prefix="edgeq-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        make_session(str(model_path), providers=providers, config=config, optimized_path=str(optimized),
+        make_session(str(model_path), threads, config=config, execution=execution, optimized_path=str(optimized),
                      level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         model = onnx.load(str(optimized), load_external_data=False)
     return _fusion_from_graph(model.graph)

@@ -1,6 +1,11 @@
 """ONNX Runtime sessions: the options edgeq runs models with, and `make_session`, the one
 factory every session edgeq opens comes from (calibration, verification against float, eval,
-the fusion check, the IR's runtime checks)."""
+the placement check, bench, the IR's runtime checks).
+
+A session runs on an `Execution` (a target's data: the provider, how to get it, its options,
+session settings and device settings). `reference=True` is the float reference: the same
+provider at full precision (fp32), where the deployment may run float ops in bf16.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ import os
 from typing import Iterable
 
 import onnxruntime as ort
+
+from edgeq.runtime.execution import Execution
+from edgeq.runtime.providers import CPU, ProviderError, ep_devices, provider_options, require
 
 
 def session_options(threads: int = 0, *, optimized_path: str | None = None,
@@ -30,11 +38,37 @@ def session_options(threads: int = 0, *, optimized_path: str | None = None,
     return so
 
 
-def make_session(model: str | os.PathLike | bytes, threads: int = 0, providers=("CPUExecutionProvider",),
-                 config: Iterable[tuple[str, str]] = (), *,
+def make_session(model: str | os.PathLike | bytes, threads: int = 0, providers=None,
+                 config: Iterable[tuple[str, str]] = (), *, execution: Execution | None = None,
+                 reference: bool = False,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 optimized_path: str | None = None) -> ort.InferenceSession:
-    """A session for `model` (a path or serialized bytes) on `providers`, with `session_options`."""
+                 optimized_path: str | None = None):
+    """A session for `model` (a path or serialized bytes) on `execution` (default: the CPU
+    provider), with `session_options` plus the execution's session settings and `config`.
+    `providers` (names of built-in providers) is the older way to pick one.
+
+    A plugin provider that is not installed, or lists no device here, raises a one-line
+    ProviderError; where its runtime runs without ONNX Runtime (OpenVINO on a CPU the plugin
+    does not list) the session is that runtime's (edgeq.runtime.openvino_direct)."""
     model = str(model) if isinstance(model, os.PathLike) else model
-    options = session_options(threads, optimized_path=optimized_path, config=config, level=level)
-    return ort.InferenceSession(model, options, providers=list(providers))
+    if execution is None:
+        execution = CPU if not providers else Execution(name=providers[0], provider=providers[0])
+    found = require(execution)
+    entries = [*execution.session_config, *config]
+    if found.via == "direct":
+        from edgeq.runtime.openvino_direct import OpenVINOSession
+
+        return OpenVINOSession(model, execution, threads, reference=reference)
+    options = session_options(threads, optimized_path=optimized_path, config=entries, level=level)
+    if execution.plugin is None:  # built in: the CPU provider stays behind it for what it leaves
+        names = list(dict.fromkeys([execution.provider, "CPUExecutionProvider"]))
+        opts = [provider_options(execution, threads, reference=reference)] + [{}] * (len(names) - 1)
+        return ort.InferenceSession(model, options, providers=names, provider_options=opts)
+    options.add_provider_for_devices(ep_devices(execution)[:1], provider_options(execution, threads,
+                                                                                  reference=reference))
+    try:
+        return ort.InferenceSession(model, options)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ProviderError(f"{execution.provider} cannot run the model: {first}",
+                            fix="use --provider cpu") from err

@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from edgeq.runtime.sessions import make_session
+from edgeq.runtime.execution import Execution
 
 
 @dataclass
@@ -37,15 +38,17 @@ class Verification:
 
 def compare_with_float(float_model: str | os.PathLike, compiled_model: str | os.PathLike,
                        feeds: list[Mapping[str, np.ndarray]], *, threads: int = 0,
-                       synthetic: bool = False) -> Verification:
-    """Run both models on the same feeds; error of the compiled model per output."""
+                       synthetic: bool = False, execution: Execution | None = None) -> Verification:
+    """Run both models on the same feeds on `execution` (default: ORT's CPU provider): the float
+    model at full precision (fp32) as the reference, the compiled one with the deployment
+    settings; error of the compiled model per output."""
     # One session at a time: the float model's weights need not share the peak with the
     # compiled model's (the reference outputs are small beside them).
-    reference = make_session(float_model, threads)
+    reference = make_session(float_model, threads, execution=execution, reference=True)
     names = [o.name for o in reference.get_outputs()]
     expected = [reference.run(names, dict(feed)) for feed in feeds]
     del reference
-    candidate = make_session(compiled_model, threads)
+    candidate = make_session(compiled_model, threads, execution=execution)
     actual = (candidate.run(names, dict(feed)) for feed in feeds)
     result = Verification(samples=len(feeds), synthetic_inputs=synthetic)
     result.outputs = output_errors(names, expected, actual)

@@ -112,3 +112,18 @@ def test_range_method_names_and_zero():
         range_method("kl")
     assert with_zero(0.5, 2.0, False) == (0.0, 2.0)
     assert with_zero(-3.0, 2.0, True) == (-3.0, 3.0)
+
+
+@pytest.mark.parametrize("values", [np.full(10, 0.7), np.full(10, -3.0), np.linspace(1000.0, 1000.001, 50)])
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_data_far_from_zero_gets_a_range_without_a_dense_fold(values, method):
+    """A constant tensor (sin of one position) lands one bin 2**40 widths from 0: folding it
+    densely about 0 would allocate terabytes; the range methods coarsen it first."""
+    from edgeq.calibration.statistics import TensorAccumulator
+
+    accumulator = TensorAccumulator("t", 4096, None)
+    accumulator.update(values.astype(np.float32))
+    stats = accumulator.finish()
+    amax = float(np.abs(values).max())
+    lo, hi = stats.range(method, symmetric=True, percentile=99.999, num_bits=8)
+    assert hi == -lo and amax * 0.999 <= hi <= amax * 1.001

@@ -20,7 +20,7 @@ def test_version(run_cli):
     assert code == 0 and out.strip() == f"edgeq, version {edgeq.__version__}" and err == ""
 
 
-CORE_VERBS = {"inspect", "passes", "targets", "compile", "eval", "estimate"}
+CORE_VERBS = {"bench", "inspect", "passes", "targets", "compile", "eval", "estimate", "package"}
 
 
 def test_every_verb_is_joined_and_listed(run_cli):

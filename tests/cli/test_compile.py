@@ -112,13 +112,25 @@ def _bad_case(case: str, tmp: Path, bert: Path, mlp: Path, calib: Path) -> tuple
         return ["compile", bert, *target, "--calib", calib, "--tensor-overrides", tmp / "ov.json"], "scale"
     if case == "invalid exclude regex":
         return ["compile", bert, *target, "--calib", calib, "--exclude-regex", "("], "--exclude-regex"
+    if case == "input shape not NAME=dims":
+        return ["compile", bert, *target, "--calib", calib, "--input-shape", "input_ids:1,16"], "NAME=D0,D1"
+    if case == "input shape of no input":
+        return ["compile", bert, *target, "--calib", calib, "--input-shape", "ids=1,16"], "names no input"
+    if case == "input shape of the wrong rank":
+        return ["compile", bert, *target, "--calib", calib, "--input-shape", "input_ids=1,16,1"], "rank 2"
+    if case == "input shape against a static dim":
+        return ["compile", mlp, *target, "--input-shape", "x=2,8"], "fixes it at 16"
+    if case == "input shape the samples do not have":
+        return ["compile", bert, *target, "--calib", calib, "--input-shape", "input_ids=1,8"], "input_ids"
     raise AssertionError(case)
 
 
 BAD_CASES = ["missing file", "not onnx", "truncated", "empty file", "unknown target", "calib wrong input name",
              "calib NaN", "calib empty dir", "calib missing", "calib float for int input", "bad group",
              "group too small", "no calibration for W8A8", "bad nodes_to_exclude", "bad tensor overrides",
-             "non-numeric override scale", "invalid exclude regex"]
+             "non-numeric override scale", "invalid exclude regex", "input shape not NAME=dims",
+             "input shape of no input", "input shape of the wrong rank", "input shape against a static dim",
+             "input shape the samples do not have"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -166,6 +178,27 @@ def test_a_bad_report_path_leaves_no_model_behind(run_cli, tmp_path, synthetic_b
                          "--calib", bert_calib_dir, "--report", tmp_path / "a_file" / "r.json")
     assert code == 2 and err.startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+# ---- --input-shape ---------------------------------------------------------------------------
+
+
+def test_input_shape_fixes_the_inputs_and_is_recorded_for_estimates(run_cli, tmp_path, synthetic_bert,
+                                                                    bert_calib_dir):
+    out_model = tmp_path / "static.onnx"
+    code, out, err = run_cli("compile", synthetic_bert, "-t", "x86-vnni", "-o", out_model, "--calib", bert_calib_dir,
+                             "--input-shape", "input_ids=1,16")
+    assert code == 0, err
+    graph = edgeq.load(out_model)
+    # attention_mask and token_type_ids share input_ids' dims [batch, sequence]: fixed with it
+    assert [(v.name, v.shape) for v in graph.inputs] == [(n, (1, 16)) for n in
+                                                          ("input_ids", "attention_mask", "token_type_ids")]
+    assert not graph.ops_of_type("Shape")  # every shape folded once the inputs are static
+    recorded = json.loads(dict(graph.model.metadata_props)["edgeq.input_shapes"])
+    assert recorded == {"input_ids": [1, 16], "attention_mask": [1, 16], "token_type_ids": [1, 16]}
+    code, out, err = run_cli("estimate", out_model, "-t", "x86-vnni", "--json")
+    assert code == 0, err
+    assert json.loads(out)["input_shapes"] == recorded
 
 
 # ---- --time-passes ----------------------------------------------------------------------------

@@ -7,9 +7,11 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import onnx
 import pytest
 
 from edgeq import registry
+from edgeq.metadata import INPUT_SHAPES_KEY
 from edgeq.options import CompileOptions
 from edgeq.targets.base import CostModel
 
@@ -122,6 +124,20 @@ def test_x86_estimate_prices_a_compiled_model(run_cli, compiled_bert):
     assert code == 0, err
     report = json.loads(out)
     assert report["total"] > 0 and report["unit"] == registry.get_target("x86-vnni").cost_model.unit
-    # symbolic inputs with no recorded shapes: one line naming the flag
-    code, out, err = run_cli("estimate", compiled_bert, "-t", "x86-vnni")
+    # no flag: the shapes the compile recorded (its first calibration sample's)
+    code, out, err = run_cli("estimate", compiled_bert, "-t", "x86-vnni", "--json")
+    assert code == 0, err
+    recorded = json.loads(out)
+    assert recorded["shapes_from"] == "recorded at compile time" and recorded["total"] == report["total"]
+    assert recorded["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16], "token_type_ids": [1, 16]}
+
+
+def test_x86_estimate_without_recorded_shapes_names_the_flag(run_cli, compiled_bert, tmp_path):
+    model = onnx.load(str(compiled_bert))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != INPUT_SHAPES_KEY]
+    assert len(kept) < len(model.metadata_props)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(kept))
+    onnx.save(model, str(tmp_path / "unrecorded.onnx"))
+    code, out, err = run_cli("estimate", tmp_path / "unrecorded.onnx", "-t", "x86-vnni")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--input-shape" in err

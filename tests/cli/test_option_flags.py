@@ -21,7 +21,7 @@ from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions
 # compile's flags that are not CompileOptions fields (or are read elsewhere).
 OTHER_FLAGS = {"model", "target_name", "output", "calib", "calib_text", "tokenizer", "seq_len", "samples",
                "first_window", "config", "report", "external_data", "as_json", "time_passes", "device", "fps",
-               "folding"}
+               "folding", "provider"}
 
 
 def _legacy_options(p: dict) -> CompileOptions:
@@ -160,6 +160,26 @@ def test_every_field_flag(capsys, monkeypatch, tmp_path, files):
                      ("t1", TensorOverride(dtype="int16", symmetric=True)))))
     _assert_same_fields(_options_through_the_cli(monkeypatch, tmp_path, argv), expected)
     capsys.readouterr()
+
+
+def test_input_shape_flags_over_the_config(capsys, monkeypatch, tmp_path):
+    (tmp_path / "shapes.toml").write_text('[compile]\ninput_shapes = {input_ids = [1, 64], attention_mask = [1, 64]}\n')
+    from_config = CompileOptions.from_toml(tmp_path / "shapes.toml")
+    assert from_config.input_shapes == (("input_ids", (1, 64)), ("attention_mask", (1, 64)))
+    argv = ["--config", tmp_path / "shapes.toml", "--input-shape", "input_ids=2,128", "--input-shape", "x=3"]
+    options = _options_through_the_cli(monkeypatch, tmp_path, argv)
+    assert options.input_shapes == (("input_ids", (2, 128)), ("x", (3,)))  # the flags replace the config's
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("texts,words", [
+    (("input_ids",), "is not NAME=D0,D1,..."), (("=1,2",), "is not NAME=D0,D1,..."),
+    (("ids=1,x",), "is not NAME=D0,D1,..."), (("ids=1,0",), "size below 1"), (("a=1", "a=2"), "gives a twice"),
+])
+def test_bad_input_shapes_are_one_line_option_errors(texts, words):
+    with pytest.raises(OptionError) as err:
+        compile_options({**{row.flag: None for row in FLAG_FIELDS}, "input_shape": texts})
+    assert words in str(err.value) and "\n" not in str(err.value)
 
 
 def _vocabulary(files: dict[str, Path]) -> list[list]:

@@ -123,3 +123,33 @@ def test_linear_through_transposed_weight_and_attention_matmul():
     first, second = graph.ops_of_type("MatMul")
     assert roles.role(first) == Role.LINEAR
     assert roles.role(second) == Role.ATTENTION_MATMUL
+
+
+def test_compiled_forms_keep_their_roles():
+    """A linear whose weight is DequantizeLinear(int8 constant), an integer MatMulInteger and a
+    com.microsoft MatMulNBits are linears; Q -> DQ pairs on activations are looked through (SiLU
+    with its x quantized on one side); an activation x activation MatMulInteger is attention."""
+    rng = np.random.default_rng(0)
+    inits = {"wq": rng.integers(-8, 8, (8, 8)).astype(np.int8), "ws": np.array(0.1, np.float32),
+             "s": np.array(0.05, np.float32), "z": np.array(128, np.uint8), "wz": np.array(0, np.int8),
+             "w_packed": rng.integers(0, 255, (8, 1, 4)).astype(np.uint8), "w_scales": np.ones(8, np.float32)}
+    nodes = [node("QuantizeLinear", ["x", "s", "z"], ["xq"]), node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]), node("MatMul", ["xd", "w"], ["h"]),
+             node("QuantizeLinear", ["h", "s", "z"], ["hq"]), node("DequantizeLinear", ["hq", "s", "z"], ["hd"]),
+             node("Sigmoid", ["h"], ["sig"]), node("Mul", ["hd", "sig"], ["silu"]),
+             node("MatMulInteger", ["xq", "wq", "z", "wz"], ["acc"]),
+             node("MatMulInteger", ["xq", "hq", "z", "z"], ["scores"]),
+             node("MatMulNBits", ["silu", "w_packed", "w_scales"], ["nb"], domain="com.microsoft", K=8, N=8,
+                  bits=4, block_size=8)]
+    graph = edgeq.load(helper.make_model(
+        helper.make_graph(nodes, "compiled", [vi("x", [2, 8])],
+                          [vi("acc", [2, 8], onnx.TensorProto.INT32), vi("scores", [2, 8], onnx.TensorProto.INT32),
+                           vi("nb", [2, 8])],
+                          [onnx.numpy_helper.from_array(a, n) for n, a in inits.items()]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]))
+    roles = find_roles(graph)
+    names = lambda role: sorted(op.op_type + ":" + graph.outputs_of(op)[0].name for op in roles.of_op
+                                if roles.of_op[op] == role)
+    assert names(Role.LINEAR) == ["MatMul:h", "MatMulInteger:acc", "MatMulNBits:nb"]
+    assert names(Role.ATTENTION_MATMUL) == ["MatMulInteger:scores"]
+    assert names(Role.SILU) == ["Mul:silu", "Sigmoid:sig"]

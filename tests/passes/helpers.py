@@ -23,7 +23,8 @@ F = TensorProto.FLOAT
 GENERIC = ("shape-inference", "constant-folding", "dead-code-elimination", "identity-elimination",
            "topological-sort")
 # The preprocessing every x86 pipeline starts with.
-PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "dead-code-elimination", "shape-inference")
+PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize-shapes",
+              "dead-code-elimination", "shape-inference")
 
 
 def session(model: onnx.ModelProto | Graph | str | Path, *, optimize: bool = True) -> ort.InferenceSession:

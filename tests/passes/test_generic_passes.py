@@ -206,16 +206,83 @@ def test_fold_weights_false_keeps_weight_sized_work_but_folds_shape_work():
     x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
     graph = edgeq.load(before)
     _checked([ShapeInference(), ConstantFolding(fold_weights=False), DeadCodeElimination()], graph)
-    assert op_types(graph) == ["Transpose", "MatMul", "Reshape"]
+    # Reshape(m, Shape(m)) is the identity once the shape is known: it goes altogether.
+    assert op_types(graph) == ["Transpose", "MatMul"]
     _outputs_unchanged(before, graph, {"x": x})
     graph = edgeq.load(before)
     _checked([ShapeInference(), ConstantFolding(), DeadCodeElimination()], graph)
-    assert op_types(graph) == ["MatMul", "Reshape"]
+    assert op_types(graph) == ["MatMul"]
     assert [v.const.dims for v in graph.initializers if v.const.nbytes > 1024] == [(256, 128)]
     _outputs_unchanged(before, graph, {"x": x}, exact=False)
     graph = edgeq.load(before)
     _checked([ConstantFolding(max_output_bytes=64 << 10)], graph)
     assert "Transpose" in op_types(graph)
+
+
+def test_folds_the_static_dims_of_a_partly_dynamic_shape():
+    """onnxscript's symbolic shapes: Shape(x)[2] of x [batch, seq, 8] is 8 whatever batch and
+    seq are, while Shape(x)[0] stays computed."""
+    before = model([node("Shape", ["x"], ["s"]), node("Gather", ["s", "two"], ["d"], axis=0),
+                    node("Gather", ["s", "zero"], ["b"], axis=0), node("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
+                    node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT), node("Mul", ["x", "df"], ["xd"]),
+                    node("Mul", ["xd", "bf"], ["y"])],
+                   [vi("x", ["batch", "seq", 8])], [vi("y", ["batch", "seq", 8])],
+                   {"two": np.array(2, np.int64), "zero": np.array(0, np.int64)})
+    graph = edgeq.load(before)
+    result, _ = _checked([ConstantFolding(), DeadCodeElimination()], graph)
+    mul = graph.ops_of_type("Mul")[0]
+    assert graph.constant(graph.inputs_of(mul)[1]).numpy() == np.float32(8.0)  # Cast(Shape(x)[2]) folded
+    assert op_types(graph).count("Shape") == 1 and op_types(graph).count("Cast") == 1  # batch stays computed
+    for batch in (1, 3):
+        _outputs_unchanged(before, graph, {"x": np.ones((batch, 2, 8), np.float32)})
+
+
+def test_folds_cast_chains_constant_of_shape_and_no_op_movement():
+    before = model([node("Cast", ["c"], ["c16"], to=TensorProto.FLOAT16), node("Cast", ["c16"], ["c32"], to=TensorProto.FLOAT),
+                    node("ConstantOfShape", ["dims"], ["zeros"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+                    node("Add", ["x", "c32"], ["a"]), node("Add", ["a", "zeros"], ["b"]),
+                    node("Reshape", ["b", "same"], ["r"]), node("Expand", ["r", "same"], ["y"])],
+                   [vi("x", [2, 3])], [vi("y", [2, 3])],
+                   {"c": np.array([1.0, 2.0, 3.0], np.float32), "dims": np.array([2, 3], np.int64),
+                    "same": np.array([2, 3], np.int64)})
+    graph = edgeq.load(before)
+    result, _ = _checked([ConstantFolding(), DeadCodeElimination()], graph)
+    assert op_types(graph) == ["Add", "Add"]  # Cast chain and ConstantOfShape folded, Reshape/Expand gone
+    assert result.stats["ops_folded"] == 3 and result.stats["ops_simplified"] == 2
+    assert graph.constant(graph.inputs_of(graph.ops_of_type("Add")[1])[1]).numpy().tolist() == [[0.5] * 3] * 2
+    _outputs_unchanged(before, graph, {"x": np.arange(6, dtype=np.float32).reshape(2, 3)})
+
+
+def test_weights_over_the_limit_are_never_copied_or_folded():
+    """Weights over the size limit reach onnxscript as typed inputs: nothing computed from them
+    folds, their shape still does, and every weight keeps its own Tensor (no copy through
+    protobuf) even when the graph around it was rebuilt."""
+    rng = np.random.default_rng(0)
+    big, small = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32,)).astype(np.float32)
+    before = model([node("Transpose", ["big"], ["big_t"], perm=[1, 0]), node("Shape", ["big"], ["s"]),
+                    node("Neg", ["small"], ["neg_small"]), node("MatMul", ["x", "big"], ["m"]),
+                    node("Add", ["m", "neg_small"], ["a"]), node("Reshape", ["a", "s_last"], ["r"]),
+                    node("MatMul", ["r", "big_t"], ["y"])],
+                   [vi("x", [2, 64])], [vi("y", [2, 64])],
+                   {"big": big, "small": small, "s_last": np.array([2, 32], np.int64)})
+    graph = edgeq.load(before)
+    big_tensor = graph.value("big").const
+    result, _ = _checked([ConstantFolding(max_output_bytes=4096), DeadCodeElimination()], graph)
+    assert result.stats["ops_folded"] >= 1  # Neg(small)
+    assert "Transpose" in op_types(graph) and "Neg" not in op_types(graph)
+    assert graph.value("big").const is big_tensor
+    _outputs_unchanged(before, graph, {"x": rng.standard_normal((2, 64)).astype(np.float32)}, exact=False)
+
+
+def test_if_with_a_constant_condition_is_inlined():
+    then_g = helper.make_graph([node("Neg", ["x"], ["t"])], "then", [], [vi("t", [2])])
+    else_g = helper.make_graph([node("Abs", ["x"], ["e"])], "else", [], [vi("e", [2])])
+    before = model([node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g), node("Relu", ["i"], ["y"])],
+                   [vi("x", [2])], [vi("y", [2])], {"cond": np.array(True)})
+    graph = edgeq.load(before)
+    _checked([ConstantFolding(), DeadCodeElimination()], graph)
+    assert op_types(graph) == ["Neg", "Relu"]
+    _outputs_unchanged(before, graph, {"x": np.array([-1.0, 2.0], np.float32)})
 
 
 # ---- identity elimination ------------------------------------------------------------------

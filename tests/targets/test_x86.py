@@ -57,9 +57,13 @@ def test_avx2_weights_are_7_bit_and_the_others_8_bit():
             (-128, 127, 8)
 
 
-def test_amx_states_bf16_as_a_note_only():
-    (note,) = [n for n in get_target("x86-amx").notes if "BF16" in n]
-    assert "run in float32 under ORT" in note              # not an execution precision (that comes later)
+def test_amx_runs_kept_high_ops_in_bf16_on_openvino_and_float32_on_the_cpu_provider():
+    amx = get_target("x86-amx")
+    assert amx.execution_named("openvino").high_precision == "bfloat16"
+    assert amx.execution_named("openvino").device_config.precision_hint == "bf16"
+    assert amx.execution_named("cpu").high_precision == "float32"
+    (note,) = [n for n in amx.notes if "BF16" in n]
+    assert "so under it they run in float32" in note
 
 
 # ---- the scheme reads the target ------------------------------------------------------------
@@ -173,10 +177,13 @@ def test_estimate_of_the_float_model_prices_fp32_macs(tiny):
     assert report.total == 2 * MACS / 16                               # AVX-512 FMA: 16 fp32 MACs a cycle
 
 
-def test_estimate_asks_for_symbolic_input_shapes(compiled_tiny):
+def test_estimate_asks_for_symbolic_input_shapes(compiled_tiny, tiny):
+    # a compiled model records the shapes of its first calibration sample (edgeq.input_shapes)
+    assert get_target("x86-vnni").cost_model.estimate(compiled_tiny["x86-vnni"]).shapes_from == \
+        "recorded at compile time"
     with pytest.raises(CostModelError, match=r"input x has symbolic dims \['batch', 4, 16\].*"
                                              r"pass --input-shape x=D0,D1,\.\.\."):
-        get_target("x86-vnni").cost_model.estimate(compiled_tiny["x86-vnni"])
+        get_target("x86-vnni").cost_model.estimate(tiny[0])  # the float model records none
 
 
 def test_estimate_takes_no_device_options(compiled_tiny):

@@ -7,7 +7,6 @@ declares an instance; the logic lives here.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -18,20 +17,21 @@ import onnx
 
 from edgeq.backends.fpga.devices import FpgaDevice, get_device
 from edgeq.backends.fpga.estimate import estimate_onnx
-from edgeq.backends.fpga.metadata import INPUT_SHAPES_KEY, PROGRAM_KEY
+from edgeq.backends.fpga.metadata import PROGRAM_KEY
 from edgeq.backends.fpga.report import EstimateReport
 from edgeq.errors import CostModelError, OptionError
+from edgeq.metadata import recorded_input_shapes
 from edgeq.targets.base import CostModel
 
 # Said in every estimate of a model the lower-to-integer pass produced (its integer program is
 # in the model metadata): how the integer datapath's steps map onto the templates' units.
 INTEGER_DATAPATH_NOTE = (
     "integer datapath (edgeq lower-to-integer): each integer matmul's requantization is a shift (round, "
-    "saturate), priced as part of the matmul engine with no threshold stage; softmax, GELU and LayerNorm run "
-    "as I-BERT-style integer kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with "
-    "edgeq.backends.fpga.nonlinear's unit prices (table-based exp/GELU, 8-bit lanes), not gate by gate; the online "
-    "Walsh-Hadamard transforms as adder-only units; the int16 residual stream is priced as 8-bit lanes; "
-    "host ops (embedding lookup) are not priced")
+    "saturate), priced as part of the matmul engine with no threshold stage; softmax, GELU, SiLU, LayerNorm and "
+    "RMSNorm run as I-BERT-style integer kernels (i-exp, i-erf polynomial, exact isqrt) but are priced with "
+    "edgeq.backends.fpga.nonlinear's unit prices (table-based exp/GELU/sigmoid, 8-bit lanes), not gate by gate; the "
+    "online Walsh-Hadamard transforms as adder-only units; the int16/int32 residual stream is priced as 8-bit lanes; "
+    "host ops (embedding lookup, rotary cos/sin from positions) are not priced")
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,13 @@ class FpgaCostModel(CostModel):
             model = onnx.load(str(model), load_external_data=True)
         note = None
         if not input_shapes:
-            recorded = {p.key: p.value for p in model.metadata_props}.get(INPUT_SHAPES_KEY)
+            recorded = recorded_input_shapes({p.key: p.value for p in model.metadata_props})
             symbolic = [i.name for i in model.graph.input
                         if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
             if recorded and symbolic:
-                input_shapes = {k: v for k, v in json.loads(recorded).items() if k in symbolic}
+                input_shapes = {k: v for k, v in recorded.items() if k in symbolic}
                 note = ("input shapes " + ", ".join(f"{k}={v}" for k, v in input_shapes.items())
-                        + ": those of the calibration samples, recorded at compile time")
+                        + ": recorded at compile time (--input-shape, else the first calibration sample)")
         elif input_shapes:
             note = "input shapes " + ", ".join(f"{k}={list(v)}" for k, v in input_shapes.items()) + ": given"
         report = estimate_onnx(model, device, input_shapes=input_shapes or None, fps=fps, folding=folding,

@@ -657,7 +657,8 @@ def _layout_reason(g: _Graph, node: onnx.NodeProto) -> str:
 # hardware unit it belongs to, as node metadata UNIT_KEY = "kind@instance"; a unit's nodes form
 # one layer. Ops the host runs are listed in the model metadata HOST_OPS_KEY.
 _MATMUL_UNITS = frozenset({"linear", "attention"})
-_NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add", "hadamard"})
+_NONLINEAR_UNITS = frozenset({"softmax", "layernorm", "residual_layernorm", "gelu", "add", "hadamard",
+                              "rmsnorm", "silu", "mul", "neg"})
 
 
 def _unit_label(node: onnx.NodeProto) -> str | None:
@@ -699,8 +700,9 @@ def _unit_layer(g: _Graph, label: str, members: list[onnx.NodeProto], narrow: bo
         return NonlinearUnit(instance, kind, _shape_numel(shape) // row, row,
                              in_type[0] if in_type is not None else None)
     if kind == "mask":
-        return LayoutOp(instance, "AttentionMask", "additive attention mask from the 0/1 key mask: a select "
-                                                   "in the softmax unit, not priced separately")
+        return LayoutOp(instance, "AttentionMask", "additive attention mask from the 0/1 key mask (and, causal, "
+                                                   "from position counters compared): a select in the softmax "
+                                                   "unit, not priced separately")
     raise UnpricedOpError(kind, instance, "no FPGA price for this integer unit kind",
                           fix=f"known units: {', '.join(sorted(_MATMUL_UNITS | _NONLINEAR_UNITS | {'mask'}))}")
 

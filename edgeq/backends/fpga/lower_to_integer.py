@@ -1,4 +1,4 @@
-"""Lower a calibrated transformer encoder to an integer-only datapath (the `fpga` target).
+"""Lower a calibrated transformer encoder or decoder to an integer-only datapath (the `fpga` target).
 
 Between the first QuantizeLinear and the final DequantizeLinear every op is integer:
 
@@ -44,6 +44,25 @@ Between the first QuantizeLinear and the final DequantizeLinear every op is inte
 - GELU: the intermediate accumulator shifted to one int32 grid, then I-BERT's i-GELU -> int8;
 - exit: DequantizeLinear of the last int8 tensor with its power-of-two scale.
 
+Llama-style decoders (the front end's canonical forms; rules in edgeq.backends.fpga.lowering:
+rmsnorm, silu, products, rotary, host, gqa, masks) reuse all of the above, plus:
+- pre-norm residual stream: the embedding sum enters as above; every residual add's int32 sum
+  (WIDE_BITS below its bound) feeds both the next add and the next RMSNorm, which reads int32;
+- RMSNorm: the integer RMSNorm (exact isqrt, block floating point); when only linear layers read
+  it, gamma folds into their weights and the norm emits x / rms(x), int16 into the Hadamard
+  transform (QuaRot's fold: no gamma outlier channels in any activation);
+- SiLU: i-exp sigmoid times x; SwiGLU's Mul(silu(gate), up): an exact integer product of 16-bit
+  operands, read by down_proj through the Hadamard transform;
+- rotary: cos/sin depend on the positions only, so the host computes them (listed host ops) and
+  they enter quantized to int8; rotate_half is Slice/Concat on integers and a negation into int16
+  (exact for -128); x * cos + rotate_half(x) * sin are exact integer products and one add;
+- GQA's repeat of K/V heads: Unsqueeze/Expand/Reshape on int8;
+- causal (+ padding) mask: integer compares of key and query positions (T from the attention
+  mask, S from the ids, found by evaluating the float mask's subgraph on probe shapes), each
+  masked term -2^30 in int32; dynamic batch and sequence kept;
+- LM head: a linear layer, also when its weight is the Transpose of the embedding table;
+  logits leave as int8 through the one DequantizeLinear.
+
 Scales come from calibration: int8 tensors use the configured range method (percentile 99.999
 by default) of the float tensor they stand for, rounded up to a power of two
 (`edgeq.quant.numerics.qparams` with `scale_pow2`); int32 grids use the min/max bound and keep
@@ -88,8 +107,8 @@ WEIGHT_ROUNDING = ("gptq", "nearest")
 @register_pass
 class LowerToInteger(Pass):
     name = "lower-to-integer"
-    description = ("lower a calibrated transformer encoder to an integer-only datapath: MatMulInteger, "
-                   "shift requantization, integer softmax/LayerNorm/GELU (power-of-two scales)")
+    description = ("lower a calibrated transformer encoder or decoder to an integer-only datapath: MatMulInteger, "
+                   "shift requantization, integer softmax/LayerNorm/RMSNorm/GELU/SiLU (power-of-two scales)")
 
     def __init__(self, calibration: CalibrationOptions | None = None, *, weight_bits: int = 8,
                  weight_granularity: str = "channel", first_norm: str = "integer",

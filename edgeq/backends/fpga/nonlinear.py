@@ -1,4 +1,4 @@
-"""Prices of elementwise and row-wise units (softmax, GELU, LayerNorm, residual add, ...).
+"""Prices of elementwise and row-wise units (softmax, GELU, LayerNorm, RMSNorm, SiLU, residual add, ...).
 
 Both templates build these units as SIMD datapaths of `lanes` lanes, one element per lane per
 cycle. A unit makes `passes` passes over each row; passes are either sequential (softmax: find
@@ -68,6 +68,18 @@ PRICES: dict[str, UnitPrice] = {
         "up to 512 channels) of 24-bit add/subtract per lane, each stage's pipeline register per lane, then "
         "the shift to int8 (16 LUTs); no multiplier; the stages' pairing delay lines (block - 1 words "
         "per unit) are taken as the row buffer"),
+    "rmsnorm": UnitPrice(
+        "rmsnorm", 2, True, True, 24 + 8, 48, 3,
+        "RMSNorm (edgeq lower-to-integer's integer RMSNorm): the layernorm unit above (FQ-BERT's LN core) "
+        "without its mean stage, so 2 pipelined stages (sum of squares; normalize) instead of 3; per lane: "
+        "24-bit square sum, 8-bit output rounding, DSPs for x^2, x*rstd and *gamma (gamma is priced even where "
+        "the lowering folds it into the next linear's weights: an upper bound)"),
+    "silu": UnitPrice(
+        "silu", 1, False, False, _TABLE_LUTS + 8 + 16, 32, 1,
+        "SiLU = x * sigmoid(x) (edgeq assumption, no published FPGA unit to copy): sigmoid as the 256-entry "
+        "8-bit table of the sigmoid unit, one DSP for the product with x, a 16-bit output register (SwiGLU's "
+        "16-bit operand)"),
+    "neg": _adder("neg", "negate (0 - x, rotary's rotate_half)"),
     "gelu": _table("gelu", "GELU"),
     "erf": _table("erf", "erf"),
     "exp": _table("exp", "exp"),
@@ -82,7 +94,8 @@ PRICES: dict[str, UnitPrice] = {
     "min": _adder("min", "min"),
     "relu": UnitPrice("relu", 1, False, False, 8, 8, 0, "ReLU: 8-bit sign mux per lane"),
     "clip": UnitPrice("clip", 1, False, False, 16, 8, 0, "Clip: two 8-bit comparators per lane"),
-    "mul": UnitPrice("mul", 1, False, False, 0, 16, 1, "multiply: one DSP per lane"),
+    "mul": UnitPrice("mul", 1, False, False, 0, 16, 1, "multiply: one DSP per lane (an 8x8 or 16x16 product: "
+                     "one DSP48 takes 27x18 or 25x18 bits; SwiGLU's and rotary's elementwise products)"),
     "div": UnitPrice("div", 1, False, False, _TABLE_LUTS + 8, 24, 1,
                      "divide: reciprocal table then one DSP multiply per lane"),
     "reduce_mean": UnitPrice("reduce_mean", 1, False, True, 16, 16, 0,

@@ -18,6 +18,8 @@ Every step reads and writes named integer tensors (real = int * scale, symmetric
                    on each block of b last-axis channels, as m butterfly stages of adds and
                    subtracts (no multiplier); spreads outlier channels before an int8 requantization
     Dequantize     int8 -> float (DequantizeLinear) at the datapath's end
+    (decoders)     RmsNormInt, SiluInt, MulInt, NegInt, SliceInt, ConcatInt, UnsqueezeInt,
+                   ExpandInt, CausalMask: edgeq.backends.fpga.integer.decoder
 
 `IntegerProgram.add(step, builder)` appends the step's ONNX nodes to an `IntGraphBuilder` and
 records the step under the name of its output; `IntegerProgram.reference(feeds, constants)`
@@ -40,39 +42,16 @@ import numpy as np
 from edgeq.errors import OptionError
 import edgeq.backends.fpga.integer.ops as ops
 from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
+from edgeq.backends.fpga.integer.decoder import STEPS as DECODER_STEPS
 from edgeq.backends.fpga.integer.fixedpoint import np_saturate, np_shift_by
 from edgeq.backends.fpga.integer.gelu import Gelu
 from edgeq.backends.fpga.integer.norm import Normalization
 from edgeq.backends.fpga.integer.softmax import Softmax
+from edgeq.backends.fpga.integer.step import F32, Scale, Step
+from edgeq.backends.fpga.integer.step import dtype_of as _dtype
 from edgeq.backends.fpga.metadata import PROGRAM_KEY
 
-F32 = np.dtype(np.float32)
 MASKED = -(1 << 31)   # additive mask of a masked key: int32 minimum, exp() of it is exactly 0
-
-
-class Step:
-    """Base of all steps: `out` names the result, `unit` the hardware unit it belongs to
-    (kind@instance, read by the FPGA estimator from the nodes' metadata)."""
-
-    kind: ClassVar[str]
-    out: str
-    unit: str
-
-    def inputs(self) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def emit(self, b: IntGraphBuilder) -> str:
-        raise NotImplementedError
-
-    def run(self, env: Mapping[str, np.ndarray]) -> np.ndarray:
-        raise NotImplementedError
-
-
-def _dtype(name: str) -> np.dtype:
-    return np.dtype(name)
-
-
-Scale = float | tuple[float, ...]   # per tensor, or per last-axis channel
 
 
 def _qdq_params(b: IntGraphBuilder, scale: Scale, dtype: np.dtype) -> tuple[list[str], dict]:
@@ -429,7 +408,7 @@ class HadamardInt(Step):
 
 STEP_TYPES: dict[str, type] = {cls.kind: cls for cls in (Quantize, Dequantize, MatMulInt, Shift, Digit, AddInt, Move,
                                                           AttentionMask, SoftmaxInt, LayerNormInt, GeluInt,
-                                                          HadamardInt)}
+                                                          HadamardInt, *DECODER_STEPS)}
 
 
 @dataclass

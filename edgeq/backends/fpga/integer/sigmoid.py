@@ -9,8 +9,8 @@ rounding integer division per element. Error of the approximation before output 
 sigmoid — the polynomial's 0.31% relative error times sigmoid' <= 1/4 — and 7.1e-4 on SiLU.
 The outputs add half a step of rounding.
 
-SiLU multiplies x by sigmoid with 16 fraction bits and requantizes to int8 with a power-of-two
-scale; for a power-of-two input scale that last step is a pure shift.
+SiLU multiplies x by sigmoid with 16 fraction bits and requantizes to int8 (or int16) with a
+power-of-two scale; for a power-of-two input scale that last step is a pure shift.
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ from edgeq.backends.fpga.integer.builder import IntGraphBuilder, QTensor
 from edgeq.backends.fpga.integer.fixedpoint import (DyadicAffine, dyadic_affine, np_dyadic, np_rounding_divide, np_saturate,
                                       np_shift, probability_frac_bits, require_pow2, saturation_limit)
 from edgeq.backends.fpga.integer.iexp import IExp
+from edgeq.errors import OptionError
 
 # SiLU's internal sigmoid precision: 2^-16, far below an int8 output step.
 SILU_SIGMOID_FRAC_BITS = 16
 SILU_OUT_DTYPE = np.dtype(np.int8)
+# int16: a wide output (SwiGLU's product with `up` keeps 16-bit operands; the product's one
+# requantization to int8 comes after it).
+SILU_OUT_DTYPES = (np.dtype(np.int8), np.dtype(np.int16))
+_SATURATION_STEPS = {np.dtype(np.int8): 1, np.dtype(np.int16): 256}   # 129 int8 steps = 129*256 int16 ones
 
 
 def emit_sigmoid_fraction(b: IntGraphBuilder, exp: IExp, x_w: str, frac_bits: int) -> str:
@@ -77,33 +82,37 @@ class Sigmoid:
 
 @dataclass(frozen=True)
 class Silu:
-    """SiLU of an integer input with scale `in_scale`, to int8 with scale `out_scale` (2^-f)."""
+    """SiLU of an integer input with scale `in_scale`, to int8 (or int16) with scale `out_scale` (2^-f)."""
 
     exp: IExp
     limit: int           # clamp of x on the working grid (beyond it the output saturates or is 0)
     requant: DyadicAffine
     out_scale: float
+    out_dtype: np.dtype = SILU_OUT_DTYPE
 
     @classmethod
-    def plan(cls, in_scale: float, out_scale: float) -> Silu:
+    def plan(cls, in_scale: float, out_scale: float, out_dtype: np.dtype | type = SILU_OUT_DTYPE) -> Silu:
+        out_dtype = np.dtype(out_dtype)
+        if out_dtype not in SILU_OUT_DTYPES:
+            raise OptionError(f"SiLU output dtype {out_dtype} must be int8 or int16")
         require_pow2(out_scale, "SiLU output")
         exp = IExp.for_scale(in_scale)
-        limit = saturation_limit(out_scale, exp.grid_scale, at_least=exp.t_limit)
+        limit = saturation_limit(out_scale * _SATURATION_STEPS[out_dtype], exp.grid_scale, at_least=exp.t_limit)
         real = exp.grid_scale * 2.0**-SILU_SIGMOID_FRAC_BITS / out_scale
-        return cls(exp, limit, dyadic_affine(real, input_bound=limit << SILU_SIGMOID_FRAC_BITS), out_scale)
+        return cls(exp, limit, dyadic_affine(real, input_bound=limit << SILU_SIGMOID_FRAC_BITS), out_scale, out_dtype)
 
     def emit(self, b: IntGraphBuilder, x: QTensor) -> QTensor:
         with b.scope("silu"):
             x_w = ops.clamp(b, ops.load(b, x, self.exp.prescale), -self.limit, self.limit)
             sigmoid = emit_sigmoid_fraction(b, self.exp, x_w, SILU_SIGMOID_FRAC_BITS)
             product = b.op("Mul", [x_w, sigmoid], "x_times_sigmoid")
-            out = ops.saturate(b, ops.dyadic(b, product, self.requant), SILU_OUT_DTYPE)
-        return QTensor(out, SILU_OUT_DTYPE, self.out_scale)
+            out = ops.saturate(b, ops.dyadic(b, product, self.requant), self.out_dtype)
+        return QTensor(out, self.out_dtype, self.out_scale)
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         x_w = np.clip(np_shift(np.asarray(x, np.int64), self.exp.prescale), -self.limit, self.limit)
         product = x_w * np_sigmoid_fraction(self.exp, x_w, SILU_SIGMOID_FRAC_BITS)
-        return np_saturate(np_dyadic(product, self.requant), SILU_OUT_DTYPE)
+        return np_saturate(np_dyadic(product, self.requant), self.out_dtype)
 
 
 def emit_sigmoid(b: IntGraphBuilder, x: QTensor, *, out_dtype: np.dtype | type = np.uint8) -> QTensor:

@@ -2,7 +2,8 @@
 integer softmax.
 
 Q.K^T is a MatMulInteger whose 1/sqrt(d) only changes the scale (folded into the softmax's); the
-0/1 key mask becomes an additive int32 mask (0 / -2^31) carried with the scores to the softmax,
+0/1 key mask becomes an additive int32 mask (0 / -2^31; a decoder's causal mask is computed from
+positions, edgeq.backends.fpga.lowering.masks) carried with the scores to the softmax,
 which gives uint16 probabilities (scale 2^-16; probability_bits=8: uint8, 1/256); P.V takes
 16-bit P as two 8-bit digits, two products, the high one shifted by 8.
 """
@@ -16,13 +17,12 @@ import onnx
 
 from edgeq.backends.fpga.integer.program import AddInt, AttentionMask, Digit, MatMulInt, Shift, SoftmaxInt
 from edgeq.backends.fpga.lowering.forms import INT8, INT32, INT64, UINT8, UINT16, Form
+from edgeq.backends.fpga.lowering.masks import MASK_LIMIT, position_mask
 from edgeq.backends.fpga.lowering.state import Lowering
 from edgeq.errors import OptionError
 from edgeq.ir import Op, Value
 
 PROBABILITY_DIGIT_BITS = 8   # 16-bit probabilities = high * 2^8 + low, two 8-bit digits
-# A mask constant at or below this is "minus infinity" for softmax in float32.
-MASK_LIMIT = -1e4
 
 
 def act_matmul(lowering: Lowering, op: Op) -> None:
@@ -61,9 +61,14 @@ def masked_scores(lowering: Lowering, op: Op) -> None:
 
 
 def attention_mask(lowering: Lowering, value: Value, reader: Op) -> str:
-    """The integer additive mask for HF's (1 - mask[:, None, None, :]) * large_negative."""
+    """The integer additive mask for HF's (1 - mask[:, None, None, :]) * large_negative, or
+    for a decoder's canonical causal (+ padding) bias (edgeq.backends.fpga.lowering.masks)."""
     if value.name in lowering.masks:
         return lowering.masks[value.name]
+    causal = position_mask(lowering, value, reader)
+    if causal is not None:
+        lowering.masks[value.name] = causal
+        return causal
     graph = lowering.graph
     problem = f"Add '{reader.name}': '{value.name}' is not an additive attention mask of a 0/1 input"
     mul = graph.producer(value)

@@ -1,8 +1,11 @@
 """The linear-layer rule: x @ W (+ bias) as MatMulInteger with power-of-two weights.
 
-W is quantized symmetric per output channel (or per tensor) with power-of-two scales, rounded to
+W (an initializer, or the Transpose of one: a tied LM head reading the embedding table) is
+quantized symmetric per output channel (or per tensor) with power-of-two scales, rounded to
 nearest or with GPTQ against the layer input's second moments; a following constant Add becomes
-an int32 bias at the accumulator's scale. A wide input with one scale is rotated online
+an int32 bias at the accumulator's scale. An input whose channels carry a constant factor the
+lowering folded away (an RMSNorm's gamma, Lowering.folded) reads the tensor before the factor,
+the factor multiplying W's rows. A wide input with one scale is rotated online
 (edgeq.backends.fpga.lowering.rotation), the rotation folded into W; a channel-scaled input is
 split into channel groups, one MatMulInteger each, their accumulators shifted and added.
 """
@@ -18,7 +21,7 @@ from edgeq.backends.fpga.lowering.forms import INT8, INT32, INT64, UINT8, Form, 
 from edgeq.backends.fpga.lowering.rotation import hadamard_block, rotated
 from edgeq.backends.fpga.lowering.state import Lowering
 from edgeq.errors import OptionError
-from edgeq.ir import Op
+from edgeq.ir import Graph, Op, Value
 from edgeq.quant.numerics import quantize_weight
 from edgeq.quant.rounding import gptq_quantize
 from edgeq.targets.base import Granularity, QSpec
@@ -34,14 +37,18 @@ def linear(lowering: Lowering, op: Op) -> None:
     x's channel scales cost shifts of partial sums, never weight precision."""
     graph, b = lowering.graph, lowering.b
     x_value, w_value = graph.inputs_of(op)
-    x = lowering.forms[x_value.name]
-    w = graph.constant(w_value).numpy().astype(np.float32)
+    x_name = x_value.name
+    w = constant_weight(graph, w_value).astype(np.float32)
+    if x_name in lowering.folded:   # x = factor * t per input channel: x W = t (diag(factor) W)
+        x_name, factor = lowering.folded[x_name]
+        w = (factor[:, None] * w.astype(np.float64)).astype(np.float32)
+    x = lowering.forms[x_name]
     if w.ndim != 2:
         raise OptionError(f"MatMul '{op.name}': weight of rank {w.ndim}; the fpga lowering takes [K, N] weights")
-    moment = lowering.ranges.second_moment(x_value.name)
+    moment = lowering.ranges.second_moment(x_name)
     rotation = None
     if x.dtype not in (INT8, UINT8) and x.per_tensor and lowering.options.rotate and hadamard_block(w.shape[0]) > 1:
-        x, rotation = rotated(lowering, x_value.name)
+        x, rotation = rotated(lowering, x_name, w.shape[0])
         # x W = (x H)(H^T W) / b with H H^T = b I: the rotation and its 1/b fold into the
         # float weights before they are quantized (Q = H / sqrt(b) orthogonal)
         root = math.sqrt(rotation.block_order)
@@ -49,7 +56,7 @@ def linear(lowering: Lowering, op: Op) -> None:
         if moment is not None:
             moment = rotation.apply(rotation.apply(moment, 0), 1) * rotation.block_order
     elif x.dtype not in (INT8, UINT8):
-        x = lowering.int8(x_value.name)
+        x = lowering.int8(x_name)
     weight_spec = lowering.options.weight
     if moment is None:
         q, w_scale = pow2_weight(w, weight_spec)
@@ -90,6 +97,21 @@ def linear(lowering: Lowering, op: Op) -> None:
         acc = lowering.emit(Shift(acc, finest - k, "int64", unit=unit))
         total = acc if total is None else lowering.emit(AddInt(total, acc, "int64", unit=unit))
     lowering.forms[result.name] = Form(total, INT64, np.asarray(acc_scale, np.float64), unit)
+
+
+def constant_weight(graph: Graph, value: Value) -> np.ndarray | None:
+    """The constant [K, N] weight behind a MatMul's second input: an initializer, or the
+    Transpose of one (a tied LM head reading the [V, C] embedding table as W = E^T); else None."""
+    const = graph.constant(value)
+    if const is not None:
+        return const.numpy()
+    producer = graph.producer(value)
+    if producer is None or producer.op_type != "Transpose" or producer.domain:
+        return None
+    source = graph.constant(graph.inputs_of(producer)[0])
+    if source is None or source.numpy().ndim != 2 or list(producer.attr("perm", [1, 0])) != [1, 0]:
+        return None
+    return source.numpy().T
 
 
 def channels(lowering: Lowering, x: Form, rows: np.ndarray) -> str:

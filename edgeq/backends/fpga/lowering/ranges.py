@@ -158,7 +158,16 @@ def with_rotations(graph: Graph, names: Iterable[str]) -> Graph:
     for name in wanted:
         source, block = name.rsplit(ROTATED, 1)
         x = graph.value(source)
-        channels = int(x.shape[-1])
-        matrix = np.kron(np.eye(channels // int(block)), sylvester(int(block))).astype(np.float32)
-        graph.add_op("MatMul", [x, graph.add_constant(f"{source}_hadamard", matrix)], [name])
+        channels = x.shape[-1] if x.shape else None
+        if isinstance(channels, int):
+            matrix = np.kron(np.eye(channels // int(block)), sylvester(int(block))).astype(np.float32)
+            graph.add_op("MatMul", [x, graph.add_constant(f"{source}_hadamard", matrix)], [name])
+            continue
+        # last dim not static (the lowering knows it divides by `block`): rows of `block` elements
+        rows = graph.add_op("Reshape", [x, graph.add_constant(f"{source}_hadamard_rows",
+                                                              np.asarray([-1, int(block)], np.int64))], 1)
+        product = graph.add_op("MatMul", [graph.outputs_of(rows)[0], graph.add_constant(
+            f"{source}_hadamard", sylvester(int(block)).astype(np.float32))], 1)
+        shape = graph.add_op("Shape", [x], 1)
+        graph.add_op("Reshape", [graph.outputs_of(product)[0], graph.outputs_of(shape)[0]], [name])
     return graph

@@ -8,6 +8,7 @@ host, rotated back by the datapath's first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 
@@ -28,14 +29,14 @@ def hadamard_block(channels: int) -> int:
     return min(channels & -channels, HADAMARD_MAX_BLOCK) if channels > 0 else 1
 
 
-def rotated(lowering: Lowering, name: str) -> tuple[Form, Rotation]:
+def rotated(lowering: Lowering, name: str, channels: int | None = None) -> tuple[Form, Rotation]:
     """The wide (int16) tensor `name` after an online Walsh-Hadamard transform (integer adds
     and subtracts, blocks of b channels), requantized once to int8 with one power-of-two
     scale: the calibrated range of the float tensor x @ blockdiag(H_b). Outlier channels are
     spread over their block, so one scale per tensor serves every channel."""
     if name not in lowering.rotations:
         x = lowering.forms[name]
-        channels = int(lowering.graph.value(name).shape[-1])
+        channels = channels or int(lowering.graph.value(name).shape[-1])
         block = hadamard_block(channels)
         unit = f"hadamard@{name}"
         if x.dtype != INT16:   # an accumulator: to int16 first (|H x| <= b * 2^15 fits int32)
@@ -51,13 +52,16 @@ def rotated(lowering: Lowering, name: str) -> tuple[Form, Rotation]:
     return lowering.rotations[name]
 
 
-def rotatable_tables(lowering: Lowering, entry: Value, norm: Op) -> list[Value] | None:
+def rotatable_tables(lowering: Lowering, entry: Value, norm: Collection[Op]) -> list[Value] | None:
     """The embedding tables whose rows sum to `entry` (an Add tree of Gathers of [V, C]
-    initializers read by nothing else, `entry` read only by the first norm), or None."""
+    initializers read by nothing else, `entry` read only by the first norm's ops `norm` and, in
+    a pre-norm decoder, the residual adds that start the stream), or None."""
     graph = lowering.graph
     channels = entry.shape[-1] if entry.shape else None
+    readers = [reader for reader, _ in graph.uses(entry)]
     if not isinstance(channels, int) or hadamard_block(channels) < 2 or graph.is_graph_output(entry) \
-            or [reader for reader, _ in graph.uses(entry)] != [norm]:
+            or not any(reader in norm for reader in readers) \
+            or any(reader not in norm and not _joins_residual(graph, reader) for reader in readers):
         return None
     tables, stack = [], [entry]
     while stack:
@@ -76,6 +80,12 @@ def rotatable_tables(lowering: Lowering, entry: Value, norm: Op) -> list[Value] 
         else:
             return None
     return tables
+
+
+def _joins_residual(graph, op: Op) -> bool:
+    """An Add of two non-constant tensors (the entry is the first residual add's skip input)."""
+    ins = graph.inputs_of(op)
+    return op.op_type == "Add" and not op.domain and len(ins) == 2 and not any(graph.is_const(v) for v in ins)
 
 
 def rotated_entry(lowering: Lowering, entry: Value, tables: list[Value]) -> None:

@@ -5,6 +5,11 @@ emits integer steps, and records the form of its output (a rule for a multi-op b
 the block's other ops lowered). A role the front end's patterns found (a decomposed GELU, ...)
 takes precedence over the op kind; an op in a non-default domain, or with neither, has no rule.
 Adding a rule is one function in a module of its family and one entry here.
+
+Encoder rules: linear.py, rotation.py, attention.py, residual.py, norms.py, gelu.py, movement.py;
+decoder rules: rmsnorm.py, silu.py, products.py (SwiGLU and rotary products), rotary.py
+(Slice/Neg/Concat), host.py (position tables computed on the host), gqa.py (Unsqueeze/Expand),
+masks.py (the causal mask, reached from attention.py's mask rule).
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ from collections.abc import Callable
 
 from edgeq.backends.fpga.lowering.attention import act_matmul, masked_scores, softmax
 from edgeq.backends.fpga.lowering.gelu import gelu
-from edgeq.backends.fpga.lowering.linear import linear
+from edgeq.backends.fpga.lowering.gqa import expand, unsqueeze
+from edgeq.backends.fpga.lowering.host import host_shape
+from edgeq.backends.fpga.lowering.linear import constant_weight, linear
 from edgeq.backends.fpga.lowering.movement import move, rescale
 from edgeq.backends.fpga.lowering.norms import layer_norm
+from edgeq.backends.fpga.lowering.products import product
 from edgeq.backends.fpga.lowering.residual import residual_add
+from edgeq.backends.fpga.lowering.rmsnorm import rms_norm
+from edgeq.backends.fpga.lowering.rotary import concat, neg, slice_
+from edgeq.backends.fpga.lowering.silu import silu
 from edgeq.backends.fpga.lowering.state import Lowering, unsupported
 from edgeq.frontend.patterns import Role
 from edgeq.ir import Op
@@ -25,9 +36,10 @@ Rule = Callable[[Lowering, Op], None]
 
 
 def matmul(lowering: Lowering, op: Op) -> None:
-    """A constant second operand is a linear layer's weight; else both are activations."""
+    """A constant second operand (or the Transpose of one: a tied LM head) is a linear layer's
+    weight; else both are activations."""
     weight = lowering.graph.inputs_of(op)[1]
-    if lowering.graph.is_const(weight):
+    if constant_weight(lowering.graph, weight) is not None:
         linear(lowering, op)
     else:
         act_matmul(lowering, op)
@@ -42,8 +54,19 @@ def add(lowering: Lowering, op: Op) -> None:
         masked_scores(lowering, op)
 
 
+def mul(lowering: Lowering, op: Op) -> None:
+    """A constant operand is a scale (a scalar folds into the tensor's scale); else the product
+    of two integer tensors (SwiGLU), or of one and a host-computed table (rotary cos/sin)."""
+    if any(lowering.graph.is_const(v) for v in lowering.graph.inputs_of(op)):
+        rescale(lowering, op)
+    else:
+        product(lowering, op)
+
+
 RULES_BY_ROLE: dict[Role, Rule] = {
     Role.GELU: gelu,
+    Role.RMS_NORM: rms_norm,
+    Role.SILU: silu,
 }
 
 RULES_BY_KIND: dict[str, Rule] = {
@@ -51,11 +74,19 @@ RULES_BY_KIND: dict[str, Rule] = {
     "MatMul": matmul,
     "Add": add,
     "Div": rescale,
-    "Mul": rescale,
+    "Mul": mul,
     "Softmax": softmax,
     "Reshape": move,
     "Transpose": move,
     "LayerNormalization": layer_norm,
+    "Pow": rms_norm,           # the canonical RMSNorm starts with Pow(x, 2), also without its role
+    "Sigmoid": silu,           # the canonical SiLU is x * Sigmoid(x), also without its role
+    "Neg": neg,
+    "Slice": slice_,
+    "Concat": concat,
+    "Unsqueeze": unsqueeze,
+    "Expand": expand,
+    "Shape": host_shape,       # of the embedding sum: a host op, like the positions it feeds
 }
 
 
@@ -65,4 +96,5 @@ def lower(lowering: Lowering, op: Op) -> None:
     if rule is None:
         raise unsupported(op)
     rule(lowering, op)
-    lowering.mark_lowered(op)
+    if op not in lowering.host:   # a rule may leave an op to the host (the Shape of a host tensor)
+        lowering.mark_lowered(op)

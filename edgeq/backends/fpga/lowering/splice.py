@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from edgeq.backends.fpga.integer.builder import OPSET
 from edgeq.backends.fpga.integer.program import IntegerProgram
 from edgeq.backends.fpga.lowering.state import Lowering
-from edgeq.backends.fpga.metadata import HOST_OPS_KEY, INPUT_SHAPES_KEY, PROGRAM_KEY, UNIT_KEY
+from edgeq.backends.fpga.metadata import HOST_OPS_KEY, PROGRAM_KEY, UNIT_KEY
 from edgeq.errors import OptionError
 from edgeq.ir import Graph, Op, Tensor
 
@@ -85,12 +85,12 @@ def _signature(schema) -> tuple:
 
 
 def record_metadata(graph: Graph, lowering: Lowering, calibration_data) -> None:
-    """The program, the host ops and the calibration samples' input shapes, in the model metadata."""
+    """The program and the host ops, in the model metadata (the input shapes an estimate
+    assumes are recorded by every compile: edgeq.metadata.INPUT_SHAPES_KEY)."""
     _set_metadata(graph, {
         PROGRAM_KEY: lowering.program.to_json(),
         HOST_OPS_KEY: json.dumps([{"name": op.name, "op_type": op.op_type, "why": why}
                                   for op, why in lowering.host_ops()]),
-        INPUT_SHAPES_KEY: json.dumps(sample_shapes(calibration_data)),
     })
 
 

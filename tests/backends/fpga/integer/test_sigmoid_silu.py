@@ -62,3 +62,19 @@ def test_sigmoid_symmetry(rng) -> None:
     x = rng.integers(-(2**20), 2**20, 5000).astype(np.int32)
     total = sigmoid_reference(x, 2**-12).astype(np.int64) + sigmoid_reference(-x, 2**-12).astype(np.int64)
     assert np.all(np.abs(total - 256) <= 1)  # sigmoid(x) + sigmoid(-x) = 1, up to rounding/saturation
+
+
+@pytest.mark.parametrize("in_bits, out_bits", [(12, 10), (20, 14)])
+def test_silu_int16_output(run_kernel, rng, in_bits: int, out_bits: int) -> None:
+    """SwiGLU's 16-bit operand: the same kernel saturating to int16, bit-exact, half a step plus
+    the approximation from float."""
+    in_scale, out_scale = 2.0**-in_bits, 2.0**-out_bits
+    x = _inputs(rng, in_scale)
+    plan = Silu.plan(in_scale, out_scale, np.int16)
+    got = run_kernel(plan.emit, x=(x, in_scale))
+    assert got.dtype == np.int16 and np.array_equal(got, plan.reference(x))
+    real = np.clip(x * in_scale, -500, 500)
+    ideal = np.clip(real / (1.0 + np.exp(-real)), -32768 * out_scale, 32767 * out_scale)
+    relative = np.abs(got * out_scale - ideal) / np.maximum(np.abs(ideal), 1.0)
+    assert float(relative.max()) <= out_scale / 2 + 2 * SILU_APPROX_ERROR
+    assert np.abs(got).max() > 127  # it uses the 16-bit range

@@ -1,0 +1,14 @@
+"""Packages of a compiled model for the runtime an app runs it with (`edgeq package`).
+
+- `folder`: what every mode shares: the package folder (written whole or not at all), the model
+  copied in with its external data, the file list with sizes (`Package`), `PackageError`.
+- `decoder`: the input/output layout of a compiled decoder with a KV cache (tokens, mask,
+  positions, cache tensors per layer, logits) and renaming it to the names a runtime expects.
+- `tokenizer`: tokenizer files for the package (tokenizer.json + tokenizer_config.json) and the
+  special token ids they name.
+- `genai`: the onnxruntime-genai folder: the decoder under the names the generation loop
+  expects, `genai_config.json`, the tokenizer files (`package_genai`).
+
+One module per mode: a mobile mode (ONNX Runtime's .ort format, the operator config of a reduced
+build, the mobile providers' usability report) goes beside `genai` and uses `folder` the same way.
+"""

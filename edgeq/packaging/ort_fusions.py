@@ -1,0 +1,434 @@
+"""A compiled decoder laid out for ONNX Runtime's generation loop: the canonical forms every edgeq
+pass and target matches, rewritten back into the fused kernels ONNX Runtime's CPU provider runs
+at batch 1, where a decode step is otherwise thousands of tiny ops (SmolLM2 W4A16: 2410 nodes,
+against 300 in onnxruntime-genai's own graph).
+
+- An online Hadamard rotation on the last axis, `Einsum("...a,az->...z", x, H)` (the rotation pass
+  writes Einsum to keep it out of quantization, which is over by now), becomes `MatMul(x, H)`:
+  the same product, several times faster in ONNX Runtime.
+- RMSNorm `Mul(gamma, Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2)), eps)))))` (gamma may have
+  been folded away) becomes ONNX Runtime's `SimplifiedLayerNormalization(x, gamma, epsilon)` (a
+  kernel it registers in the ONNX domain, as onnxruntime-genai's builder writes it; the onnx
+  checker does not know it, ONNX Runtime does).
+- Attention with its cache (canonical: heads split, rotary, `present = Concat(past, new)`, the GQA
+  repeat, `MatMul(q, k^T)`, one scale, the canonical causal+padding bias, Softmax, `MatMul(p, v)`,
+  heads merged; a Hadamard on q and the same one on the repeated keys, which cancel in q k^T, may
+  sit before the scores) becomes com.microsoft `GroupQueryAttention(q, k, v, past_key, past_value,
+  seqlens_k, total_sequence_length, cos_cache, sin_cache)` with `do_rotary`: the cos/sin caches are
+  the graph's own rotary tables, computed in ONNX Runtime for positions 0..context_length-1, and
+  seqlens_k/total_sequence_length come from attention_mask as onnxruntime-genai's builder computes
+  them. The cache keeps its layout (past + new, no shared buffer); present keys lose a dropped
+  Hadamard, which only this graph reads.
+
+Each rewrite checks its whole pattern and leaves anything else as it is; the counts say what was
+fused. Outputs match the unfused graph to float rounding (the tests generate with both).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from edgeq.frontend.probing import Probe, ProbeError, run_probes
+from edgeq.frontend.rules.base import scalar, sweep, sweep_dead
+from edgeq.frontend.rules.mask import canonical_kind
+from edgeq.ir import Graph, Op, Value
+
+MS = "com.microsoft"
+
+
+@dataclass
+class FusionReport:
+    fused: Counter = field(default_factory=Counter)
+    left: Counter = field(default_factory=Counter)   # reason -> attention blocks left unfused
+
+    def notes(self) -> list[str]:
+        done = ", ".join(f"{n} {k}" for k, n in sorted(self.fused.items())) or "nothing"
+        out = [f"fused for ONNX Runtime: {done}"]
+        out += [f"attention left unfused ({n}): {reason}" for reason, n in sorted(self.left.items())]
+        return out
+
+
+def fuse_for_onnxruntime(graph: Graph, context_length: int) -> FusionReport:
+    report = FusionReport()
+    report.fused["Einsum -> MatMul"] = _einsum_to_matmul(graph)
+    attention = _AttentionFusion(graph, context_length, report)
+    attention.run()
+    report.fused["RMSNorm -> SimplifiedLayerNormalization"] = _rms_norms(graph)
+    sweep_dead(graph)
+    for value in list(graph.initializers):  # constants only the replaced ops read
+        if not graph.consumers(value) and not graph.is_graph_output(value) and value not in graph.inputs:
+            graph.remove_value(value)
+    report.fused = Counter({k: v for k, v in report.fused.items() if v})
+    return report
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _const(graph: Graph, value: Value | None) -> np.ndarray | None:
+    tensor = graph.constant(value) if value is not None else None
+    return None if tensor is None else tensor.numpy()
+
+
+def _producer(graph: Graph, value: Value | None, *types: str) -> Op | None:
+    op = graph.producer(value) if value is not None else None
+    return op if op is not None and not op.domain and op.op_type in types else None
+
+
+def _only_consumer(graph: Graph, value: Value, *types: str) -> Op | None:
+    readers = graph.consumers(value)
+    if len(readers) != 1 or graph.is_graph_output(value):
+        return None
+    op = readers[0]
+    return op if not op.domain and op.op_type in types else None
+
+
+def _ints(graph: Graph, value: Value | None) -> list[int] | None:
+    data = _const(graph, value)
+    return None if data is None else [int(x) for x in data.reshape(-1)]
+
+
+def _einsum_to_matmul(graph: Graph) -> int:
+    count = 0
+    for op in list(graph.ops()):
+        if op.op_type != "Einsum" or op.domain or op.attr("equation") not in ("...a,az->...z", b"...a,az->...z"):
+            continue
+        x, h = graph.inputs_of(op)
+        matrix = _const(graph, h)
+        if matrix is None or matrix.ndim != 2:
+            continue
+        out = graph.outputs_of(op)[0]
+        graph.remove_op(op, remove_outputs=False)
+        graph.add_op("MatMul", [x, h], [out], name=op.name)
+        count += 1
+    return count
+
+
+def _rms_norms(graph: Graph) -> int:
+    """Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2), [-1]), eps))) read by Mul(x, .) [then Mul(gamma, .)]."""
+    count = 0
+    for recip in [op for op in graph.ops() if op.op_type == "Reciprocal" and not op.domain]:
+        sqrt = _producer(graph, graph.inputs_of(recip)[0], "Sqrt")
+        add = _producer(graph, graph.inputs_of(sqrt)[0], "Add") if sqrt else None
+        if add is None:
+            continue
+        ins = graph.inputs_of(add)
+        mean_in = next((v for v in ins if _producer(graph, v, "ReduceMean")), None)
+        eps = next((scalar(graph, v) for v in ins if v is not mean_in), None)
+        mean = _producer(graph, mean_in, "ReduceMean")
+        if mean is None or eps is None or _reduce_axes(graph, mean) not in ([-1],) or not mean.attr("keepdims", 1):
+            continue
+        power = _producer(graph, graph.inputs_of(mean)[0], "Pow")
+        if power is None or scalar(graph, graph.inputs_of(power)[1]) != 2.0:
+            continue
+        x = graph.inputs_of(power)[0]
+        scale = _only_consumer(graph, graph.outputs_of(recip)[0], "Mul")
+        if scale is None or x not in graph.inputs_of(scale):
+            continue
+        normed = graph.outputs_of(scale)[0]
+        gain = _only_consumer(graph, normed, "Mul")
+        gamma_value = next((v for v in graph.inputs_of(gain) if v is not normed), None) if gain else None
+        gamma = _const(graph, gamma_value)
+        width = x.shape[-1] if x.shape else None
+        if gamma is not None and gamma.size == width and gamma.ndim <= 1:
+            out, matched = graph.outputs_of(gain)[0], [gain, scale]
+        elif isinstance(width, int):
+            out, matched = normed, [scale]
+            gamma_value = graph.add_constant(graph.unique_name(f"{scale.name}/gamma"), np.ones(width, np.float32))
+        else:
+            continue
+        for op in matched:
+            graph.remove_op(op, remove_outputs=False)
+        # ONNX Runtime registers this kernel in the ONNX domain (opset 1), as the builder writes it.
+        graph.add_op("SimplifiedLayerNormalization", [x, gamma_value], [out], domain="",
+                     name=graph.unique_op_name(f"{recip.name}/SimplifiedLayerNormalization"),
+                     attrs={"axis": -1, "epsilon": float(eps), "stash_type": 1})
+        sweep(graph, [recip, sqrt, add, mean, power])
+        count += 1
+    return count
+
+
+def _reduce_axes(graph: Graph, op: Op) -> list[int] | None:
+    ins = graph.inputs_of(op)
+    if len(ins) > 1 and ins[1] is not None:
+        return _ints(graph, ins[1])
+    axes = op.attr("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _import_ms(graph: Graph) -> None:
+    if graph.model is not None and MS not in graph.model.opset_imports:
+        graph.model.opset_imports[MS] = 1
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+@dataclass
+class _Heads:
+    """x [B, S, heads * d] split as Transpose(Reshape(x, [0, 0, heads, d]), [0, 2, 1, 3])."""
+
+    source: Value
+    heads: int
+    d: int
+    ops: list[Op]
+
+
+@dataclass
+class _Block:
+    q: _Heads
+    k: _Heads
+    v: _Heads
+    past_key: Value
+    past_value: Value
+    present_key: Value
+    present_value: Value
+    cos: Value
+    sin: Value
+    scale: float
+    out: Value
+    ops: list[Op]
+
+
+class _AttentionFusion:
+    def __init__(self, graph: Graph, context_length: int, report: FusionReport):
+        self.graph = graph
+        self.context_length = context_length
+        self.report = report
+        live = [v for v in graph.inputs if v.const is None]
+        self.mask = next((v for v in live if v.name == "attention_mask"), None)
+        self.tokens = next((v for v in live if v.name == "input_ids"), None)
+        self._tables: dict[tuple[str, str], tuple[Value, Value]] = {}
+        self._lengths: tuple[Value, Value] | None = None
+
+    def run(self) -> None:
+        if self.mask is None or self.tokens is None:
+            return
+        blocks = []
+        for softmax in [op for op in self.graph.ops() if op.op_type == "Softmax" and not op.domain]:
+            block = self._match(softmax)
+            if isinstance(block, str):
+                self.report.left[block] += 1
+            else:
+                blocks.append(block)
+        for block in blocks:
+            try:
+                cos, sin = self._tables_for(block)
+            except ProbeError as err:
+                self.report.left[f"rotary tables not computable ({err.problem[:80]})"] += 1
+                continue
+            self._rewrite(block, cos, sin)
+            self.report.fused["attention -> GroupQueryAttention"] += 1
+
+    # ---- matching ----------------------------------------------------------------------------
+
+    def _match(self, softmax: Op) -> _Block | str:
+        g = self.graph
+        if softmax.attr("axis", -1) not in (-1, 3):
+            return "softmax not over the keys"
+        add = _producer(g, graph_in(g, softmax), "Add")
+        if add is None:
+            return "no additive mask before the softmax"
+        bias = next((v for v in g.inputs_of(add) if canonical_kind(g, v) in ("causal+padding", "causal")), None)
+        if bias is None:
+            return "the mask bias is not the canonical causal one"
+        scaled = next(v for v in g.inputs_of(add) if v is not bias)
+        mul = _producer(g, scaled, "Mul")
+        scores = scale = None
+        if mul is not None:
+            for a, b in (g.inputs_of(mul), reversed(g.inputs_of(mul))):
+                if scalar(g, b) is not None:
+                    scores, scale = a, scalar(g, b)
+        qk = _producer(g, scores, "MatMul")
+        if qk is None:
+            return "no scaled q k^T before the softmax"
+        q_in, kt = g.inputs_of(qk)
+        transpose = _producer(g, kt, "Transpose")
+        if transpose is None or list(transpose.attr("perm") or []) != [0, 1, 3, 2]:
+            return "keys not transposed as [0, 1, 3, 2]"
+        q_rot, h_q, q_h_op = self._hadamard(q_in)
+        k_rep, h_k, k_h_op = self._hadamard(g.inputs_of(transpose)[0])
+        if (h_q is None) != (h_k is None) or (h_q is not None and not np.allclose(h_q, h_k, atol=1e-6)):
+            return "q and k rotated differently"
+        k_cat, k_repeat_ops, n_rep = self._unrepeat(k_rep)
+        pv = _only_consumer(g, g.outputs_of(softmax)[0], "MatMul")
+        if pv is None or g.inputs_of(pv)[0] is not g.outputs_of(softmax)[0]:
+            return "no p v after the softmax"
+        v_cat, v_repeat_ops, n_rep_v = self._unrepeat(g.inputs_of(pv)[1])
+        if n_rep != n_rep_v:
+            return "keys and values repeated differently"
+        merged = self._merge(g.outputs_of(pv)[0])
+        if merged is None:
+            return "heads not merged as Reshape(Transpose(x, [0, 2, 1, 3]), [0, 0, H*d])"
+        out, merge_ops = merged
+        k_concat, v_concat = _producer(g, k_cat, "Concat"), _producer(g, v_cat, "Concat")
+        if k_concat is None or v_concat is None:
+            return "no Concat(past, new) cache"
+        caches = []
+        for concat in (k_concat, v_concat):
+            past, new = (g.inputs_of(concat) + [None, None])[:2]
+            if concat.attr("axis") not in (2, -2) or len(g.inputs_of(concat)) != 2 or past not in g.inputs \
+                    or not g.is_graph_output(g.outputs_of(concat)[0]):
+                return "the cache is not present = Concat(past input, new, axis=2) as a graph output"
+            caches.append((past, new))
+        (past_k, k_new), (past_v, v_new) = caches
+        q_rotary = self._rotary(q_rot)
+        k_rotary = self._rotary(k_new)
+        if q_rotary is None or k_rotary is None:
+            return "rotary not in the canonical rotate-half form"
+        (q_heads_value, cos, sin, q_rot_ops), (k_heads_value, cos_k, sin_k, k_rot_ops) = q_rotary, k_rotary
+        if cos is not cos_k or sin is not sin_k:
+            return "q and k rotated with different tables"
+        q, k, v = self._heads(q_heads_value), self._heads(k_heads_value), self._heads(v_new)
+        if q is None or k is None or v is None:
+            return "heads not split as Transpose(Reshape(x, [0, 0, H, d]), [0, 2, 1, 3])"
+        if k.heads != v.heads or q.heads != k.heads * n_rep or not (q.d == k.d == v.d) or q.d % 16:
+            return "head counts/sizes ONNX Runtime's GroupQueryAttention does not take"
+        if scale is None:
+            return "no single scale on the scores"
+        ops = [softmax, add, mul, qk, transpose, pv, k_concat, v_concat, *merge_ops, *k_repeat_ops, *v_repeat_ops,
+               *q_rot_ops, *k_rot_ops, *[op for op in (q_h_op, k_h_op) if op is not None]]
+        return _Block(q, k, v, past_k, past_v, g.outputs_of(k_concat)[0], g.outputs_of(v_concat)[0], cos, sin,
+                      scale, out, ops)
+
+    def _hadamard(self, value: Value) -> tuple[Value, np.ndarray | None, Op | None]:
+        op = _producer(self.graph, value, "MatMul", "Einsum")
+        if op is None:
+            return value, None, None
+        x, h = self.graph.inputs_of(op)[:2]
+        matrix = _const(self.graph, h)
+        if matrix is None or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] \
+                or not np.allclose(matrix @ matrix.T, np.eye(len(matrix)), atol=1e-4):
+            return value, None, None
+        return x, matrix, op
+
+    def _unrepeat(self, value: Value) -> tuple[Value, list[Op], int]:
+        g = self.graph
+        reshape = _producer(g, value, "Reshape")
+        expand = _producer(g, g.inputs_of(reshape)[0], "Expand") if reshape else None
+        unsqueeze = _producer(g, g.inputs_of(expand)[0], "Unsqueeze") if expand else None
+        if unsqueeze is None:
+            return value, [], 1
+        reps = _ints(g, g.inputs_of(expand)[1])
+        if reps is None or len(reps) != 5:
+            return value, [], 1
+        return g.inputs_of(unsqueeze)[0], [reshape, expand, unsqueeze], reps[2]
+
+    def _merge(self, value: Value) -> tuple[Value, list[Op]] | None:
+        g = self.graph
+        transpose = _only_consumer(g, value, "Transpose")
+        if transpose is None or list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
+            return None
+        reshape = _only_consumer(g, g.outputs_of(transpose)[0], "Reshape")
+        shape = _ints(g, g.inputs_of(reshape)[1]) if reshape else None
+        if shape is None or len(shape) != 3 or shape[:2] != [0, 0]:
+            return None
+        return g.outputs_of(reshape)[0], [transpose, reshape]
+
+    def _rotary(self, value: Value) -> tuple[Value, Value, Value, list[Op]] | None:
+        """Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, half:)), Slice(x, :half)), sin))."""
+        g = self.graph
+        add = _producer(g, value, "Add")
+        if add is None:
+            return None
+        for first, second in (g.inputs_of(add), reversed(g.inputs_of(add))):
+            plain, rotated = _producer(g, first, "Mul"), _producer(g, second, "Mul")
+            if plain is None or rotated is None:
+                continue
+            for concat_in, sin in (g.inputs_of(rotated), reversed(g.inputs_of(rotated))):
+                concat = _producer(g, concat_in, "Concat")
+                if concat is None or len(g.inputs_of(concat)) != 2:
+                    continue
+                neg = _producer(g, g.inputs_of(concat)[0], "Neg")
+                low = _producer(g, g.inputs_of(concat)[1], "Slice")
+                high = _producer(g, g.inputs_of(neg)[0], "Slice") if neg else None
+                if high is None or low is None or g.inputs_of(high)[0] is not g.inputs_of(low)[0]:
+                    continue
+                x = g.inputs_of(low)[0]
+                if x not in g.inputs_of(plain):
+                    continue
+                cos = next(v for v in g.inputs_of(plain) if v is not x)
+                return x, cos, sin, [add, plain, rotated, concat, neg, low, high]
+        return None
+
+    def _heads(self, value: Value) -> _Heads | None:
+        g = self.graph
+        transpose = _producer(g, value, "Transpose")
+        if transpose is None or list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
+            return None
+        reshape = _producer(g, g.inputs_of(transpose)[0], "Reshape")
+        shape = _ints(g, g.inputs_of(reshape)[1]) if reshape else None
+        if shape is None or len(shape) != 4 or shape[:2] != [0, 0] or min(shape[2:]) <= 0:
+            return None
+        return _Heads(g.inputs_of(reshape)[0], shape[2], shape[3], [transpose, reshape])
+
+    # ---- rewriting ---------------------------------------------------------------------------
+
+    def _tables_for(self, block: _Block) -> tuple[Value, Value]:
+        """cos/sin caches [context_length, d/2] from the graph's own tables at positions 0.."""
+        key = (block.cos.name, block.sin.name)
+        if key in self._tables:
+            return self._tables[key]
+        g, length = self.graph, self.context_length
+        feeds = {}
+        for value in g.inputs:
+            if value.const is not None:
+                continue
+            dims = value.shape or ()
+            if value is self.mask or value is self.tokens:
+                feeds[value.name] = np.ones((1, length), np.int64)
+            elif value.name == "position_ids":
+                feeds[value.name] = np.arange(length, dtype=np.int64)[None, :]
+            elif len(dims) == 4:
+                feeds[value.name] = np.zeros([1, dims[1], 0, dims[3]], onnx.helper.tensor_dtype_to_np_dtype(value.elem_type))
+        for value in (block.cos, block.sin):
+            if value.elem_type is None:  # rotary tables are float; ORT needs the output's type
+                value.set_type(onnx.TensorProto.FLOAT, None)
+        (_, values), = run_probes(g, [Probe({}, feeds)], values_of=[block.cos, block.sin])
+        tables = []
+        half = block.q.d // 2
+        for value, name in ((block.cos, "cos_cache"), (block.sin, "sin_cache")):
+            full = np.asarray(values[value.name], np.float32).reshape(length, -1)
+            if full.shape[1] != block.q.d or not np.allclose(full[:, :half], full[:, half:]):
+                raise ProbeError("the rotary tables are not [positions, d] in rotate-half layout")
+            tables.append(g.add_constant(g.unique_name(f"/gqa/{name}"), np.ascontiguousarray(full[:, :half])))
+        self._tables[key] = (tables[0], tables[1])
+        return self._tables[key]
+
+    def _sequence_lengths(self) -> tuple[Value, Value]:
+        """seqlens_k = ReduceSum(mask, 1) - 1 and total_sequence_length = dim 1 of the mask, int32."""
+        if self._lengths is None:
+            g = self.graph
+            one = g.add_constant(g.unique_name("/gqa/one"), np.array([1], np.int64))
+            one_s = g.add_constant(g.unique_name("/gqa/one_scalar"), np.array(1, np.int64))
+
+            def op(op_type, *inputs, **attrs):
+                node = g.add_op(op_type, list(inputs), 1, name=g.unique_op_name(f"/gqa/{op_type}"), attrs=attrs or None)
+                return g.outputs_of(node)[0]
+
+            total_per_row = op("ReduceSum", self.mask, one, keepdims=0)
+            seqlens = op("Cast", op("Sub", total_per_row, one), to=onnx.TensorProto.INT32)
+            total = op("Cast", op("Gather", op("Shape", self.mask), one_s, axis=0), to=onnx.TensorProto.INT32)
+            self._lengths = (seqlens, total)
+        return self._lengths
+
+    def _rewrite(self, block: _Block, cos: Value, sin: Value) -> None:
+        g = self.graph
+        seqlens, total = self._sequence_lengths()
+        outs = [block.out, block.present_key, block.present_value]
+        for value in outs:
+            producer = g.producer(value)
+            g.remove_op(producer, remove_outputs=False)
+        g.add_op("GroupQueryAttention", [block.q.source, block.k.source, block.v.source, block.past_key,
+                                         block.past_value, seqlens, total, cos, sin], outs, domain=MS,
+                 name=g.unique_op_name("/gqa/GroupQueryAttention"),
+                 attrs={"num_heads": block.q.heads, "kv_num_heads": block.k.heads, "scale": float(block.scale),
+                        "do_rotary": 1, "rotary_interleaved": 0})
+        _import_ms(g)
+        sweep(g, [op for op in block.ops + block.q.ops + block.k.ops + block.v.ops if op in set(g.ops())])
+
+
+def graph_in(graph: Graph, op: Op) -> Value:
+    return graph.inputs_of(op)[0]

@@ -1,0 +1,116 @@
+"""The placement and lowering check, per provider: where each node of a compiled model runs and
+whether its quantized ops (a MatMul/Gemm/Conv reading a DequantizeLinear output) became integer
+kernels there. Which check applies is target data (`Execution.placement_check`):
+
+- "ort-optimized-graph" (ONNX Runtime's CPU provider): the graph ORT optimizes for the
+  provider; its integer kernels (QGemm, MatMulIntegerToFloat, MatMulNBits, ...) and the float
+  compute ops still reading a DQ output (edgeq.runtime.fusion);
+- "openvino-runtime-precision" (OpenVINO): the runtime model OpenVINO's CPU plugin compiled
+  with the deployment settings, and the precision each layer runs in; a quantized ONNX op whose
+  layer runs in f32/bf16 was not lowered to int8 (LPT did not take its QDQ pattern).
+
+Both also count the nodes ONNX Runtime assigned to each provider, where it ran the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from edgeq.runtime.fusion import FusionReport, fusion_report
+from edgeq.runtime.providers import require
+from edgeq.runtime.execution import Execution
+
+_COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+_INTEGER_PRECISIONS = frozenset({"u8", "i8", "I8", "U8", "i4", "u4"})
+# OpenVINO layers that compute (the rest moves, converts or normalizes data).
+_OPENVINO_COMPUTE = frozenset({"FullyConnected", "MatMul", "Convolution", "Deconvolution", "Subgraph",
+                               "ScaledDotProductAttention", "GroupConvolution"})
+
+
+def check_placement(model_path: str | os.PathLike, execution: Execution, threads: int = 0) -> FusionReport:
+    """The placement of `model_path` on `execution` (see the module notes)."""
+    available = require(execution)
+    report = _CHECKS[execution.placement_check](Path(model_path), execution, threads)
+    report.provider = execution.provider
+    report.via = "onnxruntime" if available.via == "onnxruntime" else f"{execution.plugin.direct_runtime} package"
+    if available.via == "onnxruntime":
+        report.nodes_by_provider = nodes_by_provider(model_path, execution, threads)
+    return report
+
+
+def nodes_by_provider(model_path: str | os.PathLike, execution: Execution, threads: int = 0) -> dict[str, int]:
+    """How many of the (optimized) graph's nodes ONNX Runtime assigned to each provider."""
+    from edgeq.runtime.sessions import make_session
+
+    session = make_session(str(model_path), threads, execution=execution,
+                           config=[("session.record_ep_graph_assignment_info", "1")])
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        return {}
+    counts: Counter[str] = Counter()
+    for subgraph in session.get_provider_graph_assignment_info():
+        counts[subgraph.ep_name] += len(subgraph.get_nodes())
+    return dict(sorted(counts.items()))
+
+
+def quantized_compute_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The compute ops that read a DequantizeLinear output (the quantized ones)."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    return [n for n in graph.node if n.op_type in _COMPUTE
+            and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
+def _ort_graph(model_path: Path, execution: Execution, threads: int) -> FusionReport:
+    return fusion_report(model_path, execution=execution, threads=threads)
+
+
+def _openvino(model_path: Path, execution: Execution, threads: int) -> FusionReport:
+    import importlib.util
+
+    from edgeq.runtime.openvino_direct import runtime_layers
+
+    if importlib.util.find_spec("openvino") is None:  # the provider alone: no runtime model to read
+        return FusionReport({}, [], 0, check="openvino-runtime-precision: not checked, the openvino package is "
+                                              f"missing ({execution.install_hint})")
+    layers = runtime_layers(model_path, execution, threads)
+    model = onnx.load(str(model_path), load_external_data=False)
+    compute_names = {name for n in model.graph.node if n.op_type in _COMPUTE for name in (n.name, *n.output)}
+    # OpenVINO names a layer after the ONNX node or its output, and the parts of a decomposed op
+    # NAME/part (a Gemm's matmul is NAME/WithoutBiases); a Subgraph computes if it holds a MatMul.
+    layer_of: dict[str, object] = {}
+    computing = []
+    for layer in layers:
+        # Every NAME/part names NAME too; a matmul merged into another layer keeps its weight's
+        # NAME/.../transpose_b feeding it.
+        sources = [*layer.original, *(n for n in layer.input_original if n.endswith("/transpose_b"))]
+        names = {"/".join(parts[:k]) for n in sources for parts in [n.split("/")] for k in range(2, len(parts) + 1)}
+        names |= set(layer.original)
+        if layer.type in _OPENVINO_COMPUTE and (layer.type != "Subgraph" or names & compute_names):
+            computing.append(layer)
+            for name in names:
+                layer_of.setdefault(name, layer)
+    kernels: Counter[str] = Counter()
+    floats: Counter[str] = Counter()
+    for layer in computing:
+        (kernels if layer.precision in _INTEGER_PRECISIONS else floats)[f"{layer.type} {layer.precision}"] += 1
+    unfused = []
+    for node in quantized_compute_ops(model):
+        layer = next((layer_of[n] for n in (node.name, *node.output) if n in layer_of), None)
+        if layer is None:
+            unfused.append(f"{node.name or node.op_type} (no layer)")
+        elif layer.precision not in _INTEGER_PRECISIONS:
+            unfused.append(node.name or node.op_type)
+    return FusionReport(dict(sorted(kernels.items())), unfused, 0, check="openvino-runtime-precision",
+                        float_layers=dict(sorted(floats.items())))
+
+
+_CHECKS: dict[str, Callable[[Path, Execution, int], FusionReport]] = {
+    "ort-optimized-graph": _ort_graph,
+    "openvino-runtime-precision": _openvino,
+}
+

@@ -1,0 +1,206 @@
+"""Quantize a decoder's KV cache to int8 or int4 (KIVI-style: keys per channel, values per token;
+`edgeq.quant.kv_cache` has the scheme and the graph pieces).
+
+The cache of layer l is `present = Concat(past, new, axis=2)`, a graph output that attention
+also reads. The pass makes the cache integer where it crosses the graph boundary: the new
+keys/values are quantized as they are written, `past`/`present` become int8 (int4: packed
+uint8) tensors, and attention reads `Dequantize(present)`. Per-token value scales travel with
+the cache as extra inputs/outputs `<past value>_scale` / `<present value>_scale` (float16,
+[B, H, T, 1]); key scales are constants calibrated here: the graph runs on the calibration data
+(prefill and decode steps) and each key channel's absmax over every cached token sets its scale.
+
+Works on the float or the compiled graph (run it last, after `insert-qdq`). A generation loop
+feeds the new caches as it fed the float ones: it allocates them from the model's input types
+(int8/uint8 and, for values per token, float16 scales) and carries present -> past.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeq.calibration.kv_cache import SCALE_SUFFIX, cache_kind, find_cache
+from edgeq.errors import CalibrationError, PreconditionError
+from edgeq.ir import Graph, Op, Value, save
+from edgeq.pipeline import Pass, PassContext, PassResult
+from edgeq.pipeline.artifacts import CALIBRATION_DATA
+from edgeq.quant import kv_cache as kv
+from edgeq.registry import register_pass
+
+METADATA_KEY = "edgeq.kv_cache"
+
+
+class _Spec:
+    """A graph input seen as find_cache's input spec."""
+
+    def __init__(self, value: Value):
+        self.name = value.name
+        self.shape = value.shape
+        self.dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.elem_type or onnx.TensorProto.FLOAT))
+        self.required = True
+
+
+@register_pass
+class QuantizeKvCache(Pass):
+    name = "quantize-kv-cache"
+    description = "int8/int4 KV cache: keys per channel (calibrated), values per token (KIVI), QDQ around the cache"
+
+    def __init__(self, bits: int = 8, values: str = "token", threads: int = 0):
+        self.scheme = kv.KvCacheScheme(bits=bits, values=values)
+        self.threads = threads
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        if ctx.artifacts.get(CALIBRATION_DATA) is None:
+            raise PreconditionError("the key scales need calibration data", fix="give calibration samples (--calib)")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        layers = self._cache_concats(graph)
+        if not layers:
+            return PassResult(graph, False, {"caches": 0})
+        absmax = self._absmax(graph, [c for _, c, _ in layers], ctx)
+        value_names = {e.past for e in self._layout(graph).entries if cache_kind(e.past) == "value"}
+        kv_heads, head_dim = layers[0][0].shape[1], layers[0][0].shape[3]
+        n_layers = len(layers) // 2
+        for past, concat, present in layers:
+            per_token = past.name in value_names and self.scheme.values == "token"
+            self._rewrite(graph, past, concat, present, absmax[present.name], per_token)
+        per_token_bytes = self.scheme.bytes_per_token(n_layers, kv_heads, head_dim)
+        float_bytes = kv.float_bytes_per_token(n_layers, kv_heads, head_dim)
+        self._record(graph, per_token_bytes, float_bytes)
+        return PassResult(graph, True, {"caches": len(layers), "bits": self.scheme.bits,
+                                        "bytes_per_token": round(per_token_bytes, 1),
+                                        "float_bytes_per_token": float_bytes})
+
+    # ---- finding the caches ----------------------------------------------------------------
+
+    def _layout(self, graph: Graph):
+        inputs = [_Spec(v) for v in graph.inputs if v.const is None and v.shape is not None]
+        layout = find_cache(inputs, [v.name for v in graph.outputs])
+        if layout is None:
+            raise PreconditionError("the graph has no KV cache (past_key_values inputs, present outputs)",
+                                    fix="compile the decoder with its cache, e.g. `edgeq models build smollm2-kv`")
+        return layout
+
+    def _cache_concats(self, graph: Graph) -> list[tuple[Value, Op, Value]]:
+        """(past input, its Concat, the present output) of every cache tensor."""
+        found = []
+        for entry in self._layout(graph).entries:
+            past = graph.value(entry.past)
+            if past.elem_type != onnx.TensorProto.FLOAT:
+                raise PreconditionError(f"cache input '{past.name}' is already {onnx.TensorProto.DataType.Name(past.elem_type)}",
+                                        fix="quantize the cache once, from a float cache")
+            concat = next((op for op in graph.consumers(past) if op.op_type == "Concat"
+                           and graph.inputs_of(op)[0] is past and len(graph.inputs_of(op)) == 2), None)
+            if concat is None:
+                raise PreconditionError(f"cache input '{past.name}' does not feed Concat(past, new)",
+                                        fix="export the cache as Concat(past, new) along the sequence axis")
+            out = graph.outputs_of(concat)[0]
+            present = out if graph.is_graph_output(out) else next(
+                (graph.outputs_of(op)[0] for op in graph.consumers(out)
+                 if op.op_type == "Identity" and graph.is_graph_output(graph.outputs_of(op)[0])), None)
+            if present is None or present.name != entry.present:
+                raise PreconditionError(f"the Concat of '{past.name}' does not write the output '{entry.present}'",
+                                        fix="export present = Concat(past, new) as the graph output")
+            axis = concat.attr("axis")
+            if axis not in (2, -2) or len(past.shape or ()) != 4:
+                raise PreconditionError(f"cache '{past.name}' is not [batch, heads, sequence, head_dim]",
+                                        fix="export the cache in BNSH layout")
+            found.append((past, concat, present))
+        return found
+
+    # ---- calibration -----------------------------------------------------------------------
+
+    def _absmax(self, graph: Graph, concats: list[Op], ctx: PassContext) -> dict[str, np.ndarray]:
+        """Absmax over batch and tokens of each present output, per (head, channel)."""
+        from edgeq.runtime.sessions import make_session
+
+        data = ctx.artifacts.get(CALIBRATION_DATA)
+        names = [graph.outputs_of(op)[0].name for op in concats]
+        presents = {name: self._present_name(graph, name) for name in names}
+        with tempfile.TemporaryDirectory(prefix="edgeq-kv-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(graph, path, external_data=True)
+            session = make_session(str(path), threads=self.threads)
+            wanted = list(presents.values())
+            absmax: dict[str, np.ndarray] = {}
+            for feed in data:
+                for name, array in zip(wanted, session.run(wanted, feed)):
+                    if array.shape[2] == 0:
+                        continue
+                    here = np.abs(array).max(axis=(0, 2))
+                    absmax[name] = here if name not in absmax else np.maximum(absmax[name], here)
+        missing = [n for n in wanted if n not in absmax]
+        if missing:
+            raise CalibrationError(f"no calibration sample gave cache '{missing[0]}' a token",
+                                   fix="give samples with at least one token")
+        return absmax
+
+    @staticmethod
+    def _present_name(graph: Graph, concat_out: str) -> str:
+        value = graph.value(concat_out)
+        if graph.is_graph_output(value):
+            return value.name
+        return next(graph.outputs_of(op)[0].name for op in graph.consumers(value) if op.op_type == "Identity")
+
+    # ---- rewriting -------------------------------------------------------------------------
+
+    def _rewrite(self, graph: Graph, past: Value, concat: Op, present: Value, absmax: np.ndarray,
+                 per_token: bool) -> None:
+        scheme = self.scheme
+        batch, heads, past_len, head_dim = past.shape
+        prefix = f"/kv_cache/{past.name}"
+        new = graph.inputs_of(concat)[1]
+        old_out = graph.outputs_of(concat)[0]
+        if per_token:
+            scale, stored = kv.token_scales(graph, new, scheme, prefix)
+        else:
+            scale = graph.add_constant(graph.unique_name(f"{prefix}/scale"), kv.channel_scales(absmax, scheme))
+        codes = kv.quantize_into_cache(graph, new, scale, scheme, prefix)
+        # The cache input/output become integer; attention reads their dequantized values.
+        past.set_type(kv.cache_dtype(scheme), [batch, heads, past_len, kv.cache_width(head_dim, scheme)])
+        out_name = present.name
+        cached = graph.outputs_of(graph.add_op("Concat", [past, codes], [f"{prefix}/cache"], attrs={"axis": 2}))[0]
+        if per_token:
+            past_scale = self._scale_input(graph, past, batch, heads, past_len)
+            all_scales = graph.outputs_of(graph.add_op("Concat", [past_scale, stored], [f"{prefix}/scales"],
+                                                       attrs={"axis": 2}))[0]
+            read_scale = graph.outputs_of(graph.add_op("Cast", [all_scales], [f"{prefix}/scales_f32"],
+                                                       attrs={"to": onnx.TensorProto.FLOAT}))[0]
+        else:
+            read_scale = scale
+        values = kv.dequantize_from_cache(graph, cached, read_scale, scheme, head_dim, prefix)
+        slot = graph.outputs.index(present)
+        present_dims = list(present.shape) if present.shape is not None else [batch, heads, None, head_dim]
+        graph.replace_all_uses(old_out, values)
+        if present is not old_out:  # Concat -> Identity -> output: the Identity now copies floats
+            graph.replace_all_uses(present, values)
+            graph.remove_op(graph.producer(present))
+        graph.outputs[slot] = cached  # the output keeps its place and name, now integer
+        graph.remove_op(concat)
+        graph.rename_value(cached, out_name)
+        cached.set_type(kv.cache_dtype(scheme), present_dims[:3] + [kv.cache_width(head_dim, scheme)])
+        if per_token:
+            graph.rename_value(all_scales, out_name + SCALE_SUFFIX)
+            all_scales.set_type(onnx.TensorProto.FLOAT16, present_dims[:3] + [1])
+            graph.outputs.append(all_scales)
+
+    @staticmethod
+    def _scale_input(graph: Graph, past: Value, batch, heads, past_len) -> Value:
+        value = graph.add_value(Value(past.name + SCALE_SUFFIX))
+        value.set_type(onnx.TensorProto.FLOAT16, [batch, heads, past_len, 1])
+        graph.inputs.append(value)
+        return value
+
+    def _record(self, graph: Graph, per_token_bytes: float, float_bytes: int) -> None:
+        if graph.model is None:
+            return
+        entry = json.dumps({"bits": self.scheme.bits, "keys": "channel", "values": self.scheme.values,
+                            "scale_suffix": SCALE_SUFFIX if self.scheme.values == "token" else None,
+                            "bytes_per_token": per_token_bytes, "float_bytes_per_token": float_bytes})
+        graph.model.metadata_props = [(k, v) for k, v in graph.model.metadata_props if k != METADATA_KEY] + \
+            [(METADATA_KEY, entry)]
+

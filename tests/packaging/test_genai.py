@@ -1,0 +1,183 @@
+"""`edgeq package --genai`: a folder onnxruntime-genai loads and generates with. The generated
+tokens must be the greedy tokens of the same model run on the whole sequence each step (the
+cache path through the generation loop is right), for the float and compiled synthetic decoders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgeq.calibration.sources import TokenWindows
+from edgeq.cli import main
+from edgeq.compiler import compile
+from edgeq.ir import load, save
+from edgeq.models import synthetic
+from edgeq.options import CompileOptions
+from edgeq.packaging.decoder import decoder_layout
+from edgeq.packaging.folder import PackageError
+from edgeq.packaging.genai import GenaiOptions, package_genai
+from edgeq.packaging.tokenizer import special_tokens
+from edgeq.pipeline import PassContext, PassManager
+from edgeq.pipeline.artifacts import CALIBRATION_DATA
+from edgeq.registry import get_pass, get_target
+
+og = pytest.importorskip("onnxruntime_genai", reason="the genai extra is not installed: pip install -e '.[genai]'")
+
+VOCAB = synthetic.TINY_LLAMA.vocab_size
+PROMPT = np.random.default_rng(3).integers(1, VOCAB, 8)
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def llama_kv(tmp_path_factory) -> Path:
+    return synthetic.build_llama_file(tmp_path_factory.mktemp("genai") / "llama_kv.onnx", kv_cache=True)
+
+
+@pytest.fixture(scope="module")
+def compiled_w8a8(llama_kv, tmp_path_factory) -> Path:
+    ids = np.random.default_rng(1).integers(0, VOCAB, 2000)
+    compiled = compile(llama_kv, "x86-vnni", CompileOptions(), calibration=TokenWindows(ids, 24, 4, decode_steps=2))
+    return compiled.save(tmp_path_factory.mktemp("genai") / "llama_kv.w8a8.onnx")
+
+
+def _full_sequence_greedy(path: Path, prompt: np.ndarray, count: int) -> list[int]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], types[i.type]) for i in session.get_inputs()
+            if i.name.startswith("past")}
+    sequence, out = list(prompt), []
+    for _ in range(count):
+        feeds = {"input_ids": np.array([sequence]), "attention_mask": np.ones((1, len(sequence)), np.int64), **past}
+        out.append(int(session.run(["logits"], feeds)[0][0, -1].argmax()))
+        sequence.append(out[-1])
+    return out
+
+
+def _genai_greedy(folder: Path, prompt: np.ndarray, count: int) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + count, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+@pytest.mark.parametrize("which", ["float", "compiled"])
+def test_genai_generates_the_full_sequence_greedy_tokens(which, llama_kv, compiled_w8a8, tmp_path):
+    model = llama_kv if which == "float" else compiled_w8a8
+    package = package_genai(model, tmp_path / "pkg", GenaiOptions(eos_token_id=0, context_length=64))
+    assert {f.name for f in package.files} == {"model.onnx", "genai_config.json"}
+    generated = _genai_greedy(tmp_path / "pkg", PROMPT, NEW)
+    assert generated == _full_sequence_greedy(model, PROMPT, NEW)
+    assert len(set(generated)) > 1  # a stuck sequence would agree by accident
+
+
+def test_config_says_what_the_graph_has(llama_kv, tmp_path):
+    package_genai(llama_kv, tmp_path / "pkg", GenaiOptions(eos_token_id=3))
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    cfg = synthetic.TINY_LLAMA
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["num_attention_heads"],
+            decoder["head_size"]) == (cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert config["model"]["vocab_size"] == cfg.vocab_size
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["eos_token_id"] == 3
+
+
+def test_other_names_are_renamed_to_the_loops(llama_kv, tmp_path):
+    model = onnx.load(llama_kv)
+    names = {"past_key_values.0.key": "past.0.k", "past_key_values.0.value": "past.0.v",
+             "past_key_values.1.key": "past.1.k", "past_key_values.1.value": "past.1.v",
+             "present.0.key": "present_0_k", "present.0.value": "present_0_v",
+             "present.1.key": "present_1_k", "present.1.value": "present_1_v"}
+    from edgeq.packaging.decoder import rename
+
+    rename(model, names)
+    odd = tmp_path / "odd.onnx"
+    onnx.save(model, odd)
+    package_genai(odd, tmp_path / "pkg", GenaiOptions(eos_token_id=0))
+    packaged = onnx.load(tmp_path / "pkg" / "model.onnx")
+    assert {i.name for i in packaged.graph.input} >= {"past_key_values.1.value", "input_ids", "attention_mask"}
+    assert _genai_greedy(tmp_path / "pkg", PROMPT, 6) == _full_sequence_greedy(llama_kv, PROMPT, 6)
+
+
+def test_tokenizer_files_load_in_genai(llama_kv, shared_dir, tmp_path):
+    tokenizer = shared_dir / "reference" / "smollm2_tokenizer.json"
+    package = package_genai(llama_kv, tmp_path / "pkg", GenaiOptions(), tokenizer=tokenizer)
+    assert {f.role for f in package.files} == {"model", "config", "tokenizer"}
+    tokens = special_tokens(tokenizer)
+    assert (tokens.bos_token_id, tokens.eos_token_id) == (1, 2)  # <|im_start|>, <|im_end|>
+    config = json.loads((tmp_path / "pkg" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "GPT2Tokenizer"
+    text = "The Roman Empire, in 27 BC."
+    tok = og.Tokenizer(og.Model(str(tmp_path / "pkg")))
+    from tokenizers import Tokenizer
+
+    assert list(tok.encode(text)) == Tokenizer.from_file(str(tokenizer)).encode(text).ids
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_int8_cache_with_channel_scales_generates(llama_kv, tmp_path):
+    """A cache quantized with static scales only (int8 codes in, int8 codes out) runs in the loop."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, 2000)
+    from edgeq.calibration.sources import open_source
+
+    ctx = PassContext(target=get_target("x86-vnni"))
+    ctx.artifacts[CALIBRATION_DATA] = open_source(TokenWindows(ids, 16, 2, decode_steps=2), str(llama_kv))
+    graph = PassManager([get_pass("quantize-kv-cache")(bits=8, values="channel")])(load(llama_kv), ctx).graph
+    save(graph, tmp_path / "q.onnx")
+    package_genai(tmp_path / "q.onnx", tmp_path / "pkg", GenaiOptions(eos_token_id=0))
+    assert _genai_greedy(tmp_path / "pkg", PROMPT, NEW) == _full_sequence_greedy(tmp_path / "q.onnx", PROMPT, NEW)
+
+
+def test_refusals(llama_kv, synthetic_llama, tmp_path):
+    with pytest.raises(PackageError, match="no KV cache"):
+        package_genai(synthetic_llama, tmp_path / "a", GenaiOptions(eos_token_id=1))
+    with pytest.raises(PackageError, match="end-of-sequence"):
+        package_genai(llama_kv, tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "other.txt").write_text("x")
+    with pytest.raises(PackageError, match="not empty"):
+        package_genai(llama_kv, tmp_path / "c", GenaiOptions(eos_token_id=1))
+    assert (tmp_path / "c" / "other.txt").exists() and not (tmp_path / "b").exists()
+
+
+def test_per_token_scales_are_refused_with_the_fix(llama_kv):
+    model = onnx.load(llama_kv)
+    from onnx import TensorProto, helper
+
+    model.graph.input.append(helper.make_tensor_value_info("past_key_values.0.value_scale", TensorProto.FLOAT16,
+                                                           ["batch", 2, "past_sequence", 1]))
+    model.graph.output.append(helper.make_tensor_value_info("present.0.value_scale", TensorProto.FLOAT16,
+                                                            ["batch", 2, "total", 1]))
+    with pytest.raises(PackageError, match="per-channel value scales"):
+        decoder_layout(model)
+
+
+def test_cli(llama_kv, tmp_path, capsys):
+    assert main(["package", str(llama_kv), "-o", str(tmp_path / "pkg")]) == 2
+    assert "--genai" in capsys.readouterr().err
+    assert main(["package", str(llama_kv), "-o", str(tmp_path / "pkg"), "--genai", "--eos-token-id", "5",
+                 "--context-length", "128", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["mode"] == "genai" and {f["name"] for f in listed["files"]} == {"model.onnx", "genai_config.json"}
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    assert config["model"]["context_length"] == 128 and config["model"]["eos_token_id"] == 5
+    assert main(["package", str(llama_kv), "-o", str(tmp_path / "pkg"), "--genai", "--eos-token-id", "5"]) == 2
+    assert main(["package", str(llama_kv), "-o", str(tmp_path / "pkg"), "--genai", "--eos-token-id", "5",
+                 "--overwrite"]) == 0
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(llama_kv, tmp_path):
+    with pytest.raises(PackageError, match="outside the vocabulary"):
+        package_genai(llama_kv, tmp_path / "pkg", GenaiOptions(eos_token_id=VOCAB))

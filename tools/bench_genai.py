@@ -1,0 +1,221 @@
+"""SmolLM2 with a KV cache in a generation loop: edgeq's W4A16 package in onnxruntime-genai against
+the genai builder's own int4 and fp32 outputs, and the KV cache quantized to int8/int4 (issue 15).
+
+    python tools/bench_genai.py --compiled W4A16_KV.onnx --builder-int4 DIR --builder-fp32 DIR --out OUT
+
+`--compiled`: `edgeq compile smollm2-kv.onnx -t x86-vnni --weights int4 --group 128 --activations float
+--calib-text ... --samples 66` (the README's W4A16 preset on the cache graph; calibration windows give
+prefill and decode steps). The builder folders: `python -m onnxruntime_genai.models.builder -i HF -o DIR
+-p int4|fp32 -e cpu` on the same GGUF weights saved as a Hugging Face folder. Parts (`--parts`):
+
+- package: `edgeq package COMPILED -o OUT/genai --genai --tokenizer ...` (the CLI, a child process); the
+  folder loads in onnxruntime_genai, its tokenizer round-trips a sentence;
+- greedy: 32 tokens after a 64-token prompt (window 0 of the evaluation ids) from the package in
+  onnxruntime-genai, against the argmax chain of the same compiled model run on the full sequence
+  each step (no cache) and against the float model's;
+- ppl: the standard protocol (windows 0..31 of 256 tokens, each alone) on the compiled cache model
+  (empty cache) and on the float one;
+- speed: 128 new tokens after a 64-token prompt at batch 1, `--threads` threads, through
+  onnxruntime-genai for the edgeq package and both builder outputs, interleaved, median of
+  `--repeats`; prefill and decode tokens/s, the weight bytes each decode step reads (model files)
+  and the cache bytes per token;
+- kv: the float cache model with its cache quantized by the `quantize-kv-cache` pass (int8 and int4;
+  values per token, and per channel as onnxruntime-genai can carry them), key scales calibrated on
+  windows 1000.. (prefill + decode steps); perplexity by teacher-forced decode through the cache
+  (`--kv-windows` windows, prefill of 1 token, then one token a step) against the float cache on the
+  same windows, and cache bytes per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kv_decode as kd  # noqa: E402
+from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
+
+PROMPT_TOKENS = 64
+NEW_TOKENS = 128
+GREEDY_TOKENS = 32
+KV_VARIANTS = (("int8", 8, "token"), ("int4", 4, "token"), ("int8-channel", 8, "channel"),
+               ("int4-channel", 4, "channel"))
+
+
+def _session(path: Path, threads: int):
+    from edgeq.runtime.sessions import make_session
+
+    return make_session(str(path), threads)
+
+
+def _ids(shared: Path) -> np.ndarray:
+    return np.load(shared / "reference/wikitext2_test_smollm2_ids.npy").astype(np.int64)
+
+
+def _windows(ids: np.ndarray, first: int, count: int, length: int = 256) -> np.ndarray:
+    return ids[first * length:(first + count) * length].reshape(count, length)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data"))
+
+
+def part_package(args, out: dict) -> Path:
+    folder = args.out / "genai"
+    cmd = [sys.executable, "-m", "edgeq.cli", "package", str(args.compiled), "-o", str(folder), "--genai",
+           "--tokenizer", str(args.shared / "reference/smollm2_tokenizer.json"), "--overwrite", "--json"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out["package"] = {"command": " ".join(["edgeq", *cmd[3:-1]]), "seconds": round(time.perf_counter() - t0, 1),
+                      **json.loads(done.stdout)}
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    text = "The Roman Empire was the post-Republican state of ancient Rome."
+    out["package"]["loads"] = True
+    out["package"]["tokenizer_round_trip"] = tokenizer.decode(tokenizer.encode(text)) == text
+    return folder
+
+
+def part_greedy(args, out: dict, folder: Path) -> None:
+    prompt = _ids(args.shared)[:PROMPT_TOKENS]
+    genai = kd.genai_greedy(kd.genai_model(folder, args.threads), prompt, GREEDY_TOKENS).tokens[:GREEDY_TOKENS]
+    compiled_full = kd.full_sequence_greedy(_session(args.compiled, args.threads), prompt, GREEDY_TOKENS)
+    float_full = kd.full_sequence_greedy(_session(args.float_model, args.threads), prompt, GREEDY_TOKENS)
+    agree = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
+    first_diff = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)  # noqa: E731
+    out["greedy"] = {"prompt_tokens": PROMPT_TOKENS, "tokens": GREEDY_TOKENS, "genai": genai,
+                     "compiled_full_sequence": compiled_full, "float_full_sequence": float_full,
+                     "genai_vs_compiled_full_agree": agree(genai, compiled_full),
+                     "genai_vs_float_agree": agree(genai, float_full),
+                     "genai_vs_float_first_difference": first_diff(genai, float_full)}
+
+
+def part_ppl(args, out: dict) -> None:
+    windows = _windows(_ids(args.shared), 0, 32)
+    rows = {}
+    for name, path in (("float", args.float_model), ("compiled", args.compiled)):
+        t0 = time.perf_counter()
+        nll = kd.full_window_nll(_session(path, args.threads), windows)
+        rows[name] = {"perplexity": round(float(np.exp(nll.mean())), 3), "seconds": round(time.perf_counter() - t0, 1)}
+    rows["compiled"]["vs_float"] = round(rows["compiled"]["perplexity"] / rows["float"]["perplexity"] - 1, 4)
+    out["ppl"] = rows
+
+
+def part_speed(args, out: dict, folder: Path) -> None:
+    prompt = _ids(args.shared)[:PROMPT_TOKENS]
+    candidates = {"edgeq W4A16 package": folder, "builder int4": args.builder_int4, "builder fp32": args.builder_fp32}
+    candidates = {k: v for k, v in candidates.items() if v is not None}
+    models = {name: kd.genai_model(path, args.threads) for name, path in candidates.items()}
+    runs: dict[str, list] = {name: [] for name in models}
+    for name, model in models.items():  # warm-up
+        kd.genai_greedy(model, prompt, 8, force_length=True)
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            runs[name].append(kd.genai_greedy(model, prompt, NEW_TOKENS, force_length=True))
+    rows = {}
+    for name, speeds in runs.items():
+        rows[name] = {"prefill_tokens_per_s": round(statistics.median(s.prefill_tps for s in speeds), 1),
+                      "decode_tokens_per_s": round(statistics.median(s.decode_tps for s in speeds), 2),
+                      "weight_bytes": _folder_bytes(Path(candidates[name])),
+                      "runs": [s.row() for s in speeds]}
+    compiled = _session(args.compiled, 1)
+    rows["edgeq W4A16 package"]["cache_bytes_per_token"] = kd.cache_bytes_per_token(compiled)
+    out["speed"] = {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": args.threads,
+                    "repeats": args.repeats, "rows": rows, "load": load_line("after speed")}
+
+
+def part_kv(args, out: dict) -> None:
+    from edgeq.calibration.sources import TokenWindows, open_source
+    from edgeq.ir import load, save
+    from edgeq.pipeline import PassContext, PassManager
+    from edgeq.pipeline.artifacts import CALIBRATION_DATA
+    from edgeq.registry import get_pass, get_target
+
+    ids = _ids(args.shared)
+    windows = _windows(ids, 0, args.kv_windows)
+    calibration = TokenWindows(ids, 256, args.kv_calib_windows, first_window=1000)
+    rows = {}
+    t0 = time.perf_counter()
+    session = _session(args.float_model, args.threads)
+    rows["float cache"] = {"perplexity": round(float(np.exp(kd.teacher_forced_nll(session, windows).mean())), 3),
+                           "cache_bytes_per_token": kd.cache_bytes_per_token(session),
+                           "seconds": round(time.perf_counter() - t0, 1)}
+    for label, bits, values in KV_VARIANTS:
+        if label not in args.kv_variants:
+            continue
+        t0 = time.perf_counter()
+        graph = load(args.float_model)
+        ctx = PassContext(target=get_target("x86-vnni"))
+        ctx.artifacts[CALIBRATION_DATA] = open_source(calibration, str(args.float_model))
+        graph = PassManager([get_pass("quantize-kv-cache")(bits=bits, values=values, threads=args.threads)])(graph, ctx).graph
+        path = args.out / f"kv-{label}.onnx"
+        save(graph, path)
+        session = _session(path, args.threads)
+        nll = kd.teacher_forced_nll(session, windows)
+        ppl = float(np.exp(nll.mean()))
+        rows[label] = {"perplexity": round(ppl, 3),
+                       "vs_float_cache": round(ppl / rows["float cache"]["perplexity"] - 1, 4),
+                       "cache_bytes_per_token": kd.cache_bytes_per_token(session),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+        rows[label]["bytes_ratio"] = round(rows["float cache"]["cache_bytes_per_token"] / rows[label]["cache_bytes_per_token"], 2)
+        print(label, rows[label], flush=True)
+    out["kv"] = {"windows": args.kv_windows, "calibration_windows": args.kv_calib_windows, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compiled", type=Path, help="edgeq's W4A16 compile of smollm2-kv.onnx")
+    parser.add_argument("--float-model", type=Path, help="smollm2-kv.onnx (default: the edgeq cache's build)")
+    parser.add_argument("--builder-int4", type=Path)
+    parser.add_argument("--builder-fp32", type=Path)
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-windows", type=int, default=32)
+    parser.add_argument("--kv-calib-windows", type=int, default=16)
+    parser.add_argument("--kv-variants", default=",".join(v[0] for v in KV_VARIANTS))
+    parser.add_argument("--parts", default="package,greedy,ppl,speed,kv")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.float_model is None:
+        from edgeq.models.catalog import cached
+
+        args.float_model = cached("smollm2-kv")
+    parts = args.parts.split(",")
+    args.kv_variants = args.kv_variants.split(",")
+    out: dict = {"header": run_header()}
+    result = args.out / "bench_genai.json"
+    folder = args.out / "genai"
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "package":
+            folder = part_package(args, out)
+        elif part == "greedy":
+            part_greedy(args, out, folder)
+        elif part == "ppl":
+            part_ppl(args, out)
+        elif part == "speed":
+            part_speed(args, out, folder)
+        elif part == "kv":
+            part_kv(args, out)
+        else:
+            raise SystemExit(f"unknown part {part}")
+        out.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
+        out["load_end"] = load_line(f"after {part}")
+        result.write_text(json.dumps(out, indent=1, default=float))
+        print(part, json.dumps({k: v for k, v in out.get(part, {}).items() if k != "runs"}, default=float)[:1500], flush=True)
+
+
+if __name__ == "__main__":
+    main()
