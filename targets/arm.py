@@ -30,15 +30,17 @@ lists the instructions a run executed; BENCHMARKS.md, "ARM64"):
   it (arm-neon) only CompFp32 exists: the 4-bit weights are dequantized for the fp32 SGEMM.
   8-bit weights: UDOT with a u8 activation on dot-product cores, USDOT with s8 on i8mm cores
   (platform.cpp: ArmNeonIsQuantActivationsUnsigned = !HasI8MM).
-- kai_ukernel_interface.cpp and qnbitgemm UseKleidiAI(K, BlkLen, HasZp): 4-bit MatMulNBits
-  CompInt8 runs KleidiAI's matmul_clamp_f32_qai8dxp_qsi4c32p kernels (GEMM: 4x8 i8mm SMMLA
-  kernel where I8MM, else 4x4 dotprod; GEMV: dotprod) when BlkLen % 32 == 0, K % BlkLen == 0,
-  the weights carry no zero point, and the CPU has the dot product; otherwise MLAS's own NEON
-  CompInt8 kernels. So int4 weights are symmetric, in blocks of 32 by default (any K that is a
-  multiple of 32 qualifies; blocks of 128 leave SmolLM2's K = 576 off KleidiAI). KleidiAI packs
-  the block scales as bf16 (rhs_pack_nxk_qsi4c32p_qsu4c32s1s0 with kai_dt_bf16) and quantizes
-  the activation per row, not per block as MLAS's x86 kernels do: W4A16 outputs differ from
-  the x86 run by that rounding (BENCHMARKS.md).
+- kai_ukernel_interface.cpp (KleidiAI in MLAS): 4-bit MatMulNBits CompInt8 runs KleidiAI
+  kernels when BlkLen % 32 == 0, K % BlkLen == 0 and the CPU has the dot product (qnbitgemm
+  UseKleidiAI): without zero points matmul_clamp_f32_qai8dxp_qsi4c32p (the activation quantized
+  per row, bf16 block scales), with zero points qsi8d32p_qai4c32p (per block of 32, as MLAS does
+  on x86); GEMM on SMMLA where I8MM (4x8 i8mm kernels), else SDOT; the M=1 GEMV on SDOT either
+  way. Measured on the 1.32 wheel: edgeq's int4 DequantizeLinear carries an explicit zero point
+  0, ORT keeps it on MatMulNBits, and the run uses SDOT on cortex-a76 and SMMLA on neoverse-n2
+  with outputs within 3e-7 of x86's; the same weights without the zero point differ from x86 by
+  0.9% (per-row activation quantization). So int4 weights are symmetric, in blocks of 32 by
+  default (any K that is a multiple of 32 qualifies; blocks of 128 leave SmolLM2's K = 576 off
+  KleidiAI).
 - MatMulNBits needs a power-of-two block >= 16 (qdq_selectors.cc, as on x86: MATMULNBITS_BLOCKS).
 
 Cost models price one reference core per family (cycles at peak issue rate) from the MACs per

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from edgeq.ir import Graph
 from edgeq.models import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The same provider on every machine: x86 targets would default to OpenVINO where its plugin
+# finds an Intel CPU. Tests that exercise another provider name it.
+os.environ.setdefault("EDGEQ_PROVIDER", "cpu")
 SHARED = REPO_ROOT.parent / "shared"
 
 

@@ -14,6 +14,7 @@ here, how a plugin provider is found and registered, and the one-line errors whe
 from __future__ import annotations
 
 import importlib
+import os
 import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,9 +73,18 @@ def availability(execution: Execution) -> Availability:
     return Availability(execution, None, reason)
 
 
+# Picks the default provider where --provider is not given (e.g. EDGEQ_PROVIDER=cpu keeps a
+# machine with the OpenVINO plugin on ONNX Runtime's CPU provider; the test suite sets it).
+PROVIDER_ENV = "EDGEQ_PROVIDER"
+
+
 def resolve(target: Target, name: str | None = None) -> Execution:
-    """The execution to compile and run for: the one named (an error if it cannot run here), or
-    the first of the target's executions whose provider ONNX Runtime runs here."""
+    """The execution to compile and run for: the one named (--provider, else the environment's
+    EDGEQ_PROVIDER; an error if it cannot run here), or the first of the target's executions whose
+    provider ONNX Runtime runs here."""
+    preferred = os.environ.get(PROVIDER_ENV)
+    if name is None and preferred and any(e.name == preferred for e in target.executions):
+        name = preferred  # a preference: a target without that provider keeps its own order
     if name is not None:
         execution = target.execution_named(name)
         require(execution)

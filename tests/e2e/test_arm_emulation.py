@@ -20,8 +20,8 @@ What agrees and what does not, measured (synthetic BERT and Llama, 2 held-out sa
   Against x86's default level 4 it differs by the activation's int8 rounding: Llama cosine
   0.967 (its planted activation outliers), BERT 0.9999999.
 
-The slow tests take about 45 s here (2 cores; +25 s to set the emulation up the first
-time, cached in $EDGEQ_CACHE/aarch64). It skips, saying why, only when the emulation cannot
+The slow tests take about 45 s on this 2-core machine when it is quiet, 75 s under load (+25-40 s
+to set the emulation up the first time, cached in $EDGEQ_CACHE/aarch64). It skips, saying why, only when the emulation cannot
 be set up (no apt-get/dpkg-deb, not Debian, no network).
 """
 
