@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edgeq.errors import OptionError
 from edgeq.ir import Graph, Op
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
@@ -30,7 +31,15 @@ class IdentityElimination(Pass):
         if op.op_type == "Dropout":
             ins = graph.inputs_of(op)
             training = ins[2] if len(ins) > 2 else None
-            return len(outputs) == 1 and graph.outputs_of(op)[0] is outputs[0] and training is None
+            mode = graph.constant(training) if training is not None else None
+            if mode is not None and bool(mode.numpy().reshape(-1)[0]):
+                ratio = graph.constant(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+                if ratio is None or float(ratio.numpy().reshape(-1)[0]) > 0:
+                    raise OptionError(f"Dropout '{op.name}' runs in training mode: the model was exported "
+                                      "while training, so its outputs are random",
+                                      fix="export it again after model.eval()")
+            inference = training is None or (mode is not None and not bool(mode.numpy().reshape(-1)[0]))
+            return len(outputs) == 1 and graph.outputs_of(op)[0] is outputs[0] and inference
         return False
 
     @staticmethod

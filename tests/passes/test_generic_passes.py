@@ -421,3 +421,21 @@ def test_shape_inference_types_untyped_values_and_respects_existing_types(bert_g
         if saved[v.name][0] is not None:
             assert v.elem_type == saved[v.name][0], v.name
     assert ShapeInference()(bert_graph).modified is False
+
+
+@pytest.mark.parametrize("training, removed", [(False, True), (True, None)])
+def test_dropout_in_inference_mode_goes_and_in_training_mode_is_refused(training, removed):
+    """torch.onnx exports a model left in training mode with Dropout(x, ratio, training_mode=True):
+    its outputs are random, which no quantization can fix: a one-line error says how to re-export."""
+    from edgeq.errors import OptionError
+
+    graph = edgeq.load(model([helper.make_node("Dropout", ["x", "ratio", "mode"], ["d"], name="drop"),
+                              helper.make_node("Relu", ["d"], ["y"])],
+                             [vi("x", [2, 3])], [vi("y", [2, 3])],
+                             {"ratio": np.array(0.1, np.float32), "mode": np.array(training)}))
+    if removed:
+        IdentityElimination()(graph)
+        assert op_types(graph) == ["Relu"]
+    else:
+        with pytest.raises(OptionError, match="training mode.*model.eval"):
+            IdentityElimination()(graph)
