@@ -10,13 +10,14 @@ from edgeq.ir import Graph, Op, Tensor, Value, load, save
 if TYPE_CHECKING:
     from edgeq.compiler import Compiled
 
-__version__ = "0.1.0"
+from edgeq.version import __version__
 __all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "compile", "load", "save", "__version__"]
 
 
-def compile(model, target, options=None, *, calibration=None, instruments=(), provider=None) -> "Compiled":  # noqa: A001
+def compile(model, target, options=None, *, calibration=None, instruments=(), provider=None,
+            device=None) -> "Compiled":  # noqa: A001
     """Quantize `model` for `target` (see `edgeq.compiler.compile`)."""
     from edgeq.compiler import compile as compile_model
 
     return compile_model(model, target, options, calibration=calibration, instruments=instruments,
-                         provider=provider)
+                         provider=provider, device=device)

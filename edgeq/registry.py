@@ -28,6 +28,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.identity_elimination",
     "edgeq.passes.topological_sort",
     "edgeq.passes.linear_to_gemm",
+    "edgeq.passes.fuse_rms_norm",
+    "edgeq.passes.mixed_precision",
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",
     "edgeq.passes.hadamard_rotation",
@@ -40,7 +42,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.quantize_kv_cache",
     "edgeq.backends.fpga.lower_to_integer",
 )
-BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.arm", "edgeq.targets.fpga")
+BUILTIN_TARGET_MODULES: tuple[str, ...] = ("edgeq.targets.x86", "edgeq.targets.arm", "edgeq.targets.fpga",
+                                            "edgeq.targets.qnn_htp")
 
 _PASSES: dict[str, type["Pass"]] = {}
 _TARGETS: dict[str, "Target"] = {}

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeq.errors import OptionError
 from edgeq.ir.files import write_text_atomic
 from edgeq.pipeline import PassRecord
 from edgeq.runtime.fusion import FusionReport
@@ -33,13 +34,32 @@ def pass_rows(records: list[PassRecord], seconds: list[tuple[str, float]]) -> li
     return [PassRow(r.name, r.modified, dict(r.stats), s) for r, (_, s) in zip(records, seconds) if not r.pipeline]
 
 
+REPORT_SUFFIXES = {".json": "json", ".md": "markdown", ".markdown": "markdown"}
+
+
+def report_format(path: str | os.PathLike) -> str:
+    """"json" or "markdown" from a report path's suffix; any other suffix is a user error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in REPORT_SUFFIXES:
+        raise OptionError(f"--report {path}: unknown report format {suffix or '(no suffix)'!r}",
+                          fix="name the report FILE.json or FILE.md")
+    return REPORT_SUFFIXES[suffix]
+
+
 @dataclass
 class Report:
     model: str
     target: str
     scheme: str
-    options: dict[str, Any]
+    options: dict[str, Any]          # the options given (those that differ from the defaults)
     provider: str = "cpu"           # the target's execution the output was compiled for and checked on
+    output: str | None = None        # where the model was written (set by Compiled.save)
+    date: str = ""                   # when the compile started (UTC)
+    versions: dict[str, str] = field(default_factory=dict)     # edgeq, onnx, onnxruntime, the provider
+    calibration: dict[str, Any] | None = None                   # source, counts, held-out samples named
+    settings: dict[str, str] = field(default_factory=dict)      # what each choice came to, in words
+    total_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # load, calibration data, pipeline, ...
     passes: list[PassRow] = field(default_factory=list)
     quantized_ops: dict[str, int] = field(default_factory=dict)
     kept_high: dict[str, list[str]] = field(default_factory=dict)     # reason -> op names
@@ -69,10 +89,16 @@ class Report:
         if self.float_bytes:
             lines.append(f"size: {self.float_bytes / 1e6:.1f} MB -> {self.compiled_bytes / 1e6:.1f} MB "
                          f"({100 * self.size_ratio:.1f}% of float)")
+        rotation = self.settings.get("Hadamard rotation", "off")
+        if not rotation.startswith("off"):
+            lines.append(f"rotation: {rotation}")
         if self.verification is not None:
+            what = ("synthetic sample(s) (random inputs, no calibration data held out)"
+                    if self.verification.synthetic_inputs else "held-out sample(s)")
+            if self.verification.ran_on:
+                what += f" on {self.verification.ran_on}"
             for out in self.verification.outputs:
-                lines.append(f"error vs float on {self.verification.samples} held-out sample(s)"
-                             f"{' (synthetic inputs)' if self.verification.synthetic_inputs else ''}: "
+                lines.append(f"error vs float on {self.verification.samples} {what}: "
                              f"{out.name}: rel L2 {out.relative_l2:.4f}, cosine mean {out.cosine_mean:.5f} "
                              f"min {out.cosine_min:.5f}, SQNR {out.sqnr_db:.1f} dB, max abs {out.max_abs:.4g}")
         if self.fusion is not None:
@@ -87,18 +113,33 @@ class Report:
 
     def to_markdown(self) -> str:
         out = [f"# edgeq compile report: {Path(self.model).name} -> {self.target}", "",
-               f"Scheme **{self.scheme}**. Options: `{json.dumps(self.options, default=_jsonable)}`", "",
-               "## Summary", ""] + [f"- {line}" for line in self.summary_lines()]
+               f"Scheme **{self.scheme}** on {self.provider}.", "", "## Summary", ""]
+        out += [f"- {line}" for line in self.summary_lines()]
+        out += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in self.run_lines()]
+        if self.calibration:
+            out += ["", "## Calibration data", ""] + [f"- {line}" for line in calibration_lines(self.calibration)]
+        out += ["", "## Options", "", "| setting | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in self.settings.items()]
+        given = ", ".join(f"{k}={_option_text(v)}" for k, v in self.options.items()) or "none (all defaults)"
+        out += ["", f"Options given: {given}."]
         out += ["", "## Passes", "", "| pass | changed | seconds | stats |", "|---|---|---|---|"]
         for rec in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items())
             out.append(f"| {rec.name} | {'yes' if rec.modified else 'no'} | {rec.seconds:.2f} | {stats} |")
         if self.verification is not None:
-            out += ["", "## Verification against float (ONNX Runtime)", "",
+            held = (self.calibration or {}).get("held_out") or []
+            what = (f"{self.verification.samples} synthetic sample(s) (random inputs: no calibration data was held out)"
+                    if self.verification.synthetic_inputs else
+                    f"{self.verification.samples} held-out sample(s)" + (f": {', '.join(held)}" if held else ""))
+            where = f", the compiled model on {self.verification.ran_on}" if self.verification.ran_on else ""
+            out += ["", "## Verification against float (ONNX Runtime)", "", f"On {what}{where}.", "",
                     "| output | rel L2 | cosine mean | cosine min | SQNR dB | max abs |", "|---|---|---|---|---|---|"]
             for o in self.verification.outputs:
                 out.append(f"| {o.name} | {o.relative_l2:.5f} | {o.cosine_mean:.6f} | {o.cosine_min:.6f} | "
                            f"{o.sqnr_db:.2f} | {o.max_abs:.4g} |")
+        if self.fusion is not None and self.fusion.unfused:
+            out += ["", "## Quantized ops without an integer kernel", "",
+                    f"{len(self.fusion.unfused)} op(s): " + ", ".join(self.fusion.unfused)]
         if self.sensitivity:
             out += ["", "## Sensitivity (worst first)", "", "| op | SQNR dB | end-to-end gain if kept high |",
                     "|---|---|---|"]
@@ -107,13 +148,68 @@ class Report:
         if self.kept_high:
             out += ["", "## Kept in high precision", ""]
             for reason, names in sorted(self.kept_high.items()):
-                out.append(f"- {reason}: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+                out.append(f"- {reason} ({len(names)}): {', '.join(names)}")
         return "\n".join(out) + "\n"
 
+    def run_lines(self) -> list[tuple[str, str]]:
+        """The run's facts: output, date, versions, total and per-stage time."""
+        lines = [("model", self.model), ("output", self.output or "(not written)")]
+        if self.date:
+            lines.append(("date", self.date))
+        if self.versions:
+            lines.append(("versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
+        if self.total_seconds:
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+            lines.append(("time", f"{self.total_seconds:.1f} s" + (f" ({stages})" if stages else "")))
+        return lines
+
     def write(self, path: str | os.PathLike) -> None:
+        """The report as JSON or Markdown by the suffix (.json, .md); the file gets the usual mode
+        for new files, like the model (edgeq.ir.files.atomic_write)."""
         path = Path(path)
-        text = self.to_markdown() if path.suffix.lower() in (".md", ".markdown") else self.to_json()
+        text = self.to_markdown() if report_format(path) == "markdown" else self.to_json()
         write_text_atomic(path, text)
+
+
+def calibration_lines(record: dict[str, Any]) -> list[str]:
+    """The calibration data in words: source, how it was cut, counts, the held-out samples."""
+    lines = [f"source: {record.get('source')} ({record.get('kind')})"]
+    if "tokenizer" in record:
+        lines.append(f"tokenizer: {record['tokenizer']}")
+    if "seq_len" in record:
+        first = record.get("first_window", 0)
+        lines.append(f"windows of {record['seq_len']} tokens: {first}..{first + record.get('windows', 0) - 1}")
+    held = record.get("held_out") or []
+    lines.append(f"calibration samples: {record.get('calibration_samples', 0)}; held out for verification: "
+                 f"{len(held)}" + (f" ({', '.join(held)})" if held else ""))
+    return lines
+
+
+def _option_text(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def runtime_versions(execution=None) -> dict[str, str]:
+    """Versions of what compiled and checked the model: edgeq, onnx, ONNX Runtime, and the
+    execution provider (a plugin's package version where it is one)."""
+    from importlib import metadata
+
+    import onnx
+    import onnxruntime
+
+    from edgeq.version import __version__
+
+    versions = {"edgeq": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if execution is not None:
+        provider = execution.provider
+        plugin = getattr(execution, "plugin", None)
+        if plugin is not None:
+            try:
+                provider += f" ({plugin.package} {metadata.version(plugin.package)})"
+            except metadata.PackageNotFoundError:
+                provider += f" ({plugin.package}, not installed)"
+        versions["provider"] = provider
+    return versions
 
 
 def placement_lines(placement: FusionReport) -> list[str]:
@@ -126,7 +222,7 @@ def placement_lines(placement: FusionReport) -> list[str]:
     if placement.float_layers:
         lines.append("float compute layers: " + ", ".join(f"{k} {v}" for k, v in placement.float_layers.items()))
     if placement.unfused:
-        shown = ", ".join(placement.unfused[:8]) + (" ..." if len(placement.unfused) > 8 else "")
+        shown = ", ".join(placement.unfused[:8]) + (" (all of them in the report)" if len(placement.unfused) > 8 else "")
         lines.append(f"UNFUSED quantized ops ({len(placement.unfused)}): {shown}")
     else:
         lines.append("every quantized compute op fused into an integer kernel")

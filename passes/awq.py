@@ -92,10 +92,12 @@ class AWQ(Pass):
         counts = {"scaled": 0, "folded": 0, "folded_gated": 0, "explicit_mul": 0, "left_alone": 0}
         per_group: list[dict] = []
         clip_data: list[tuple[LinearGroup, np.ndarray]] = []  # (group, Hessian pieces of x')
-        with ActivationStream(graph, data, self.threads) as stream:
+        with ActivationStream(graph, data, self.threads) as stream, \
+                ctx.task("layer groups", len(groups), "group") as advance:
             for chunk in hessian_chunks(groups, graph, self.hessian_budget):
                 stats = input_statistics(stream, [g.source for g in chunk], abs_mean=True)
                 for group in chunk:
+                    advance()
                     record, hessian = self._scale_group(graph, group, stats.pop(group.source), counts)
                     per_group.append(record)
                     if self.round_weights:

@@ -43,7 +43,8 @@ class Calibrate(Pass):
                 fix="pass --calib DIR|FILE.npz or --calib-text, or --activations float for weight-only")
         names = sorted(n for n in sources if n not in overrides_fixed)
         stats_options = CollectionOptions(histogram=self.options.method != "minmax",
-                                          threads=self.threads or 1, execution=ctx.target.execution)
+                                          threads=self.threads or 1, execution=ctx.target.execution,
+                                          progress=ctx)
         with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             save(graph, path, external_data=True)  # ORT is fed memory-mapped weights, not a proto copy

@@ -43,6 +43,11 @@ from edgeq.quant.plan import QuantPlan
 from edgeq.passes.insert_qdq import weight_key
 from edgeq.registry import register_pass
 
+# Calibration tokens GPTQ's Hessians were measured to need: SmolLM2 W4A16 g128 with rotation
+# reaches 47.38 perplexity (+7.7% over float) from 64 windows of 256 tokens and 50.24 (+14.2%)
+# from 16 (BENCHMARKS.md, issue 16). The compile draws more windows of the same text up to this
+# many tokens, or says how many samples to give (edgeq.compiler).
+WANTED_TOKENS = 64 * 256
 
 
 @register_pass
@@ -80,6 +85,8 @@ class GPTQ(Pass):
         self.required = required
         self.hessian_budget = hessian_budget_mb * 2**20
         self.threads = threads
+        # What the compile should give this pass: calibration tokens (0: no wish).
+        self.wanted_tokens = WANTED_TOKENS if enabled else 0
 
     @classmethod
     def from_options(cls, options, target) -> "GPTQ":
@@ -88,7 +95,9 @@ class GPTQ(Pass):
         # without act-order, 48.71 with its static groups; RTN, AWQ and AWQ+GPTQ are worse, see
         # BENCHMARKS.md); int8 weights keep round-to-nearest. Without calibration data "auto"
         # falls back to RTN.
-        auto = mode == "auto" and options.weights == "int4"
+        # A target may round other weight dtypes with GPTQ too (`Target.gptq_weights`).
+        dtype = options.weights or (target.weight.dtype if target is not None else "int8")
+        auto = mode == "auto" and (dtype == "int4" or (target is not None and dtype in target.gptq_weights))
         return cls(mode in ("gptq", "awq+gptq") or auto, act_order=options.act_order, required=not auto,
                    signed_scales=target is not None and target.signed_weight_scales, threads=options.threads)
 
@@ -108,11 +117,13 @@ class GPTQ(Pass):
             return PassResult(graph, False, {"layers": 0, "no_calibration_data": 1})
         rounding = ctx.artifacts.setdefault(WEIGHT_ROUNDING, {})
         per_layer: list[dict] = []
-        with ActivationStream(graph, data, self.threads) as stream:
+        with ActivationStream(graph, data, self.threads) as stream, \
+                ctx.task("layer groups", len(groups), "group") as advance:
             for chunk in hessian_chunks(groups, graph, self.hessian_budget):
                 stats = input_statistics(stream, [g.source for g in chunk])
                 for group in chunk:
                     per_layer += self._round_group(graph, group, stats.pop(group.source).hessian, rounding)
+                    advance()
                     if self.sequential:
                         for lin in group.linears:
                             q, scale, zero = rounding[weight_key(graph, lin.op, 1, lin.spec)]

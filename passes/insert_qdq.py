@@ -7,6 +7,11 @@
   tensor, per channel or per block (int4 blocks along K become MatMulNBits in ORT).
 - Embedding tables: Gather on the integer table, then dequantization per hidden channel.
 - Gemm/Conv biases: int32 with scale s_x * s_w.
+- Whole-graph targets (an NPU without a float path): every tensor is quantized once, Q -> DQ
+  right after its producer, in the producer's output spec (fixed where the kernel imposes one,
+  input 0's scale and zero point for shared ops such as data movement); a reader wanting
+  another dtype reads a conversion DQ -> Q -> DQ; constants are stored as integers; graph
+  outputs leave through Q -> DQ too.
 """
 
 from __future__ import annotations
@@ -69,9 +74,15 @@ class InsertQDQ(Pass):
         # Weights already rounded by GPTQ/AWQ (same keys as `weight_key`) are used as they are.
         self.weight_cache.update(ctx.artifacts.get(WEIGHT_ROUNDING, {}))
         emitter = _Emitter(graph, ranges, self.overrides, self.weight_cache,
-                           placement=ActivationPlacement(ctx.target.execution.activation_placement))
+                           placement=ActivationPlacement(ctx.target.execution.activation_placement),
+                           whole_graph=plan.whole_graph)
+        if plan.whole_graph:
+            emitter.primary.update({graph.outputs_of(p.op)[slot].name: spec for p in plan.ops
+                                    for slot, spec in p.outputs.items()})
         for op_plan in plan.ops:
             emitter.quantize_op(op_plan)
+        if plan.whole_graph:
+            emitter.quantize_outputs(plan)
         stats = {"activation_quantizers": len(emitter.q_cache), "weights_quantized": emitter.weights,
                  "weight_bytes_before": emitter.bytes_before, "weight_bytes_after": emitter.bytes_after}
         return PassResult(graph, bool(plan.ops), stats)
@@ -79,8 +90,13 @@ class InsertQDQ(Pass):
 
 class _Emitter:
     def __init__(self, graph: Graph, ranges: dict[str, tuple[float, float]], overrides: PrecisionOverrides,
-                 arrays: dict, *, placement: ActivationPlacement = ActivationPlacement.SOURCE):
+                 arrays: dict, *, placement: ActivationPlacement = ActivationPlacement.SOURCE,
+                 whole_graph: bool = False):
         self.graph = graph
+        self.whole_graph = whole_graph
+        self.primary: dict[str, QSpec] = {}     # whole graph: tensor -> the spec it is quantized in
+        self.shared: dict[str, tuple[Value, Value]] = {}  # tensor -> (scale, zero point) of a shared op's input
+        self.converted: dict[tuple[str, QSpec], tuple[Value, np.ndarray]] = {}
         self.placement = placement  # where an activation's Q (and DQ) go around data movement
         self.arrays = arrays
         self.ranges = ranges
@@ -104,7 +120,7 @@ class _Emitter:
             graph.set_input(op, slot, dq)
             act_scales[slot] = scale
         for slot, spec in plan.weights.items():
-            if op.op_type == "Gather":
+            if op.op_type == "Gather" and not self.whole_graph:
                 self.embedding(op, ins[slot], spec)
                 continue
             channel_axis, k_axis = _weight_axes(op, len(graph.constant(ins[slot]).dims))
@@ -115,9 +131,84 @@ class _Emitter:
             self.second_digit(op, ins[0], act_scales[0])
         if plan.bias is not None and 0 in act_scales and 1 in weight_scales:
             self.bias(op, ins[2], act_scales[0] * weight_scales[1])
+        if plan.shared:
+            self._share_input(plan)
 
+    # ---- whole graph -------------------------------------------------------------------------
+    def _share_input(self, plan: OpPlan) -> None:
+        """A shared op's outputs take the scale and zero point its input 0 is read with."""
+        graph, op = self.graph, plan.op
+        dq = graph.producer(graph.inputs_of(op)[0])
+        spec = plan.activations.get(0) or plan.weights.get(0)
+        if dq is None or dq.op_type != "DequantizeLinear" or spec is None:
+            return
+        _, scale, zero = graph.inputs_of(dq)[:3]
+        for out in graph.outputs_of(op):
+            if out is not None:
+                self.shared[out.name] = (scale, zero)
+                self.primary[out.name] = spec
+
+    def _tensor(self, source: Value, spec: QSpec, reader: Op | None) -> tuple[Value, np.ndarray]:
+        """`source` quantized once where it is produced, in its producer's output spec (or the
+        first reader's); a reader wanting another dtype reads a conversion DQ -> Q -> DQ."""
+        graph = self.graph
+        primary = self.primary.setdefault(source.name, spec)
+        key = (source.name, primary)
+        if key not in self.q_cache:
+            if source.name in self.shared:
+                s, z = self.shared[source.name]
+            else:
+                qspec, lo_hi = self._activation_spec(source, primary)
+                scale, zero = qparams(*lo_hi, qspec)
+                s = graph.add_constant(f"{source.name}_scale", scale)
+                z = graph.add_constant(f"{source.name}_zero_point", zero)
+            producer = graph.producer(source)
+            q_op = graph.add_op("QuantizeLinear", [source, s, z], [f"{source.name}_quantized"],
+                                after=producer, before=None if producer else reader)
+            q_value = graph.outputs_of(q_op)[0]
+            q_value.set_type(z.const.elem_type, source.shape)
+            dq_op = graph.add_op("DequantizeLinear", [q_value, s, z], [f"{source.name}_dequantized"], after=q_op)
+            graph.outputs_of(dq_op)[0].type = source.type
+            self.q_cache[key] = (q_value, s, z)
+            self.dq_cache[(id(q_value), primary)] = graph.outputs_of(dq_op)[0]
+        q_value, s, z = self.q_cache[key]
+        dq = self.dq_cache[(id(q_value), primary)]
+        if spec.dtype == primary.dtype:
+            return dq, s.const.numpy()
+        convert_key = (source.name, spec)
+        if convert_key not in self.converted:
+            qspec, lo_hi = self._activation_spec(source, spec)
+            scale, zero = qparams(*lo_hi, qspec)
+            s2 = graph.add_constant(f"{source.name}_{spec.dtype}_scale", scale)
+            z2 = graph.add_constant(f"{source.name}_{spec.dtype}_zero_point", zero)
+            q2 = graph.add_op("QuantizeLinear", [dq, s2, z2], [f"{source.name}_{spec.dtype}_quantized"],
+                              after=graph.producer(dq))
+            graph.outputs_of(q2)[0].set_type(z2.const.elem_type, source.shape)
+            dq2 = graph.add_op("DequantizeLinear", [graph.outputs_of(q2)[0], s2, z2],
+                               [f"{source.name}_{spec.dtype}_dequantized"], after=q2)
+            graph.outputs_of(dq2)[0].type = source.type
+            self.converted[convert_key] = (graph.outputs_of(dq2)[0], scale)
+        return self.converted[convert_key]
+
+    def quantize_outputs(self, plan: QuantPlan) -> None:
+        """Graph outputs of quantized ops leave through Q -> DQ (and keep their names)."""
+        graph = self.graph
+        for op_plan in plan.ops:
+            for slot in op_plan.outputs:
+                value = graph.outputs_of(op_plan.op)[slot]
+                if value is None or not graph.is_graph_output(value):
+                    continue
+                dq, _ = self._tensor(value, self.primary.get(value.name, op_plan.outputs[slot]), None)
+                graph.outputs = [dq if v is value else v for v in graph.outputs]
+                name = value.name
+                graph.rename_value(value, graph.unique_name(f"{name}_float"))
+                graph.rename_value(dq, name)
+
+    # ---- activations ----------------------------------------------------------------------------
     def activation(self, value: Value, spec: QSpec, reader: Op) -> tuple[Value, np.ndarray]:
         graph = self.graph
+        if self.whole_graph:
+            return self._tensor(quant_source(graph, value, movement=False)[0], spec, reader)
         source, chain = quant_source(graph, value)
         spec, lo_hi = self._activation_spec(source, spec)
         if self.placement == ActivationPlacement.READER:  # the moved tensor has the source's values and range

@@ -43,14 +43,16 @@ class SelectPrecision(Pass):
         target = ctx.target
         scheme = Scheme.resolve(target, self.options)
         roles = find_roles(graph)
-        plan = QuantPlan(scheme=scheme, roles=roles)
+        plan = QuantPlan(scheme=scheme, roles=roles, whole_graph=target.whole_graph)
         heads = set(lm_heads(graph, roles)) if scheme.head_weight is not None else set()
         for op in graph.topo_order():
             if not op.name:
                 op.name = graph.unique_op_name(op.op_type)
             reason = self._reason_kept_high(graph, op, roles.role(op), scheme, target, self.options.overrides)
             if reason is None:
-                op_plan = self._plan_op(graph, op, scheme, scheme.head_weight if op in heads else None)
+                head = scheme.head_weight if op in heads else None
+                op_plan = (_plan_whole_graph_op(graph, op, scheme, head) if target.whole_graph
+                           else self._plan_op(graph, op, scheme, head))
                 op_plan.two_digit = self._two_digit(op, op_plan)
                 if op_plan.activations or op_plan.weights:
                     plan.ops.append(op_plan)
@@ -74,7 +76,8 @@ class SelectPrecision(Pass):
         rule = scheme.rules.get(op.kind)
         if rule is None:
             return "no integer kernel"
-        if op.op_type == "Gather" and (role != Role.EMBEDDING or not self.options.quantize_embeddings):
+        if op.op_type == "Gather" and not target.whole_graph and (
+                role != Role.EMBEDDING or not self.options.quantize_embeddings):
             return "not an embedding table"
         return None
 
@@ -115,6 +118,43 @@ class SelectPrecision(Pass):
                 and not plan.weights:
             return OpPlan(op)
         return plan
+
+
+def _plan_whole_graph_op(graph: Graph, op: Op, scheme: Scheme, head: QSpec | None = None) -> OpPlan:
+    """The plan of one op on a whole-graph target: every float input quantized (weights by the
+    weight spec, Conv/Gemm biases in int32, other constants stored as activations of their
+    slot's spec), every float output quantized where it is produced. An op with a float input
+    its rule cannot quantize is planned empty (it stays float, and validate names it)."""
+    rule = scheme.rules[op.kind]
+    if head is not None and rule.weight is not None:
+        rule = replace(rule, weight=head)
+    plan = OpPlan(op, shared=rule.shared)
+    ins = graph.inputs_of(op)
+    for slot, value in enumerate(ins):
+        if not is_float(value):
+            continue
+        tensor = graph.constant(value)
+        spec = rule.activation(slot)
+        if tensor is not None and slot in rule.weight_slots and rule.weight is not None \
+                and _fits_granularity(tensor.dims, rule.weight):
+            plan.weights[slot] = rule.weight
+        elif tensor is not None and slot == 2 and rule.bias is not None and rule.weight is not None:
+            continue  # planned below, once the weight is
+        elif spec is not None:
+            (plan.weights if tensor is not None else plan.activations)[slot] = spec
+        elif tensor is None:
+            return OpPlan(op)
+    if rule.bias is not None and len(ins) > 2 and is_float(ins[2]) and slot_is_const(graph, ins[2]) \
+            and 1 in plan.weights and 0 in plan.activations:
+        plan.bias = rule.bias
+    if not (plan.activations or plan.weights):
+        return OpPlan(op)
+    default = next((s for s in (*plan.activations.values(), *plan.weights.values()) if s.dtype in
+                    ("uint16", "uint8", "int16", "int8") and s.granularity == Granularity.TENSOR), None)
+    for slot, value in enumerate(graph.outputs_of(op)):
+        if is_float(value) and default is not None:
+            plan.outputs[slot] = rule.output_spec(default.dtype) or default
+    return plan
 
 
 _FLOAT_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",

@@ -159,8 +159,10 @@ class _VariantRunner:
         ranking.sort(key=lambda r: r.sqnr_db)
         # End-to-end gains for the ops with the lowest SQNR (all of them when few): the
         # likeliest culprits, at one variant each.
-        for item in ranking[:max_candidates]:
-            item.gain = self.baseline_error - self.output_error({item.op})
+        with self.ctx.task("end-to-end probes", min(len(ranking), max_candidates), "op") as advance:
+            for item in ranking[:max_candidates]:
+                item.gain = self.baseline_error - self.output_error({item.op})
+                advance()
         return ranking
 
 

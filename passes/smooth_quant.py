@@ -22,7 +22,7 @@ from edgeq.calibration.collection import CollectionOptions, calibrate
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
 from edgeq.pipeline import Pass, PassContext, PassResult
-from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, SMOOTHING
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN, ROTATION, SMOOTHING
 from edgeq.options import SMOOTH_SEARCH_GRID
 from edgeq.quant.plan import QuantPlan, rotates
 from edgeq.quant.channel_scaling import fold_channel_scale_into_producer, insert_channel_mul
@@ -37,27 +37,37 @@ class SmoothQuant(Pass):
     description = "SmoothQuant: per-channel activation/weight balancing folded into norms or linears"
 
     def __init__(self, alpha: float | None = 0.5, alpha_grid: tuple[float, ...] = (), search_samples: int = 4,
-                 threads: int = 0):
+                 threads: int = 0, after_rotation: bool = True):
         """alpha None disables the pass. A non-empty `alpha_grid` chooses alpha per group of
         linears (0 in the grid means "leave this group alone"): the value whose simulated W8A8
-        output error on `search_samples` calibration samples is lowest."""
+        output error on `search_samples` calibration samples is lowest. after_rotation False:
+        the pass does nothing when the hadamard-rotation pass rotated the graph (which searches
+        its own smoothing; the default search, whether rotation runs being known only then)."""
         self.alpha = alpha
         self.alpha_grid = tuple(alpha_grid)
         self.search_samples = search_samples
         self.threads = threads
+        self.after_rotation = after_rotation
 
     @classmethod
     def from_options(cls, options, target) -> "SmoothQuant":
         grid = options.smooth_alpha_grid
+        after_rotation = True
         if grid is None:  # the default: search, unless the rotation pass already smoothed
-            grid = () if rotates(options, target) else SMOOTH_SEARCH_GRID
+            rotation = rotates(options, target)
+            grid = () if rotation == "yes" else SMOOTH_SEARCH_GRID
+            # "if-stream": the rotation runs only on a graph with a pre-norm residual stream; whether
+            # it did is known when this pass runs
+            after_rotation = rotation != "if-stream"
         if options.smooth_alpha is not None:  # a fixed alpha wins
             grid = ()
-        return cls(options.smooth_alpha, grid, threads=options.threads)
+        return cls(options.smooth_alpha, grid, threads=options.threads, after_rotation=after_rotation)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.alpha is None and not self.alpha_grid:
             return PassResult(graph, False, {"groups": 0})
+        if not self.after_rotation and ctx.artifacts.get(ROTATION) is not None:
+            return PassResult(graph, False, {"groups": 0, "after_rotation": 1})
         plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         groups = _linear_groups(graph, plan)
         if not groups:
@@ -65,33 +75,42 @@ class SmoothQuant(Pass):
         data = ctx.artifacts.get(CALIBRATION_DATA)
         if data is None:
             raise CalibrationError("smooth-quant needs calibration data", fix="pass --calib or --calib-text")
-        channel_max = self._channel_absmax(graph, data, list(groups))
+        channel_max = self._channel_absmax(graph, data, list(groups), ctx)
         samples = self._activation_samples(graph, data, list(groups)) if self.alpha_grid else {}
         folded = explicit = skipped = 0
         chosen: dict[str, float] = {}
-        for source_name, ops in groups.items():
-            source = graph.value(source_name)
-            weights = [graph.constant(graph.inputs_of(op)[1]).numpy() for op in ops]
-            w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-            alpha = self.alpha if not self.alpha_grid else _search_alpha(
-                samples[source_name], weights, channel_max[source_name], w_max, self.alpha_grid, plan, ops)
-            chosen[source_name] = alpha
-            if not alpha:
-                skipped += 1
-                continue
-            scale = _smoothing_factors(channel_max[source_name], w_max, alpha)
-            for op, w in zip(ops, weights):
-                graph.set_const(graph.inputs_of(op)[1], (w * scale[:, None]).astype(w.dtype))
-            readers = [graph.producer(graph.inputs_of(op)[0]) if smoothing_source(graph, op) is not
-                       graph.inputs_of(op)[0] else op for op in ops]
-            if fold_channel_scale_into_producer(graph, source, readers, 1.0 / scale):
-                folded += 1
-            else:
-                insert_channel_mul(graph, source, readers, 1.0 / scale)
-                explicit += 1
+        with ctx.task("alpha per group", len(groups), "group") as advance:
+            for source_name, ops in groups.items():
+                kind = self._smooth_group(graph, plan, source_name, ops, channel_max, samples, chosen)
+                advance()
+                folded += kind == "folded"
+                explicit += kind == "explicit"
+                skipped += kind == "left alone"
         ctx.artifacts[SMOOTHING] = chosen
         return PassResult(graph, folded + explicit > 0, {"groups": len(groups), "folded": folded,
                                                          "explicit_mul": explicit, "left_alone": skipped})
+
+    def _smooth_group(self, graph: Graph, plan: QuantPlan, source_name: str, ops: list[Op], channel_max, samples,
+                      chosen: dict[str, float]) -> str:
+        """Smooth one group of linears: "folded" (1/s into the producer), "explicit" (a Mul) or
+        "left alone"."""
+        source = graph.value(source_name)
+        weights = [graph.constant(graph.inputs_of(op)[1]).numpy() for op in ops]
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        alpha = self.alpha if not self.alpha_grid else _search_alpha(
+            samples[source_name], weights, channel_max[source_name], w_max, self.alpha_grid, plan, ops)
+        chosen[source_name] = alpha
+        if not alpha:
+            return "left alone"
+        scale = _smoothing_factors(channel_max[source_name], w_max, alpha)
+        for op, w in zip(ops, weights):
+            graph.set_const(graph.inputs_of(op)[1], (w * scale[:, None]).astype(w.dtype))
+        readers = [graph.producer(graph.inputs_of(op)[0]) if smoothing_source(graph, op) is not
+                   graph.inputs_of(op)[0] else op for op in ops]
+        if fold_channel_scale_into_producer(graph, source, readers, 1.0 / scale):
+            return "folded"
+        insert_channel_mul(graph, source, readers, 1.0 / scale)
+        return "explicit"
 
     def _activation_samples(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
         """The group inputs on the first few calibration samples, as [tokens, channels]."""
@@ -114,12 +133,13 @@ class SmoothQuant(Pass):
                     rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
         return {name: np.concatenate(parts) for name, parts in rows.items()}
 
-    def _channel_absmax(self, graph: Graph, data, names: list[str]) -> dict[str, np.ndarray]:
+    def _channel_absmax(self, graph: Graph, data, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
             path = Path(tmp) / "model.onnx"
             save(graph, path, external_data=True)  # calibration maps the weights, no proto copy
             stats = calibrate(str(path), data, names,
-                              CollectionOptions(histogram=False, channel_axis=-1, threads=self.threads or 1))
+                              CollectionOptions(histogram=False, channel_axis=-1, threads=self.threads or 1,
+                                                progress=ctx))
         return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
 
 

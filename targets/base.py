@@ -23,7 +23,8 @@ from edgeq.cost import CostReport, count_work
 from edgeq.errors import CostModelError, OptionError, ValidationError
 from edgeq.metadata import HOST_OPS_KEY  # host ops are exempt from the integer-only rule
 # Where a target's output runs (target data, defined beside the runtime that reads it).
-from edgeq.runtime.execution import ActivationPlacement, DeviceConfig, Execution, PluginLibrary  # noqa: F401
+from edgeq.runtime.execution import (ActivationPlacement, DeviceConfig, Execution, ExecutionDevice,  # noqa: F401
+                                      PluginLibrary)
 
 if TYPE_CHECKING:
     from edgeq.ir import Graph
@@ -147,12 +148,32 @@ class QSpec:
 
 @dataclass(frozen=True)
 class OpRule:
-    """What the target's integer kernel for one op kind takes: specs per input role."""
+    """What the target's integer kernel for one op kind takes: specs per input role, and what it
+    imposes on its output."""
 
     activations: tuple[QSpec | None, ...] = ()  # spec per input slot when that input is an activation
     weight: QSpec | None = None           # a constant input in `weight_slots`
     weight_slots: tuple[int, ...] = (1,)
     bias: QSpec | None = None             # int32 bias of Conv/Gemm, scale = s_x * s_w
+    # The last activation spec applies to every further input slot (Concat, Sum: any input count).
+    variadic: bool = False
+    # Output quantization the kernel imposes, one spec per activation dtype it runs in, each with
+    # `fixed` (scale, zero point): sigmoid, tanh, softmax on an NPU. Read by insert-qdq (the output's
+    # quantization) and validate (the output's Q/DQ carry exactly these).
+    output: tuple[QSpec, ...] = ()
+    # The output carries its input 0's scale and zero point (data movement, max pooling: the kernel
+    # moves stored integers and cannot requantize). Read by insert-qdq and validate.
+    shared: bool = False
+
+    def activation(self, slot: int) -> QSpec | None:
+        """The spec of input `slot` when it is an activation (None: not quantized)."""
+        if slot < len(self.activations):
+            return self.activations[slot]
+        return self.activations[-1] if self.variadic and self.activations else None
+
+    def output_spec(self, dtype: str) -> QSpec | None:
+        """The fixed output spec for outputs stored in `dtype`, if the kernel imposes one."""
+        return next((s for s in self.output if s.dtype == dtype), None)
 
 
 @dataclass(frozen=True)
@@ -219,6 +240,10 @@ class Target:
     # Weight dtypes whose presets rotate by default (Hadamard rotation when neither --rotate nor
     # --no-rotate is given): where the rotation is what the accuracy needs.
     rotate_weights: frozenset[str] = frozenset()
+    # Weight dtypes whose presets rotate by default only where the graph has a pre-norm residual
+    # stream the rotation folds into (decoder LLMs: no online transform on the stream, so little
+    # run time); other graphs (post-norm encoders) would need online Hadamards and are left alone.
+    rotate_stream_weights: frozenset[str] = frozenset()
     # Symmetric signed weights may map their largest magnitude to qmin (-8 for int4: 16 levels)
     # with a negative scale, as ONNX Runtime's own int4 quantizer does: its CPU kernels accept
     # it; runtimes that require positive scales (WebNN) do not.
@@ -227,6 +252,16 @@ class Target:
     # dynamic dims (--input-shape, else the first calibration sample's) before the pipeline.
     # False: dynamic batch/sequence axes stay (x86, and the FPGA's functional model).
     static_shapes: bool = False
+    # Every op runs quantized (NPUs without a float path): each op's float inputs come from
+    # DequantizeLinear (constants included, stored as integers) and its float outputs go only to
+    # QuantizeLinear, the node units ONNX Runtime's QNN provider lowers op by op. select-precision
+    # plans every op, insert-qdq quantizes every tensor once where it is produced (graph outputs
+    # too), and validate names any op outside a node unit.
+    whole_graph: bool = False
+    # Weight dtypes besides int4 that --weight-rounding auto rounds with GPTQ when calibration
+    # data is given (int8 weights where their rounding dominates the error, as on an NPU with
+    # 16-bit activations).
+    gptq_weights: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.weight.dtype in self.weight_specs:
@@ -292,6 +327,8 @@ def validate(graph: "Graph", target: Target, *, raise_on_error: bool = True) -> 
         violations.extend(Violation(op.name, p) for p in problems)
     if target.integer_only:
         violations.extend(_integer_only_violations(graph, target))
+    if target.whole_graph:
+        violations.extend(_node_unit_violations(graph, target))
     if violations and raise_on_error:
         first = violations[0]
         raise ValidationError(f"{len(violations)} violation(s) of target {target.name}; first: "
@@ -600,10 +637,10 @@ def _specs_for(graph: "Graph", qdq_op, target: Target) -> list[tuple[str, QSpec]
             continue
         if weight and slot in rule.weight_slots and rule.weight is not None:
             specs.append((_WEIGHT, rule.weight))
-        elif not weight and slot < len(rule.activations) and rule.activations[slot] is not None:
-            specs.append((_ACTIVATION, rule.activations[slot]))
-        elif weight and rule.bias is not None and slot == 2:
+        elif weight and rule.bias is not None and slot == 2 and rule.weight is not None:
             specs.append((_BIAS, rule.bias))
+        elif rule.activation(slot) is not None:  # an activation, or a constant stored as one (whole graph)
+            specs.append((_ACTIVATION, rule.activation(slot)))
     return specs
 
 
@@ -619,3 +656,68 @@ def _dequantizers_of(graph: "Graph", value) -> list:
                                     "Gather", "Expand", "Identity"):
                 stack.extend(v for v in graph.outputs_of(reader) if v is not None)
     return found
+
+
+def _node_unit_violations(graph: "Graph", target: Target) -> list[Violation]:
+    """The whole-graph rule: every op other than Q/DQ reads its float inputs from a
+    DequantizeLinear (constants the op's rule does not quantize, such as Clip bounds, excepted)
+    and writes float outputs that only a QuantizeLinear reads; an output the rule fixes carries
+    the fixed scale and zero point, and a shared op's output carries its input's."""
+    def dq_of(value):
+        producer = graph.producer(value) if value is not None else None
+        return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+    def qparams_of(op) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+        ins = graph.inputs_of(op)
+        scale = graph.constant(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+        zero = graph.constant(ins[2]) if len(ins) > 2 and ins[2] is not None else None
+        elem = zero.elem_type if zero is not None else onnx.TensorProto.UINT8
+        return (scale.numpy().astype(np.float32) if scale is not None else None,
+                zero.numpy().astype(np.int64) if zero is not None else np.zeros((), np.int64), elem)
+
+    elem = _elem_types(graph, set(graph.ops()))
+    violations: list[Violation] = []
+    for op in graph.topo_order():
+        if op.op_type in ("QuantizeLinear", "DequantizeLinear") and not op.domain:
+            continue
+        rule = target.rule(op.kind)
+        # An op without float inputs (a Cast of integers) enters the datapath like a graph input: its
+        # float outputs are checked below.
+        if rule is None and any(v is not None and elem(v) in _FLOAT_ELEMS for v in graph.inputs_of(op)):
+            violations.append(Violation(op.name, f"{op.op_type} would compute in float: the target has no quantized "
+                                                 f"{op.op_type}"))
+            continue
+        for slot, value in enumerate(graph.inputs_of(op) if rule is not None else ()):
+            if value is None or elem(value) not in _FLOAT_ELEMS or dq_of(value) is not None:
+                continue
+            quantized_slot = rule.activation(slot) is not None or (
+                slot in rule.weight_slots and rule.weight is not None) or (slot == 2 and rule.bias is not None)
+            if graph.is_const(value) and not quantized_slot:
+                continue  # a constant the kernel reads as a parameter (Clip bounds, Resize scales)
+            violations.append(Violation(op.name, f"{op.op_type} would compute in float: input {slot} ({value.name}) "
+                                                 "is float, not read from a DequantizeLinear"))
+            break
+        for value in graph.outputs_of(op):
+            if value is None or elem(value) not in _FLOAT_ELEMS:
+                continue
+            readers = graph.consumers(value)
+            if graph.is_graph_output(value) or any(r.op_type != "QuantizeLinear" for r in readers):
+                violations.append(Violation(op.name, f"{op.op_type} output {value.name} is float: it reaches "
+                                                     "something other than a QuantizeLinear"))
+                continue
+            for q in readers if rule is not None else ():
+                scale, zero, zero_elem = qparams_of(q)
+                fixed = rule.output_spec(dtype_name(zero_elem))
+                if fixed is not None and fixed.fixed is not None and (
+                        scale is None or np.any(scale != np.float32(fixed.fixed[0])) or np.any(zero != fixed.fixed[1])):
+                    violations.append(Violation(op.name, f"{op.op_type} output {value.name}: scale and zero point "
+                                                         f"are not the fixed ({fixed.fixed[0]:g}, {fixed.fixed[1]}) "
+                                                         "the target imposes"))
+                source = dq_of(graph.inputs_of(op)[0]) if rule.shared and graph.inputs_of(op) else None
+                if source is not None:
+                    in_scale, in_zero, in_elem = qparams_of(source)
+                    if in_elem != zero_elem or in_scale is None or scale is None or in_scale.shape != scale.shape \
+                            or np.any(in_scale != scale) or np.any(in_zero != zero):
+                        violations.append(Violation(op.name, f"{op.op_type} output {value.name} is not quantized "
+                                                             "like its input (the target's kernel shares them)"))
+    return violations

@@ -89,9 +89,13 @@ _PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision",
                       "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize", "dead-code-elimination",
                       "topological-sort")
 # int4 presets rotate: SmolLM2 W4A16 g128 GPTQ perplexity 47.39 with rotation, 54.21 without
-# (BENCHMARKS.md, issue 5). W8A8 keeps rotation opt-in (--rotate): its online Hadamards cost
-# run time, and encoders such as MiniLM meet their bounds without it.
+# (BENCHMARKS.md, issue 5). W8A8 rotates where the graph has a pre-norm residual stream (decoder
+# LLMs: the rotation folds into the weights, only the MLP/attention-output Hadamards run online):
+# SmolLM2 W8A8, 16 calibration windows, 47.83 (+8.7%) without, 44.83 (+1.9%) with (BENCHMARKS.md,
+# issue 16). Post-norm encoders (MiniLM) would need an online Hadamard before every linear group,
+# which costs them their int8 speed-up on the CPU provider: rotation stays opt-in (--rotate) there.
 _ROTATE_WEIGHTS = frozenset({"int4"})
+_ROTATE_STREAM_WEIGHTS = frozenset({"int8"})
 
 
 # ---- where the x86 targets run ------------------------------------------------------------
@@ -150,7 +154,8 @@ def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostMode
         executions=(_openvino(weight, precision_hint), CPU_PROVIDER),
         name=name, description=description, ops=_ops(weight), activation=ACT_U8, weight=weight,
         weight_specs={"int4": W_S4_BLOCK}, activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
-        default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, signed_weight_scales=True, cost_model=cost_model,
+        default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, rotate_stream_weights=_ROTATE_STREAM_WEIGHTS,
+        signed_weight_scales=True, cost_model=cost_model,
         **fields))
 
 

@@ -31,6 +31,7 @@ from edgeq.calibration.float_model import FloatModel, load_model
 from edgeq.calibration.sources import ModelLike, open_source
 from edgeq.calibration.statistics import CalibrationResult, TensorAccumulator
 from edgeq.errors import OptionError
+from edgeq.progress import follow
 from edgeq.runtime.execution import Execution
 
 
@@ -45,7 +46,8 @@ class CollectionOptions:
     threads: ONNX Runtime intra-op threads; results are bit-identical for a fixed count.
     outputs_per_run: fetch at most this many tensors per run (one pass over the data each);
         None fetches all at once.
-    progress: show a tqdm bar; None shows it only when stderr is a terminal.
+    progress: show a tqdm bar; None shows it only when stderr is a terminal; an object with a
+        `task` method (a PassContext: its instruments show it) follows the runs instead.
     execution: where the float model runs (at full precision), e.g. the target's provider.
     """
 
@@ -54,7 +56,7 @@ class CollectionOptions:
     channel_axis: int | None = None
     threads: int = 1
     outputs_per_run: int | None = None
-    progress: bool | None = None
+    progress: Any = None   # bool | None | a progress follower (see above)
     execution: Execution | None = None  # the runtime the float model runs on (fp32); None: ORT's CPU provider
 
     def __post_init__(self) -> None:
@@ -116,7 +118,11 @@ def _output_groups(names: Sequence[str], size: int | None) -> list[list[str]]:
 
 
 @contextmanager
-def _progress(total: int, show: bool | None) -> Iterator[Callable[[], None]]:
+def _progress(total: int, show: Any) -> Iterator[Callable[[], None]]:
+    if callable(getattr(show, "task", None)):
+        with follow(show, "calibration runs", total, "run") as advance:
+            yield advance
+        return
     if show is None:
         show = sys.stderr.isatty()
     if not show:

@@ -81,6 +81,37 @@ def _static(entry: CacheEntry, axis: int) -> int:
                            "batch and sequence", fix="export the cache with static head count and head size")
 
 
+def head_size_of(model: onnx.ModelProto) -> int | None:
+    """The head size a com.microsoft GroupQueryAttention implies (onnxruntime-genai's builder
+    leaves it symbolic in the cache dims): its packed query's projection width over the heads."""
+    weights = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+        packed = len(node.input) < 2 or not node.input[1]
+        projection = producers.get(node.input[0])
+        if projection is None or projection.op_type != "MatMul" or projection.input[1] not in weights:
+            continue
+        width = int(weights[projection.input[1]].dims[-1])
+        parts = heads + 2 * kv_heads if packed else heads
+        if parts and width % parts == 0:
+            return width // parts
+    return None
+
+
+def with_head_size(layout: CacheLayout, head_size: int) -> CacheLayout:
+    """The layout with a symbolic head-size dim (axis 3) set to `head_size`."""
+    def fixed(entry: CacheEntry) -> CacheEntry:
+        dims = list(entry.dims)
+        if len(dims) == 4 and not (isinstance(dims[3], int) and dims[3] > 0):
+            dims[3] = head_size
+        return CacheEntry(entry.past, entry.present, tuple(dims), entry.dtype)
+    return CacheLayout(tuple(fixed(e) for e in layout.entries), layout.axis, layout.scales)
+
+
 def find_cache(inputs: Sequence[Any], outputs: Sequence[str]) -> CacheLayout | None:
     """The cache of a decoder with `input_ids`, from its input specs (name, dtype, shape,
     required) and output names; None for a model without one. Past inputs are the rank-4 float

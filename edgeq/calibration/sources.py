@@ -4,7 +4,8 @@
 sized stream of feed dicts ({graph input name: array}) that fit the model:
 
 - a directory of `.npz` files, one sample per file, keyed by input name (files in name order);
-- one `.npz` file whose arrays have a leading sample axis;
+- one `.npz` file whose arrays have a leading sample axis (in front of the inputs' shape, or
+  the inputs' own batch axis when the arrays have the inputs' rank: one row per sample);
 - `TextWindows` (text + `tokenizer.json`) or `TokenWindows` (token ids): consecutive
   non-overlapping windows of `seq_len` tokens, fed as `input_ids` [1, seq_len] plus
   `attention_mask` (ones), `position_ids` and `token_type_ids` where the model has them; a
@@ -245,6 +246,11 @@ class CalibrationSource(ABC):
     def _samples(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
         """(where, raw sample) for the given sample indices (ascending), for messages and checks."""
 
+    def sample_names(self) -> list[str]:
+        """Where each sample of this view comes from (file, row, token window), as messages
+        name it; reads the samples (meant for a few, e.g. the held-out ones a report names)."""
+        return [where for where, _ in self._samples(self._indices)]
+
     def _view(self, indices: Sequence[int]) -> CalibrationSource:
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
@@ -262,6 +268,14 @@ def split(source: CalibrationSource, n_holdout: int) -> tuple[CalibrationSource,
     indices = source._indices
     cut = total - n_holdout
     return source._view(indices[:cut]), source._view(indices[cut:])
+
+
+def subset(source: CalibrationSource, positions: Sequence[int]) -> CalibrationSource:
+    """A view of the samples of `source` at `positions` (ascending, as len/iter count them)."""
+    indices = source._indices
+    if any(not 0 <= p < len(indices) for p in positions) or list(positions) != sorted(set(positions)):
+        raise ValueError(f"positions must be ascending and within 0..{len(indices) - 1}")
+    return source._view([indices[p] for p in positions])
 
 
 class NpzDirectorySource(CalibrationSource):
@@ -287,6 +301,11 @@ class NpzDirectorySource(CalibrationSource):
 class NpzStackedSource(CalibrationSource):
     """One `.npz` file; each array's leading axis indexes samples.
 
+    The leading axis is either a sample axis added in front of the model's input shape (arrays
+    of rank r + 1 for inputs of rank r: each sample drops it) or the model's own batch axis
+    (arrays of the inputs' rank, e.g. input_ids [32, 128] for a model taking [batch, seq]:
+    each sample is one row, batch 1), as the inputs' ranks say.
+
     Members stored uncompressed (numpy.savez) are memory-mapped, so a pass touches one sample
     at a time; compressed members (savez_compressed) are decompressed once per pass.
     """
@@ -299,9 +318,14 @@ class NpzStackedSource(CalibrationSource):
                                    fix="save the inputs with numpy.savez(path, **{name: stacked_array})")
         size = self._sample_count(headers)
         super().__init__(inputs, size)
+        self.batch_axis = _leading_axis_is_batch(headers, inputs)
         # Every sample of a stacked file shares its metadata: check it once.
-        self.checker.check_metadata({n: (s[1:], d) for n, (s, d) in headers.items()},
-                                    f"{path} (a sample, after the leading sample axis)")
+        if self.batch_axis:
+            self.checker.check_metadata({n: ((1, *s[1:]), d) for n, (s, d) in headers.items()},
+                                        f"{path} (a sample: one row of the leading batch axis)")
+        else:
+            self.checker.check_metadata({n: (s[1:], d) for n, (s, d) in headers.items()},
+                                        f"{path} (a sample, after the leading sample axis)")
 
     def _sample_count(self, headers: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
         counts = {name: shape[0] if shape else None for name, (shape, _) in headers.items()}
@@ -322,7 +346,17 @@ class NpzStackedSource(CalibrationSource):
     def _samples(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
         stacked = _open_npz_members(self.path)
         for index in indices:
-            yield f"{self.path} sample {index}", {name: array[index] for name, array in stacked.items()}
+            rows = slice(index, index + 1) if self.batch_axis else index
+            yield f"{self.path} sample {index}", {name: array[rows] for name, array in stacked.items()}
+
+
+def _leading_axis_is_batch(headers: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                           inputs: Sequence[InputSpec]) -> bool:
+    """Whether a stacked file's arrays have the model inputs' own rank (the leading axis is the
+    batch axis) rather than one more (a sample axis in front); inputs of unknown rank do not vote."""
+    ranks = {spec.name: len(spec.shape) for spec in inputs if spec.shape is not None}
+    votes = {len(shape) == ranks[name] for name, (shape, _) in headers.items() if name in ranks}
+    return votes == {True}
 
 
 @dataclass(frozen=True)
@@ -425,6 +459,9 @@ def _cache_steps(model: ModelLike, inputs: Sequence[InputSpec], windows: TokenWi
     layout = kv_cache.find_cache(inputs, kv_cache.model_outputs(proto))
     if layout is None:
         return None
+    head_size = kv_cache.head_size_of(proto) if any(not isinstance(e.dims[-1], int) for e in layout.entries) else None
+    if head_size:
+        layout = kv_cache.with_head_size(layout, head_size)
     path = kv_cache.model_path(model)
     if path is None:
         raise CalibrationError("token windows for a model with a KV cache need the model file (decode steps run it)",

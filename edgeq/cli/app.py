@@ -1,6 +1,7 @@
 """The `edgeq` command group, the one place where every verb is joined to it, and `main`, which
 maps errors to exit codes: 0 ok, 2 bad input or usage (one-line message, no traceback),
-1 internal error. `--debug` shows tracebacks."""
+1 internal error, 130 after Ctrl-C and 143 after SIGTERM (temporary files removed, one line
+saying whether anything was written: edgeq.cli.interrupts). `--debug` shows tracebacks."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from edgeq.cli.compile import compile_command
 from edgeq.cli.estimate import estimate_command
 from edgeq.cli.eval import eval_command
 from edgeq.cli.inspect import inspect_command
+from edgeq.cli.interrupts import Terminated, handling_signals
+from edgeq.cli import interrupts
 from edgeq.cli.package import package_command
 from edgeq.errors import EdgeqError
 
@@ -74,8 +77,13 @@ for _group in BACKEND_COMMAND_GROUPS:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps errors to exit codes (2 user error, 1 internal)."""
+    """Entry point: maps errors to exit codes (2 user error, 1 internal, 130/143 interrupted)."""
     _DEBUG["on"] = False  # set again by --debug; never left over from an earlier in-process call
+    with handling_signals():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="edgeq", standalone_mode=False)
         return 0
@@ -84,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {err}", err=True)
         return err.exit_code
-    except click.exceptions.Abort:
+    except (KeyboardInterrupt, Terminated) as interruption:
+        click.echo(interrupts.message(interruption), err=True)
+        return interrupts.exit_code(interruption)
+    except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo(interrupts.message(err.__cause__), err=True)
+            return interrupts.exit_code(err.__cause__)
         click.echo("aborted", err=True)
         return 2
     except click.ClickException as err:
@@ -92,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if err.exit_code == 2 or isinstance(err, click.UsageError) else err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
     except OSError as err:  # the file system refused: a path that clashes, permissions, a full disk
         if _DEBUG["on"]:
             raise

@@ -1,5 +1,11 @@
 """`edgeq compile`: flags -> typed options (edgeq.cli.option_flags) -> `edgeq.compile`, then the
-model, the report, the device estimate of a cost model that prices one, and pass times."""
+model, the report, the device estimate of a cost model that prices one, and pass times.
+
+Progress goes to stderr: on a terminal each pass as it runs and a bar for its long steps
+(calibration runs, GPTQ layers, rotation probes, verification); elsewhere nothing, unless
+--verbose (one plain line per pass and step, with the passes' stats). --quiet shows neither
+progress nor the summary. The outputs are written at the end, with Ctrl-C/SIGTERM held until
+they are complete (edgeq.cli.interrupts)."""
 
 from __future__ import annotations
 
@@ -72,38 +78,75 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--provider", help="Where the output runs: one of the target's executions (`edgeq targets show T`; "
                                  "default: the first that runs here, e.g. openvino, else cpu).")
 @click.option("--external-data/--no-external-data", default=None, help="Weights in a .data file (default: above 2 GB).")
+@click.option("--ep-context", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the provider's precompiled model (ONNX Runtime EP context: one node holding the NPU's "
+                   "compiled graph, loaded without compiling on the device; qnn-htp).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--time-passes", is_flag=True, help="Print each pass's wall time (with --json: a pass_seconds list).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary (errors only).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Progress as plain lines also when not on a terminal, each pass's stats, the options "
+                   "as decided and the pass times.")
 @device_flags
 def compile_command(model: Path, target_name: str, output: Path, *, calibration: CalibrationFlags,
                     device: DeviceFlags, config: Path | None, report: Path | None, external_data: bool | None,
-                    as_json: bool, time_passes: bool, provider: str | None, **option_flags) -> None:
+                    as_json: bool, time_passes: bool, provider: str | None, quiet: bool, verbose: bool,
+                    ep_context: Path | None = None, **option_flags) -> None:
     """Quantize MODEL for a target and write the QDQ ONNX model to OUTPUT."""
+    from edgeq.cli.interrupts import committing, note_written
     from edgeq.cli.pass_times import PassTimes
     from edgeq.compiler import compile as compile_model
+    from edgeq.pipeline import ProgressInstrument
     from edgeq.registry import get_target
+    from edgeq.report import report_format
 
-    from edgeq.runtime.providers import resolve
+    from edgeq.runtime.providers import for_device, resolve
 
+    if quiet and verbose:
+        raise OptionError("give either --quiet or --verbose, not both")
+    if report is not None:
+        report_format(report)  # an unknown suffix fails before any work
     target = get_target(target_name)  # unknown targets fail before any work
-    resolve(target, provider)  # so does a provider that cannot run here
+    execution = resolve(target, provider)  # so does a provider that cannot run here
     device.check(target, device_required=False)
+    # --device of an NPU execution picks the generation/SoC it compiles for (an unknown one fails now)
+    npu_device = for_device(execution, device.device).device if execution.devices else None
     name_device = getattr(target.cost_model, "device", None)  # a device cost model's catalog lookup
     if device.device is not None and name_device is not None:
         name_device(device.device)  # an unknown device fails now, not after compiling
     if output.resolve() == model.resolve():
         raise OptionError("the output would overwrite the input model", fix="choose another -o path")
-    for path in (output, report):
+    if ep_context is not None and ep_context.resolve() in (output.resolve(), model.resolve()):
+        raise OptionError("--ep-context would overwrite the input or the output model", fix="choose another path")
+    for path in (output, report, ep_context):
         _check_writable(path)
     options = compile_options(option_flags, config)
-    timing = PassTimes() if time_passes else None
-    compiled = compile_model(model, target, options, calibration=calibration.spec(),
-                             instruments=(timing,) if timing is not None else (), provider=provider)
-    compiled.save(output, external_data=external_data)
-    if report:
-        compiled.report.write(report)
+    timing = PassTimes() if time_passes or verbose else None
+    progress = None if quiet else ProgressInstrument(verbose=verbose)
+    instruments = tuple(i for i in (progress, timing) if i is not None)
+    spec = calibration.spec()
+    if progress is not None and (progress.live or progress.verbose):
+        progress.write(f"compiling {model.name} for {target.name}"
+                       + (f" ({provider})" if provider else "") + _calibration_text(spec, options.calibration.holdout))
+    try:
+        compiled = compile_model(model, target, options, calibration=spec, instruments=instruments,
+                                 provider=provider, device=npu_device)
+    finally:
+        if progress is not None:
+            progress.close()
+    with committing():  # Ctrl-C/SIGTERM wait until both files are complete
+        compiled.save(output, external_data=external_data)
+        note_written(output)
+        if report:
+            compiled.report.write(report)
+            note_written(report)
+        if ep_context is not None:
+            from edgeq.runtime.ep_context import write_ep_context
+
+            write_ep_context(output, compiled.target.execution, ep_context, threads=options.threads)
+            note_written(ep_context)
     estimate = (target.cost_model.estimate(output, input_shapes=None, **device.given())
-                if device.device is not None else None)
+                if device.device is not None and npu_device is None else None)
     if as_json:
         if estimate is None and timing is None:
             click.echo(compiled.report.to_json())
@@ -114,9 +157,20 @@ def compile_command(model: Path, target_name: str, output: Path, *, calibration:
             data["pass_seconds"] = timing.to_json()
         echo_json(data)
         return
+    if quiet:
+        return
     click.echo(f"wrote {output}")
+    if report:
+        click.echo(f"  report: {report}")
+    if ep_context is not None:
+        click.echo(f"  EP context model: {ep_context}")
+    click.echo(f"  time: {compiled.report.total_seconds:.1f} s")
     for line in compiled.report.summary_lines():
         click.echo("  " + line)
+    if verbose:
+        click.echo("options as decided:")
+        for key, value in compiled.report.settings.items():
+            click.echo(f"  {key}: {value}")
     if timing is not None:
         for line in timing.text_lines():
             click.echo(line)
@@ -124,3 +178,15 @@ def compile_command(model: Path, target_name: str, output: Path, *, calibration:
         click.echo(estimate.to_text())
     elif target.cost_model is not None and target.cost_model.needs_device:
         click.echo(f"  (add --device D for the resources and latency of {target.name} on a device)")
+
+
+def _calibration_text(spec, holdout: int) -> str:
+    """The calibration data in the first progress line."""
+    from edgeq.calibration.sources import TextWindows
+
+    if spec is None:
+        return ", no calibration data"
+    if isinstance(spec, TextWindows):
+        return (f", calibrating on {spec.num_samples} windows of {spec.seq_len} tokens of {Path(spec.text).name} "
+                f"(the last {holdout} held out to verify)")
+    return f", calibrating on {spec}"

@@ -96,7 +96,8 @@ class DeviceFlags:
         """Fail before any work when the flags do not fit the target's cost model; with
         `device_required`, a cost model that prices a device needs --device."""
         needs_device = target.cost_model is not None and target.cost_model.needs_device
-        if self.device is not None and not needs_device:
+        # An NPU execution's devices (generation / SoC) are chosen with --device too.
+        if self.device is not None and not needs_device and not any(e.devices for e in target.executions):
             raise OptionError(f"--device applies to targets whose cost model needs a device; target {target.name} "
                               "has none", fix="drop --device, or use a target whose cost model prices a device; "
                                               "`edgeq targets show T` describes each")

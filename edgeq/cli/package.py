@@ -41,11 +41,13 @@ def _modes(**flags: bool) -> str:
 @click.option("--pad-token-id", type=int, default=None, help="Default: from the tokenizer, else the EOS id.")
 @click.option("--num-attention-heads", type=click.IntRange(min=1), default=None,
               help="Query heads (default: read from the head split in the graph).")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="Lay RMSNorm and attention with its cache out as ONNX Runtime's fused kernels.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier package in the folder.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable list of the files written.")
 def package_command(model: Path, output: Path, genai: bool, tokenizer: Path | None, context_length: int,
                     provider: str | None, bos_token_id: int | None, eos_token_id: int | None,
-                    pad_token_id: int | None, num_attention_heads: int | None, overwrite: bool,
+                    pad_token_id: int | None, num_attention_heads: int | None, fuse: bool, overwrite: bool,
                     as_json: bool) -> None:
     """Package a compiled MODEL for the runtime an app uses: --genai for onnxruntime-genai (a
     decoder with a KV cache, e.g. compiled from `edgeq models build smollm2-kv`)."""
@@ -55,7 +57,7 @@ def package_command(model: Path, output: Path, genai: bool, tokenizer: Path | No
 
         options = GenaiOptions(context_length=context_length, provider=provider, bos_token_id=bos_token_id,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               num_attention_heads=num_attention_heads, overwrite=overwrite)
+                               num_attention_heads=num_attention_heads, fuse=fuse, overwrite=overwrite)
         package = package_genai(model, output, options, tokenizer=tokenizer)
     if as_json:
         echo_json(package.to_dict())

@@ -1,9 +1,11 @@
 """Packages of a compiled model for the runtime an app runs it with (`edgeq package`).
 
-- `folder`: what every mode shares: the package folder (written whole or not at all), the model
-  copied in with its external data, the file list with sizes (`Package`), `PackageError`.
+- `folder`: what every mode shares: the package folder (written whole or not at all), the file
+  list with sizes and roles (`Package`), `PackageError`.
 - `decoder`: the input/output layout of a compiled decoder with a KV cache (tokens, mask,
   positions, cache tensors per layer, logits) and renaming it to the names a runtime expects.
+- `ort_fusions`: the canonical forms back into ONNX Runtime's fused kernels (RMSNorm,
+  attention with its cache as GroupQueryAttention) for a generation loop at batch 1.
 - `tokenizer`: tokenizer files for the package (tokenizer.json + tokenizer_config.json) and the
   special token ids they name.
 - `genai`: the onnxruntime-genai folder: the decoder under the names the generation loop

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from edgeq.calibration.kv_cache import CacheEntry, cache_kind, find_cache
 from edgeq.calibration.sources import model_inputs
+from edgeq.ir import Graph
 from edgeq.packaging.folder import PackageError
 
 PAST = "past_key_values.{layer}.{kind}"
@@ -130,53 +130,33 @@ def _vocab(model: onnx.ModelProto, logits: str) -> int:
     raise PackageError(f"output '{logits}' has no static vocabulary size", fix="export the logits with a static last dim")
 
 
-def attention_heads(model: onnx.ModelProto, head_size: int, kv_heads: int) -> int | None:
+def attention_heads(graph: Graph, head_size: int, kv_heads: int) -> int | None:
     """The query head count: the largest H of a head split `Reshape(x, [0, 0, H, head_size])`
     (canonical form), None when the graph has none."""
-    constants = {t.name: t for t in model.graph.initializer}
     found = []
-    for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+    for op in graph.ops():
+        if op.op_type != "Reshape" or op.domain or len(graph.inputs_of(op)) < 2:
             continue
-        shape = numpy_helper.to_array(constants[node.input[1]])
-        if shape.ndim == 1 and len(shape) == 4 and int(shape[3]) == head_size and int(shape[2]) >= kv_heads:
+        tensor = graph.constant(graph.inputs_of(op)[1])
+        shape = tensor.numpy() if tensor is not None else None
+        if shape is not None and shape.ndim == 1 and len(shape) == 4 and int(shape[3]) == head_size \
+                and int(shape[2]) >= kv_heads:
             found.append(int(shape[2]))
     return max(found) if found else None
 
 
-def rename(model: onnx.ModelProto, names: dict[str, str]) -> None:
-    """Rename values everywhere in the model (graph inputs/outputs, node inputs/outputs, value
-    infos, initializers, subgraphs), in place. No new name may clash with an existing one."""
-    if not names:
-        return
-    existing = _all_names(model.graph)
-    clash = [new for old, new in names.items() if new in existing and new not in names]
+def rename(graph: Graph, names: dict[str, str]) -> None:
+    """Rename values of `graph` (old -> new), through temporary names so that swaps work; a new
+    name another value already has is refused."""
+    taken = {v.name for v in graph.values()}
+    clash = [new for new in names.values() if new in taken and new not in names]
     if clash:
         raise PackageError(f"cannot rename to '{clash[0]}': the model already has a value of that name",
                            fix="rename that value in the export")
-    _rename_graph(model.graph, names)
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    found = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-    found |= {t.name for t in graph.initializer}
-    for node in graph.node:
-        found.update(node.input)
-        found.update(node.output)
-    return found
-
-
-def _rename_graph(graph: onnx.GraphProto, names: dict[str, str]) -> None:
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        value.name = names.get(value.name, value.name)
-    for tensor in graph.initializer:
-        tensor.name = names.get(tensor.name, tensor.name)
-    for node in graph.node:
-        node.input[:] = [names.get(n, n) for n in node.input]
-        node.output[:] = [names.get(n, n) for n in node.output]
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _rename_graph(attribute.g, names)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for sub in attribute.graphs:
-                    _rename_graph(sub, names)
+    staged = []
+    for i, (old, new) in enumerate(names.items()):
+        value = graph.value(old)
+        graph.rename_value(value, f"__edgeq_rename_{i}")
+        staged.append((value, new))
+    for value, new in staged:
+        graph.rename_value(value, new)

@@ -1,6 +1,6 @@
 """The package folder every mode writes: built in a temporary folder beside the destination and
-moved into place at the end (an interrupted package never leaves half a folder), the model
-copied in with its external-data files, and the list of files with their sizes."""
+moved into place at the end (an interrupted package never leaves half a folder), and the list
+of files with their sizes and roles."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import onnx
 
 from edgeq.errors import EdgeqError
 
@@ -84,29 +82,3 @@ def package_folder(destination: str | os.PathLike[str], *, overwrite: bool = Fal
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
-
-
-def external_files(model: onnx.ModelProto) -> list[str]:
-    """The external-data files the model's initializers name (relative to the model)."""
-    names: list[str] = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if location and location not in names:
-                names.append(location)
-    return names
-
-
-def write_model(model: onnx.ModelProto, source: Path, folder: Path, name: str) -> list[str]:
-    """`model` (loaded without its external data) saved as `folder/name`, its external-data files
-    copied from beside `source` under their own names; returns the files written."""
-    written = []
-    for location in external_files(model):
-        src = source.parent / location
-        if not src.is_file():
-            raise PackageError(f"the model's external data '{src}' is missing", fix="keep the .data file beside the model")
-        shutil.copyfile(src, folder / location)
-        written.append(location)
-    with open(folder / name, "wb") as out:
-        out.write(model.SerializeToString())
-    return [name, *written]

@@ -2,7 +2,9 @@
 (`onnxruntime_genai.Model(folder)`) and generates with.
 
 The folder holds the compiled decoder as `model.onnx` (+ its external data), its inputs and
-outputs under the names the loop feeds and reads (`edgeq.packaging.decoder`), `genai_config.json`
+outputs under the names the loop feeds and reads (`edgeq.packaging.decoder`), laid out for ONNX
+Runtime's kernels (`edgeq.packaging.ort_fusions`: RMSNorm and attention with its cache as the
+fused ops onnxruntime-genai's own graphs use; `fuse=False` keeps the canonical forms), `genai_config.json`
 (what onnxruntime-genai's own builder writes, `src/python/py/models/builder.py`: the decoder's
 file, sizes and input/output names, token ids, search defaults, session options with the
 provider) and, with a tokenizer, `tokenizer.json` + `tokenizer_config.json`.
@@ -22,10 +24,13 @@ from pathlib import Path
 
 import onnx
 
+from edgeq.ir import Graph, load, save
+from edgeq.ir.to_proto import graph_to_proto, model_header
 from edgeq.metadata import PROVIDER_KEY
 from edgeq.packaging import decoder as decoder_io
 from edgeq.packaging import tokenizer as tokenizers
-from edgeq.packaging.folder import Package, PackageError, package_folder, write_model
+from edgeq.packaging.folder import Package, PackageError, package_folder
+from edgeq.packaging.ort_fusions import fuse_for_onnxruntime
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
@@ -55,6 +60,7 @@ class GenaiOptions:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     num_attention_heads: int | None = None  # None: from the head split in the graph
+    fuse: bool = True                    # canonical forms -> ONNX Runtime's fused kernels (ort_fusions)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -68,37 +74,49 @@ def package_genai(model: str | os.PathLike[str], output: str | os.PathLike[str],
     source = Path(model)
     if not source.is_file():
         raise PackageError(f"model '{source}' does not exist", fix="give the compiled .onnx file")
-    proto = onnx.load(source, load_external_data=False)
-    layout = decoder_io.decoder_layout(proto)
-    decoder_io.rename(proto, layout.standard_names())
+    graph = load(source)
+    skeleton = _skeleton(graph)
+    layout = decoder_io.decoder_layout(skeleton)  # checks the decoder before any rewrite
     tokens = _special_tokens(tokenizer, options)
-    heads = options.num_attention_heads or decoder_io.attention_heads(proto, layout.head_size, layout.kv_heads)
-    if heads is None:
-        raise PackageError("cannot tell the number of attention heads from the graph",
-                           fix="give --num-attention-heads")
     for what, token in (("bos", tokens.bos_token_id), ("eos", tokens.eos_token_id), ("pad", tokens.pad_token_id)):
         if not 0 <= token < layout.vocab_size:
             raise PackageError(f"{what} token id {token} is outside the vocabulary (0..{layout.vocab_size - 1})",
                                fix=f"give --{what}-token-id below {layout.vocab_size}, or the model's tokenizer")
-    provider = _provider(proto, options.provider)
+    heads = options.num_attention_heads or decoder_io.attention_heads(graph, layout.head_size, layout.kv_heads)
+    if heads is None:
+        raise PackageError("cannot tell the number of attention heads from the graph",
+                           fix="give --num-attention-heads")
+    provider = _provider(skeleton, options.provider)
+    fusion = fuse_for_onnxruntime(graph, options.context_length) if options.fuse else None
+    decoder_io.rename(graph, layout.standard_names())
     config = genai_config(layout, options, tokens, heads, provider)
     with package_folder(output, overwrite=options.overwrite) as folder:
-        written = write_model(proto, source, folder, MODEL_FILE)
+        save(graph, folder / MODEL_FILE)
+        weights = sorted(p.name for p in folder.iterdir() if p.name != MODEL_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         token_files = tokenizers.write_tokenizer(Path(tokenizer), folder, tokens) if tokenizer else []
     package = Package(Path(output), "genai")
     package.add(MODEL_FILE, "model")
-    for name in written[1:]:
+    for name in weights:
         package.add(name, "weights")
     package.add(CONFIG_FILE, "config")
     for name in token_files:
         package.add(name, "tokenizer")
+    if fusion is not None:
+        package.notes += fusion.notes()
     if not tokenizer:
         package.notes.append("no tokenizer: the folder generates from token ids (give --tokenizer for text)")
     if provider != "CPUExecutionProvider":
         package.notes.append(f"session options name {provider}; onnxruntime-genai falls back to the CPU where "
                              "its build lacks that provider")
     return package
+
+
+def _skeleton(graph: Graph) -> onnx.ModelProto:
+    """The graph's ModelProto without weights (what the layout checks read)."""
+    model = model_header(graph)
+    model.graph.CopyFrom(graph_to_proto(graph, with_data=False))
+    return model
 
 
 def genai_config(layout: decoder_io.DecoderLayout, options: GenaiOptions, tokens: tokenizers.SpecialTokens,

@@ -5,7 +5,9 @@ against 300 in onnxruntime-genai's own graph).
 
 - An online Hadamard rotation on the last axis, `Einsum("...a,az->...z", x, H)` (the rotation pass
   writes Einsum to keep it out of quantization, which is over by now), becomes `MatMul(x, H)`:
-  the same product, several times faster in ONNX Runtime.
+  the same product, several times faster in ONNX Runtime; a chain of such products between
+  Reshapes/Transposes of a last axis up to 1024 wide (a Kronecker Hadamard, a per-head rotation)
+  becomes one MatMul by the dense product.
 - RMSNorm `Mul(gamma, Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2)), eps)))))` (gamma may have
   been folded away) becomes ONNX Runtime's `SimplifiedLayerNormalization(x, gamma, epsilon)` (a
   kernel it registers in the ONNX domain, as onnxruntime-genai's builder writes it; the onnx
@@ -17,8 +19,8 @@ against 300 in onnxruntime-genai's own graph).
   seqlens_k, total_sequence_length, cos_cache, sin_cache)` with `do_rotary`: the cos/sin caches are
   the graph's own rotary tables, computed in ONNX Runtime for positions 0..context_length-1, and
   seqlens_k/total_sequence_length come from attention_mask as onnxruntime-genai's builder computes
-  them. The cache keeps its layout (past + new, no shared buffer); present keys lose a dropped
-  Hadamard, which only this graph reads.
+  them. The cache keeps its layout (past + new, no shared buffer) and its contents (a per-head
+  rotation of the new values before the cache moves into the value input).
 
 Each rewrite checks its whole pattern and leaves anything else as it is; the counts say what was
 fused. Outputs match the unfused graph to float rounding (the tests generate with both).
@@ -58,6 +60,8 @@ def fuse_for_onnxruntime(graph: Graph, context_length: int) -> FusionReport:
     attention = _AttentionFusion(graph, context_length, report)
     attention.run()
     report.fused["RMSNorm -> SimplifiedLayerNormalization"] = _rms_norms(graph)
+    report.fused["rotation chain -> one MatMul"] = _dense_chains(graph)
+    report.fused["consecutive rotations -> one MatMul"] = _merge_products(graph)
     sweep_dead(graph)
     for value in list(graph.initializers):  # constants only the replaced ops read
         if not graph.consumers(value) and not graph.is_graph_output(value) and value not in graph.inputs:
@@ -105,6 +109,105 @@ def _einsum_to_matmul(graph: Graph) -> int:
         graph.add_op("MatMul", [x, h], [out], name=op.name)
         count += 1
     return count
+
+
+DENSE_CHAIN_MAX = 1024  # widest last axis whose chain of products becomes one dense [n, n] MatMul
+
+
+def _dense_chains(graph: Graph) -> int:
+    """`Reshape -> (MatMul by a constant, Transpose of the split axes)* -> Reshape` on the last
+    axis of width n <= DENSE_CHAIN_MAX (an online Kronecker Hadamard, a per-head rotation) ->
+    `MatMul(x, M)` with M the chain applied to the identity: one kernel instead of five to eight
+    (a one-token decode step is launch-bound, and M stays in cache across the layers sharing it)."""
+    count = 0
+    shared: dict[bytes, Value] = {}
+    for start in [op for op in graph.topo_order() if op.op_type == "Reshape" and not op.domain]:
+        if start not in set(graph.ops()):
+            continue
+        chain = _chain_from(graph, start)
+        if chain is None:
+            continue
+        x, ops, matrix = chain
+        key = matrix.tobytes()
+        if key not in shared:
+            shared[key] = graph.add_constant(graph.unique_name(f"{start.name}/dense_rotation"), matrix)
+        out = graph.outputs_of(ops[-1])[0]
+        for op in reversed(ops):
+            graph.remove_op(op, remove_outputs=op is not ops[-1])
+        graph.add_op("MatMul", [x, shared[key]], [out], name=graph.unique_op_name(f"{start.name}/dense_rotation"))
+        count += 1
+    return count
+
+
+def _merge_products(graph: Graph) -> int:
+    """MatMul(MatMul(x, A), B) with constant square A, B (the dense chains) -> MatMul(x, A B)."""
+    count = 0
+    shared: dict[tuple[int, int], Value] = {}
+    for op in [op for op in graph.topo_order() if op.op_type == "MatMul" and not op.domain]:
+        if op not in set(graph.ops()):
+            continue
+        x, b_value = graph.inputs_of(op)
+        first = _producer(graph, x, "MatMul")
+        b = _const(graph, b_value)
+        a = _const(graph, graph.inputs_of(first)[1]) if first is not None else None
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != a.shape[1] \
+                or b.shape[0] != b.shape[1] or a.shape[0] > DENSE_CHAIN_MAX or _only_consumer(graph, x, "MatMul") is not op:
+            continue
+        key = (id(graph.inputs_of(first)[1]), id(b_value))
+        if key not in shared:
+            product = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+            shared[key] = graph.add_constant(graph.unique_name(f"{op.name}/merged_rotation"), product)
+        source = graph.inputs_of(first)[0]
+        graph.set_input(op, 0, source)
+        graph.set_input(op, 1, shared[key])
+        graph.remove_op(first)
+        count += 1
+    return count
+
+
+def _chain_from(graph: Graph, start: Op) -> tuple[Value, list[Op], np.ndarray] | None:
+    x = graph.inputs_of(start)[0]
+    width = x.shape[-1] if x is not None and x.shape else None
+    if not isinstance(width, int) or width > DENSE_CHAIN_MAX:
+        return None
+    rank = len(x.shape)
+    lead = rank - 1
+    ops, op, products = [], start, 0
+    identity = np.eye(width, dtype=np.float64)  # rows: a batch of `width` inputs through the chain
+    y = identity
+    while True:
+        if op.op_type == "Reshape":
+            shape = _ints(graph, graph.inputs_of(op)[1])
+            if shape is None or len(shape) < lead or any(d != 0 for d in shape[:lead]) or \
+                    any(d <= 0 for d in shape[lead:]):
+                return None
+            y = y.reshape([width, *shape[lead:]])
+        elif op.op_type == "Transpose":
+            perm = list(op.attr("perm") or [])
+            if len(perm) < lead or perm[:lead] != list(range(lead)):
+                return None
+            y = y.transpose([0, *[p - lead + 1 for p in perm[lead:]]])
+        elif op.op_type in ("MatMul", "Einsum"):
+            if op.op_type == "Einsum" and op.attr("equation") not in ("...a,az->...z", b"...a,az->...z"):
+                return None
+            matrix = _const(graph, graph.inputs_of(op)[1])
+            if matrix is None or matrix.ndim != 2 or y.ndim < 2 or matrix.shape[0] != y.shape[-1]:
+                return None
+            y = y @ matrix
+            products += 1
+        else:
+            return None
+        ops.append(op)
+        out = graph.outputs_of(op)[0]
+        if op is not start and op.op_type == "Reshape" and y.ndim == 2 and y.shape[1] == width:
+            break
+        nxt = _only_consumer(graph, out, "Reshape", "Transpose", "MatMul", "Einsum")
+        if nxt is None or graph.inputs_of(nxt)[0] is not out:
+            return None
+        op = nxt
+    if products == 0 or len(ops) < 3:
+        return None
+    return x, ops, y.astype(np.float32)
 
 
 def _rms_norms(graph: Graph) -> int:
@@ -190,6 +293,7 @@ class _Block:
     scale: float
     out: Value
     ops: list[Op]
+    v_matrix: np.ndarray | None = None   # a per-head [d, d] product on the new values before the cache
 
 
 class _AttentionFusion:
@@ -274,6 +378,9 @@ class _AttentionFusion:
                 return "the cache is not present = Concat(past input, new, axis=2) as a graph output"
             caches.append((past, new))
         (past_k, k_new), (past_v, v_new) = caches
+        # A per-head rotation of the new values before the cache (the rotation pass's fold through
+        # the cache) goes with them into GroupQueryAttention's value input.
+        v_new, v_matrix, v_op = self._hadamard(v_new)
         q_rotary = self._rotary(q_rot)
         k_rotary = self._rotary(k_new)
         if q_rotary is None or k_rotary is None:
@@ -289,9 +396,9 @@ class _AttentionFusion:
         if scale is None:
             return "no single scale on the scores"
         ops = [softmax, add, mul, qk, transpose, pv, k_concat, v_concat, *merge_ops, *k_repeat_ops, *v_repeat_ops,
-               *q_rot_ops, *k_rot_ops, *[op for op in (q_h_op, k_h_op) if op is not None]]
+               *q_rot_ops, *k_rot_ops, *[op for op in (q_h_op, k_h_op, v_op) if op is not None]]
         return _Block(q, k, v, past_k, past_v, g.outputs_of(k_concat)[0], g.outputs_of(v_concat)[0], cos, sin,
-                      scale, out, ops)
+                      scale, out, ops, v_matrix)
 
     def _hadamard(self, value: Value) -> tuple[Value, np.ndarray | None, Op | None]:
         op = _producer(self.graph, value, "MatMul", "Einsum")
@@ -421,7 +528,13 @@ class _AttentionFusion:
         for value in outs:
             producer = g.producer(value)
             g.remove_op(producer, remove_outputs=False)
-        g.add_op("GroupQueryAttention", [block.q.source, block.k.source, block.v.source, block.past_key,
+        value_input = block.v.source
+        if block.v_matrix is not None:  # per head x M: one MatMul by the block diagonal I (x) M
+            matrix = np.kron(np.eye(block.v.heads, dtype=np.float32), block.v_matrix.astype(np.float32))
+            rotation = g.add_constant(g.unique_name("/gqa/v_rotation"), matrix)
+            node = g.add_op("MatMul", [block.v.source, rotation], 1, name=g.unique_op_name("/gqa/v_rotation"))
+            value_input = g.outputs_of(node)[0]
+        g.add_op("GroupQueryAttention", [block.q.source, block.k.source, value_input, block.past_key,
                                          block.past_value, seqlens, total, cos, sin], outs, domain=MS,
                  name=g.unique_op_name("/gqa/GroupQueryAttention"),
                  attrs={"num_heads": block.q.heads, "kv_num_heads": block.k.heads, "scale": float(block.scale),

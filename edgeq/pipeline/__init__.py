@@ -2,8 +2,10 @@
 hand each other (artifacts), and instruments that observe a pipeline (instruments)."""
 
 from edgeq.pipeline.artifacts import ArtifactKey
-from edgeq.pipeline.core import Instrument, Pass, PassContext, PassManager, PassRecord, PassResult, leaf_records
-from edgeq.pipeline.instruments import DumpInstrument, ReleasePagesInstrument, TimingInstrument, VerifyInstrument
+from edgeq.pipeline.core import Instrument, Pass, PassContext, PassManager, PassRecord, PassResult, Task, leaf_records
+from edgeq.pipeline.instruments import (DumpInstrument, ProgressInstrument, ReleasePagesInstrument, TimingInstrument,
+                                        VerifyInstrument)
 
 __all__ = ["ArtifactKey", "DumpInstrument", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord",
-           "PassResult", "ReleasePagesInstrument", "TimingInstrument", "VerifyInstrument", "leaf_records"]
+           "PassResult", "ProgressInstrument", "ReleasePagesInstrument", "Task", "TimingInstrument", "VerifyInstrument",
+           "leaf_records"]

@@ -41,5 +41,8 @@ GPTQ_ERRORS: ArtifactKey[list[dict[str, Any]]] = ArtifactKey("GPTQ per-layer err
 AWQ_CHOICES: ArtifactKey[list[dict[str, Any]]] = ArtifactKey("AWQ per-group choices", "awq")
 SMOOTHING: ArtifactKey[dict[str, Any]] = ArtifactKey("SmoothQuant alphas", "smooth-quant")
 ROTATION: ArtifactKey[Any] = ArtifactKey("rotation summary", "hadamard-rotation")
+# Why a rotation the target would have applied to a graph of another structure did not run (a
+# sentence for the report and the summary: what --rotate would do instead, and at what cost).
+ROTATION_DECLINED: ArtifactKey[str] = ArtifactKey("rotation declined", "hadamard-rotation")
 SENSITIVITY: ArtifactKey[list[Any]] = ArtifactKey("sensitivity ranking", "sensitivity")
 INTEGER_PROGRAM: ArtifactKey[IntegerProgram] = ArtifactKey("integer program", "lower-to-integer")

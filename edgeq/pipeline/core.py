@@ -6,8 +6,10 @@ instrument (edgeq.pipeline.instruments), never code inside a pass."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, TypeVar
 
 from edgeq.errors import EdgeqError, PassError, PostconditionError, PreconditionError
 from edgeq.ir import Graph
@@ -38,6 +40,14 @@ class PassRecord:
     pipeline: bool = False
 
 
+class Task(Protocol):
+    """An instrument's view of one long step (calibration runs, GPTQ layers, verification)."""
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Instrument:
     """Observes passes without touching them (TVM's PassInstrument shape)."""
 
@@ -46,6 +56,11 @@ class Instrument:
 
     def after_pass(self, pass_: "Pass", result: PassResult, ctx: "PassContext") -> None:
         pass
+
+    def task(self, description: str, total: int | None, unit: str) -> Task | None:
+        """A long step inside a pass (or the compile) begins, of `total` items (None: unknown):
+        return a Task to follow it (a progress bar), or None to ignore it."""
+        return None
 
 
 @dataclass
@@ -60,6 +75,24 @@ class PassContext:
     # the typed keys of edgeq.pipeline.artifacts.
     artifacts: dict[ArtifactKey, Any] = field(default_factory=dict)
     depth: int = 0  # how many pipelines enclose the pass now running
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None, unit: str = "step") -> Iterator[Callable[..., None]]:
+        """Announce a long step to the instruments: `with ctx.task("calibration runs", 16, "run") as
+        advance:` then `advance()` per item done. Costs nothing when no instrument follows tasks;
+        anything with this method (a PassContext, a ProgressInstrument) can be handed to the
+        library functions that take a `progress` argument."""
+        tasks = [t for t in (i.task(description, total, unit) for i in self.instruments) if t is not None]
+
+        def advance(n: int = 1) -> None:
+            for t in tasks:
+                t.advance(n)
+
+        try:
+            yield advance
+        finally:
+            for t in tasks:
+                t.close()
 
     def artifact(self, key: ArtifactKey[T], needed_by: str) -> T:
         """The artifact under `key`; a PreconditionError naming its producer when it is missing."""
@@ -158,5 +191,5 @@ def leaf_records(records: Sequence[PassRecord]) -> list[PassRecord]:
     return [r for r in records if not r.pipeline]
 
 
-__all__ = ["EdgeqError", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
+__all__ = ["EdgeqError", "Instrument", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult", "Task",
            "leaf_records"]

@@ -4,6 +4,7 @@ others stay high. Built by the `select-precision` pass, read by calibration and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import onnx
 
@@ -39,7 +40,7 @@ class Scheme:
         # The LM head keeps `head_weights` where that spec is wider than the other linears'.
         head = target.weight_spec(options.head_weights)
         head_weight = head if head is not None and head.bits > weight.bits else None
-        act_label = options.activations or "int8"
+        act_label = options.activations or ("int16" if target.activation.bits == 16 else "int8")
         rules = {}
         for kind, rule in target.ops.items():
             acts = rule.activations
@@ -47,11 +48,15 @@ class Scheme:
                 acts = ()
             elif options.activations == "int16":
                 acts = tuple(None if s is None else _widen(s) for s in acts)
+            elif options.activations == "int8":  # a target whose activations default to 16 bits
+                acts = tuple(None if s is None else _narrow(s) for s in acts)
             for spec in acts:
                 if spec is not None and spec.dtype not in target.activation_dtypes:
                     raise OptionError(f"target {target.name} does not support {spec.dtype} activations")
             rule_weight = rule.weight
-            if rule_weight is not None and kind != "Gather":
+            # The linears' weights (the rules declaring the target's default weight spec) take the
+            # chosen one; other constants keep their own (embedding tables, norm weights).
+            if rule_weight is not None and kind != "Gather" and rule_weight == target.weight:
                 rule_weight = weight
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
         activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
@@ -59,16 +64,32 @@ class Scheme:
         return cls(rules, label, head_weight, dtype)
 
 
-def rotates(options: CompileOptions, target: Target | None) -> bool:
+RotationChoice = Literal["yes", "no", "if-stream"]
+
+
+def rotates(options: CompileOptions, target: Target | None) -> RotationChoice:
     """Whether the Hadamard rotation runs: --rotate/--no-rotate, else the target's choice for
-    the preset's weight dtype."""
+    the preset's weight dtype: always ("yes": `rotate_weights`), only where the graph has a
+    pre-norm residual stream to fold the rotation into ("if-stream": `rotate_stream_weights`;
+    decoder LLMs, where it costs almost no run time), or not ("no")."""
     if options.rotate is not None:
-        return options.rotate
-    return target is not None and Scheme.resolve(target, options).weight_dtype in target.rotate_weights
+        return "yes" if options.rotate else "no"
+    if target is None:
+        return "no"
+    dtype = Scheme.resolve(target, options).weight_dtype
+    if dtype in target.rotate_weights:
+        return "yes"
+    return "if-stream" if dtype in target.rotate_stream_weights else "no"
 
 
 def _widen(spec: QSpec) -> QSpec:
     return spec.replace(dtype="uint16" if spec.dtype == "uint8" else "int16", qrange=None)
+
+
+def _narrow(spec: QSpec) -> QSpec:
+    if spec.bits <= 8:
+        return spec
+    return spec.replace(dtype="uint8" if spec.dtype == "uint16" else "int8", qrange=None)
 
 
 @dataclass
@@ -78,6 +99,10 @@ class OpPlan:
     weights: dict[int, QSpec] = field(default_factory=dict)       # slot -> spec
     bias: QSpec | None = None
     two_digit: bool = False   # activation of slot 0 as two int8 digits (see CompileOptions.two_digit)
+    # Output slot -> spec where the op's output is quantized where it is produced (whole-graph
+    # targets: every float output; a spec with `fixed` is the one the kernel imposes).
+    outputs: dict[int, QSpec] = field(default_factory=dict)
+    shared: bool = False      # the outputs carry input 0's scale and zero point (OpRule.shared)
 
 
 @dataclass
@@ -86,16 +111,26 @@ class QuantPlan:
     roles: Roles
     ops: list[OpPlan] = field(default_factory=list)
     kept_high: list[tuple[Op, str]] = field(default_factory=list)
+    # Every tensor is quantized where it is produced and data movement is an op of its own
+    # (Target.whole_graph): no look-through of movement, op outputs calibrated too.
+    whole_graph: bool = False
 
     def activation_sources(self, graph: Graph) -> dict[str, list[tuple[OpPlan, int, QSpec]]]:
         """Tensors to calibrate: the source of every quantized activation input (looking
-        through data movement, which shares its input's quantization)."""
+        through data movement, which shares its input's quantization), and every quantized op
+        output whose quantization is not fixed or shared (slot -1 - output slot)."""
         sources: dict[str, list[tuple[OpPlan, int, QSpec]]] = {}
         for plan in self.ops:
             ins = graph.inputs_of(plan.op)
             for slot, spec in plan.activations.items():
-                source, _ = quant_source(graph, ins[slot])
+                source, _ = quant_source(graph, ins[slot], movement=not self.whole_graph)
                 sources.setdefault(source.name, []).append((plan, slot, spec))
+            if plan.shared:
+                continue
+            outs = graph.outputs_of(plan.op)
+            for slot, spec in plan.outputs.items():
+                if spec.fixed is None and outs[slot] is not None:
+                    sources.setdefault(outs[slot].name, []).append((plan, -1 - slot, spec))
         return sources
 
 
@@ -103,11 +138,12 @@ def is_float(value: Value | None) -> bool:
     return value is not None and value.elem_type in _FLOAT_TYPES
 
 
-def quant_source(graph: Graph, value: Value) -> tuple[Value, list[Op]]:
+def quant_source(graph: Graph, value: Value, *, movement: bool = True) -> tuple[Value, list[Op]]:
     """Walk up through data-movement ops to the tensor whose quantization `value` shares.
-    Returns (source, chain of movement ops from source down to value)."""
+    Returns (source, chain of movement ops from source down to value). `movement=False`: data
+    movement is a quantized op of its own (whole-graph targets), `value` is its own source."""
     chain: list[Op] = []
-    while True:
+    while movement:
         producer = graph.producer(value)
         if producer is None or producer.op_type not in DATA_MOVEMENT or producer.domain:
             break

@@ -27,11 +27,14 @@ class PluginLibrary:
     package: str                     # the PyPI distribution (onnxruntime-ep-openvino)
     module: str                      # its import name; `module.get_library_path()` gives the library
     extra: str                       # edgeq's extra that installs it: pip install 'edgeq[<extra>]'
-    device_type: str = "CPU"         # the OrtHardwareDeviceType the session runs on
+    device_type: str = "CPU"         # the OrtHardwareDeviceType the session runs on ("NPU|CPU": the first listed)
     device_metadata: tuple[tuple[str, str], ...] = ()  # ep_metadata the chosen OrtEpDevice carries
     # Import name of the same runtime used without ONNX Runtime where the plugin lists no device
     # for this machine (OpenVINO's plugin lists Intel devices only; its CPU plugin runs on AMD too).
     direct_runtime: str | None = None
+    # The name ONNX Runtime registers the library under (None: edgeq_<module>). Some plugins name
+    # their provider and devices after it (onnxruntime-qnn): give it the provider's own name.
+    registration_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,16 @@ class ActivationPlacement(str, Enum):
 
 
 @dataclass(frozen=True)
+class ExecutionDevice:
+    """One device a provider compiles for (`--device NAME`): an NPU generation or a SoC, as the
+    provider options that select it (QNN's htp_arch, soc_model)."""
+
+    name: str
+    description: str
+    provider_options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Execution:
     """How a runtime runs the target's output: the ONNX Runtime provider and how to get it, its
     options and session settings, the precision of the ops it leaves in float, how its placement
@@ -84,10 +97,34 @@ class Execution:
     placement_check: str = "ort-optimized-graph"        # edgeq.runtime.placement checker
     ops: Mapping[str, OpRule] | None = None             # op rules replacing the target's on this runtime
     activation_placement: ActivationPlacement = ActivationPlacement.SOURCE
+    # The float reference (calibration, the float side of verification and bench) runs on ONNX
+    # Runtime's CPU provider: the runtime has no float path (an NPU with CPU fallback disabled).
+    reference_on_cpu: bool = False
+    # The devices --device picks from (their provider options join `provider_options`); the first
+    # is the default. Empty: the provider takes no device choice.
+    devices: tuple[ExecutionDevice, ...] = ()
+    device: str | None = None                           # set by `for_device`: the one compiled for
+    # Session settings that write the provider's precompiled model (ONNX Runtime's EP context:
+    # ep.context_enable, ep.context_embed_mode, ep.context_file_path); empty: it writes none.
+    context_settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def providers(self) -> tuple[str, ...]:
         return (self.provider,)
+
+    def for_device(self, name: str | None) -> "Execution | None":
+        """This execution compiling for device `name` (None: the default device, if any); None
+        when it has no such device (edgeq.runtime.providers.for_device says so to the user)."""
+        import dataclasses
+
+        if not self.devices:
+            return self if name is None else None
+        chosen = self.devices[0] if name is None else next((d for d in self.devices if d.name == name), None)
+        if chosen is None:
+            return None
+        options = dict(self.provider_options)
+        options.update(chosen.provider_options)
+        return dataclasses.replace(self, provider_options=tuple(options.items()), device=chosen.name)
 
     @property
     def install_hint(self) -> str:

@@ -7,7 +7,10 @@ kernels there. Which check applies is target data (`Execution.placement_check`):
   compute ops still reading a DQ output (edgeq.runtime.fusion);
 - "openvino-runtime-precision" (OpenVINO): the runtime model OpenVINO's CPU plugin compiled
   with the deployment settings, and the precision each layer runs in; a quantized ONNX op whose
-  layer runs in f32/bf16 was not lowered to int8 (LPT did not take its QDQ pattern).
+  layer runs in f32/bf16 was not lowered to int8 (LPT did not take its QDQ pattern);
+- "qnn-htp-nodes" (QNN's HTP, CPU fallback disabled): the session on the provider holds every
+  node or fails naming those it does not take (edgeq.runtime.sessions); the report counts the ops
+  it took by type, Q/DQ apart.
 
 Both also count the nodes ONNX Runtime assigned to each provider, where it ran the session.
 """
@@ -36,7 +39,7 @@ def check_placement(model_path: str | os.PathLike, execution: Execution, threads
     """The placement of `model_path` on `execution` (see the module notes)."""
     available = require(execution)
     report = _CHECKS[execution.placement_check](Path(model_path), execution, threads)
-    report.provider = execution.provider
+    report.provider = execution.provider + (f" ({execution.device})" if execution.device else "")
     report.via = "onnxruntime" if available.via == "onnxruntime" else f"{execution.plugin.direct_runtime} package"
     if available.via == "onnxruntime":
         report.nodes_by_provider = nodes_by_provider(model_path, execution, threads)
@@ -109,8 +112,30 @@ def _openvino(model_path: Path, execution: Execution, threads: int) -> FusionRep
                         float_layers=dict(sorted(floats.items())))
 
 
+def _npu_nodes(model_path: Path, execution: Execution, threads: int) -> FusionReport:
+    """The ops the provider took (by type, Q/DQ apart) and those it left, from ONNX Runtime's
+    record of the assignment; with fallback disabled a node left fails the session first."""
+    from edgeq.runtime.sessions import make_session
+
+    session = make_session(str(model_path), threads, execution=execution,
+                           config=[("session.record_ep_graph_assignment_info", "1")])
+    taken: Counter[str] = Counter()
+    left = []
+    for subgraph in session.get_provider_graph_assignment_info():
+        for node in subgraph.get_nodes():
+            if subgraph.ep_name != execution.provider:
+                left.append(f"{node.name or '(unnamed)'} ({node.op_type})")
+            elif node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                taken[node.op_type] += 1
+    qdq = sum(1 for subgraph in session.get_provider_graph_assignment_info() if subgraph.ep_name == execution.provider
+              for node in subgraph.get_nodes() if node.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    return FusionReport(dict(sorted(taken.items())), left, 0, check=f"{execution.placement_check}: ops on the NPU, "
+                                                                      f"besides {qdq} Q/DQ")
+
+
 _CHECKS: dict[str, Callable[[Path, Execution, int], FusionReport]] = {
     "ort-optimized-graph": _ort_graph,
     "openvino-runtime-precision": _openvino,
+    "qnn-htp-nodes": _npu_nodes,
 }
 

@@ -117,16 +117,33 @@ def ep_devices(execution: Execution) -> list:
         return []
     register(execution)
     wanted = dict(plugin.device_metadata)
-    found = []
-    for device in ort.get_ep_devices():
-        if device.ep_name != execution.provider:
-            continue
-        if device.device.type != getattr(ort.OrtHardwareDeviceType, plugin.device_type):
-            continue
-        metadata = dict(device.ep_metadata)
-        if all(metadata.get(k) == v for k, v in wanted.items()):
-            found.append(device)
-    return found
+    # "NPU|CPU": the NPU where the plugin lists one, else its CPU device (QNN's HTP simulator on x86).
+    for device_type in plugin.device_type.split("|"):
+        found = []
+        for device in ort.get_ep_devices():
+            if device.ep_name != execution.provider:
+                continue
+            if device.device.type != getattr(ort.OrtHardwareDeviceType, device_type):
+                continue
+            metadata = dict(device.ep_metadata)
+            if all(metadata.get(k) == v for k, v in wanted.items()):
+                found.append(device)
+        if found:
+            return found
+    return []
+
+
+def for_device(execution: Execution, name: str | None) -> Execution:
+    """`execution` compiling for device `name` (--device; None: its default device)."""
+    chosen = execution.for_device(name)
+    if chosen is None:
+        known = ", ".join(d.name for d in execution.devices)
+        if not known:
+            raise ProviderError(f"the {execution.name} execution provider takes no --device",
+                                fix="drop --device")
+        raise ProviderError(f"the {execution.name} execution provider has no device {name!r}",
+                            fix=f"use --device with one of {known}")
+    return chosen
 
 
 def register(execution: Execution) -> None:
@@ -142,7 +159,7 @@ def register(execution: Execution) -> None:
     except ImportError as err:
         raise ProviderError(f"the {execution.name} execution provider ({execution.provider}) is not installed",
                             fix=f"{execution.install_hint}, or pick another with --provider") from err
-    name = f"edgeq_{plugin.module}"
+    name = plugin.registration_name or f"edgeq_{plugin.module}"
     try:
         ort.register_execution_provider_library(name, module.get_library_path())
     except Exception as err:  # noqa: BLE001 - ORT raises its own types; already registered is fine

@@ -53,6 +53,8 @@ def make_session(model: str | os.PathLike | bytes, threads: int = 0, providers=N
     model = str(model) if isinstance(model, os.PathLike) else model
     if execution is None:
         execution = CPU if not providers else Execution(name=providers[0], provider=providers[0])
+    if reference and execution.reference_on_cpu:  # the runtime has no float path (an NPU)
+        execution = CPU
     found = require(execution)
     entries = [*execution.session_config, *config]
     if found.via == "direct":
@@ -70,5 +72,32 @@ def make_session(model: str | os.PathLike | bytes, threads: int = 0, providers=N
         return ort.InferenceSession(model, options)
     except Exception as err:  # noqa: BLE001 - ORT raises its own types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if dict(entries).get("session.disable_cpu_ep_fallback") == "1":
+            left = nodes_left_to_cpu(model, execution, threads, config)
+            if left:
+                shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+                raise ProviderError(f"{len(left)} node(s) do not run on {execution.provider} and CPU fallback is "
+                                    f"disabled: {shown}",
+                                    fix="check the target's op rules for these ops, or compile for another target") \
+                    from err
         raise ProviderError(f"{execution.provider} cannot run the model: {first}",
                             fix="use --provider cpu") from err
+
+
+def nodes_left_to_cpu(model: str | bytes, execution: Execution, threads: int = 0,
+                      config: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """The nodes (as 'name (OpType)') a plugin provider leaves to the CPU provider when fallback
+    is allowed: what fails a session with fallback disabled. Empty when that session fails too."""
+    entries = [(k, v) for k, v in [*execution.session_config, *config] if k != "session.disable_cpu_ep_fallback"]
+    options = session_options(threads, config=[*entries, ("session.record_ep_graph_assignment_info", "1")])
+    options.add_provider_for_devices(ep_devices(execution)[:1], provider_options(execution, threads))
+    try:
+        session = ort.InferenceSession(model, options)
+    except Exception:  # noqa: BLE001 - the provider fails the model as a whole: no node list
+        return []
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        return []
+    left = [node for subgraph in session.get_provider_graph_assignment_info()
+            if subgraph.ep_name != execution.provider for node in subgraph.get_nodes()]
+    left.sort(key=lambda node: node.op_type in ("QuantizeLinear", "DequantizeLinear"))  # the ops themselves first
+    return [f"{node.name or '(unnamed)'} ({node.op_type})" for node in left]

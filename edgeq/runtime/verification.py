@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from edgeq.progress import follow
 from edgeq.runtime.sessions import make_session
 from edgeq.runtime.execution import Execution
 
@@ -30,6 +31,7 @@ class Verification:
     samples: int
     synthetic_inputs: bool
     outputs: list[OutputError] = field(default_factory=list)
+    ran_on: str = ""    # where the compiled model ran: the provider (and device), e.g. the HTP
 
     @property
     def worst_relative_l2(self) -> float:
@@ -38,20 +40,32 @@ class Verification:
 
 def compare_with_float(float_model: str | os.PathLike, compiled_model: str | os.PathLike,
                        feeds: list[Mapping[str, np.ndarray]], *, threads: int = 0,
-                       synthetic: bool = False, execution: Execution | None = None) -> Verification:
+                       synthetic: bool = False, execution: Execution | None = None,
+                       progress: Any = None) -> Verification:
     """Run both models on the same feeds on `execution` (default: ORT's CPU provider): the float
     model at full precision (fp32) as the reference, the compiled one with the deployment
-    settings; error of the compiled model per output."""
-    # One session at a time: the float model's weights need not share the peak with the
-    # compiled model's (the reference outputs are small beside them).
-    reference = make_session(float_model, threads, execution=execution, reference=True)
-    names = [o.name for o in reference.get_outputs()]
-    expected = [reference.run(names, dict(feed)) for feed in feeds]
-    del reference
-    candidate = make_session(compiled_model, threads, execution=execution)
-    actual = (candidate.run(names, dict(feed)) for feed in feeds)
-    result = Verification(samples=len(feeds), synthetic_inputs=synthetic)
-    result.outputs = output_errors(names, expected, actual)
+    settings; error of the compiled model per output. `progress` (see edgeq.progress) follows
+    the runs."""
+    with follow(progress, "verification runs", 2 * len(feeds), "run") as advance:
+        # One session at a time: the float model's weights need not share the peak with the
+        # compiled model's (the reference outputs are small beside them).
+        reference = make_session(float_model, threads, execution=execution, reference=True)
+        names = [o.name for o in reference.get_outputs()]
+        expected = []
+        for feed in feeds:
+            expected.append(reference.run(names, dict(feed)))
+            advance()
+        del reference
+        candidate = make_session(compiled_model, threads, execution=execution)
+
+        def actual():
+            for feed in feeds:
+                outputs = candidate.run(names, dict(feed))
+                advance()
+                yield outputs
+
+        result = Verification(samples=len(feeds), synthetic_inputs=synthetic, ran_on=_where(execution))
+        result.outputs = output_errors(names, expected, actual())
     return result
 
 
@@ -93,3 +107,9 @@ def row_cosines(ref: np.ndarray, cand: np.ndarray) -> list[float]:
     norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
     ok = norms > 0
     return list((np.sum(r[ok] * c[ok], axis=1) / norms[ok]).astype(float))
+
+
+def _where(execution: Execution | None) -> str:
+    if execution is None:
+        return "CPUExecutionProvider"
+    return execution.provider + (f" ({execution.device})" if execution.device else "")

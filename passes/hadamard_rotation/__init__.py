@@ -39,8 +39,11 @@ In both modes:
   dimension is folded into the value projection's output columns and the output projection's
   input rows (V -> V (I (x) H_hd) commutes with softmax(QK^T) V and with the head reshapes and
   transposes), then an online Hadamard of o_proj's full input mixes across heads. Where the
-  value path is not pure data movement (a KV cache Concat: the cache outputs would change) the
-  fold is refused and only the online Hadamard is used.
+  value path is not pure data movement the fold is refused and only the online Hadamard is used.
+  Through a KV cache (`present = Concat(past, new)`, a graph output) the fold stays and the cache
+  keeps the float basis: the new values are rotated back per head before the Concat and the
+  attention output is rotated per head after it (two online per-head Hadamards of the new
+  tokens only), so the cache inputs and outputs are the float model's.
 - **queries and keys** (`qk=True`): an online per-head Hadamard on q and k of every
   attention score MatMul (q H (k H)^T = q k^T), after RoPE so it cannot be folded.
 
@@ -71,13 +74,13 @@ from edgeq.frontend.patterns import find_roles
 from edgeq.ir import Graph, Op, Value
 from edgeq.passes.hadamard_rotation.attention import (match_value_path, qk_head_dim, reads_attention,
                                                       score_matmuls)
-from edgeq.passes.hadamard_rotation.edits import insert_online, insert_qk, make_scale_free
+from edgeq.passes.hadamard_rotation.edits import insert_cache_fold, insert_online, insert_qk, make_scale_free
 from edgeq.passes.hadamard_rotation.smoothing_search import PROBE_CHUNK, activation_samples, search_smoothing
 from edgeq.passes.hadamard_rotation.structure import (Linear, Refuse, Stream, linear_groups, match_stream,
                                                       norm_gain, scalable_producer)
 from edgeq.passes.hadamard_rotation.weights import WeightPlan
 from edgeq.pipeline import Pass, PassContext, PassResult
-from edgeq.pipeline.artifacts import CALIBRATION_DATA, ROTATION
+from edgeq.pipeline.artifacts import CALIBRATION_DATA, ROTATION, ROTATION_DECLINED
 from edgeq.quant.hadamard import HadamardOrderError, Rotation, factor_orders
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
@@ -104,6 +107,17 @@ class _Online:
 
 
 @dataclass
+class _CacheFold:
+    """A per-head V/o_proj fold whose value path runs through a KV cache (see insert_cache_fold)."""
+
+    context: Value          # o_proj's input (the merged attention output)
+    o_proj: Op
+    caches: list[Op]        # the Concat(past, new) ops on the value path
+    block: np.ndarray       # H (one head's rotation, dense)
+    rows: int
+
+
+@dataclass
 class RotationSummary:
     """What the pass did (ctx.artifacts[ROTATION]): the mode, the orders, and every
     structure it left alone with the reason."""
@@ -127,7 +141,8 @@ class HadamardRotation(Pass):
                  online_mlp: bool = True, attention: Literal["fold", "online", "fold+online", "none"] = "fold+online",
                  qk: bool = True, random_signs: bool = True, max_factor: int = 128,
                  smooth_grid: tuple[float, ...] = (0.0, 0.5, 0.7, 0.85), smooth_samples: int = 6,
-                 activation_spec: QSpec | None = None, weight_spec: QSpec | None = None):
+                 activation_spec: QSpec | None = None, weight_spec: QSpec | None = None,
+                 only_with_stream: bool = False):
         """mode: 'stream' folds the rotation of a pre-norm residual stream (refuses other graphs),
         'online' rotates every linear input group explicitly, 'auto' tries stream then online.
         online_mlp: online Hadamard before the MLP down-projection (stream mode; online mode
@@ -144,7 +159,11 @@ class HadamardRotation(Pass):
         "massive activations" of LLM MLPs), which a rotation alone spreads over the whole
         token. Needs calibration data in the context; skipped (and noted) without.
         activation_spec/weight_spec: the quantization simulated by that search (from_options
-        takes them from the target and options)."""
+        takes them from the target and options).
+        only_with_stream: rotate only a graph whose residual stream folds (mode 'auto'); any
+        other graph is left as it is, with the reason in the stats (`no_stream`) and in
+        ctx.artifacts[ROTATION_DECLINED] (the target's default for W8A8 on x86: folding costs
+        almost no run time, online Hadamards before every linear group do)."""
         if mode not in ("auto", "stream", "online"):
             raise ValueError(f"unknown rotation mode {mode!r}")
         if attention not in ("fold", "online", "fold+online", "none"):
@@ -157,27 +176,31 @@ class HadamardRotation(Pass):
         self.smooth_grid = tuple(smooth_grid)
         self.smooth_samples = smooth_samples
         self._rotations: dict[tuple, Rotation] = {}   # shared per run (see _shared)
+        self._cache_folds: list[_CacheFold] = []      # per run: folds through a KV cache
         self.activation_spec = activation_spec or QSpec("uint8", symmetric=False)
         self.weight_spec = weight_spec or QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
         self.random_signs = random_signs
         self.max_factor = max_factor
+        self.only_with_stream = only_with_stream
 
     @classmethod
     def from_options(cls, options, target) -> "HadamardRotation":
         from edgeq.quant.plan import Scheme, rotates
 
         rotate = rotates(options, target)
-        if not rotate or target is None:
-            return cls(enabled=rotate)
+        if rotate == "no" or target is None:
+            return cls(enabled=rotate != "no")
         rule = Scheme.resolve(target, options).rules.get("MatMul")
         activation = rule.activations[0] if rule is not None and rule.activations else None
         weight = rule.weight if rule is not None else None
         return cls(enabled=True, activation_spec=activation, weight_spec=weight,
-                   smooth_grid=(0.0, 0.5, 0.7, 0.85) if activation is not None else ())
+                   smooth_grid=(0.0, 0.5, 0.7, 0.85) if activation is not None else (),
+                   only_with_stream=rotate == "if-stream")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:
             return PassResult(graph, False, {"rotated": 0})
+        self._cache_folds = []
         roles = find_roles(graph)
         plan = WeightPlan(graph)
         stream: Stream | None = None
@@ -192,6 +215,13 @@ class HadamardRotation(Pass):
                 if self.mode == "stream":
                     raise RotationError(f"cannot rotate the residual stream: {err}",
                                         fix="use mode='online' (explicit rotations before the linears)") from None
+        if stream is None and self.only_with_stream:
+            ctx.artifacts[ROTATION_DECLINED] = (
+                f"not rotated: the graph has no pre-norm residual stream to fold a rotation into "
+                f"({why_not_stream or 'mode ' + self.mode}); --rotate adds online Hadamards before "
+                "every linear group instead, often more accurate but slower (MiniLM W8A8 on ONNX Runtime's "
+                "CPU provider: cosine 0.9965 -> 0.9984, int8 speed-up over float 1.6x -> 1.0x)")
+            return PassResult(graph, False, {"rotated": 0, "no_stream": 1})
         summary = RotationSummary(mode="stream" if stream is not None else "online")
         if stream is None and why_not_stream:
             summary.notes.append(f"residual stream not folded: {why_not_stream}")
@@ -244,6 +274,12 @@ class HadamardRotation(Pass):
         if stream is not None:
             for norm in stream.norms:
                 make_scale_free(graph, norm)
+        for fold in self._cache_folds:
+            context = insert_cache_fold(graph, fold.context, fold.o_proj, fold.caches, fold.block, fold.rows)
+            for entry in online:
+                if entry.x is fold.context:
+                    entry.x = context
+        self._cache_folds.clear()
         for entry in online:
             scale = None if entry.smooth is None or entry.fold is not None else 1.0 / entry.smooth
             insert_online(graph, entry.x, entry.ops, entry.rotation, inv_scale=scale)
@@ -312,7 +348,8 @@ class HadamardRotation(Pass):
             return
         if self.attention in ("fold", "fold+online") and len(ops) == 1:
             try:
-                value_linear, head_dim = match_value_path(graph, x, ops[0])
+                caches: list[Op] = []
+                value_linear, head_dim = match_value_path(graph, x, ops[0], caches)
                 rows = plan.weight_of(ops[0]).const.dims[0]
                 cols = value_linear.weight.const.dims[1]
                 per_head = self._shared(("per-head", head_dim, cols // head_dim), lambda: Rotation.of_order(
@@ -323,6 +360,9 @@ class HadamardRotation(Pass):
                 plan.add(plan.weight_of(ops[0]), 0,
                          Rotation(per_head.factors, rows // head_dim))      # (I (x) H)^T W_o
                 summary.attention_folds.append((value_linear.weight.name, head_dim))
+                if caches:  # the cache stays unrotated: new values rotated back, the context rotated
+                    self._cache_folds.append(_CacheFold(x, ops[0], caches, per_head.block_matrix(np.float64), rows))
+                    summary.notes.append(f"{x.name}: per-head fold through the KV cache (cache kept unrotated)")
                 if self.attention == "fold":
                     return
             except (Refuse, HadamardOrderError) as err:
@@ -350,11 +390,13 @@ class HadamardRotation(Pass):
         if data is None:
             summary.notes.append("no calibration data: no smoothing before the online Hadamards")
             return
-        with ActivationStream(graph, list(islice(data, self.smooth_samples))) as stream:
+        with ActivationStream(graph, list(islice(data, self.smooth_samples))) as stream, \
+                ctx.task("smoothing probes", len(candidates), "group") as advance:
             for start in range(0, len(candidates), PROBE_CHUNK):
                 chunk = candidates[start:start + PROBE_CHUNK]
                 samples = activation_samples(stream, [e.x.name for e in chunk])
                 for entry in chunk:
+                    advance()
                     weights = [np.asarray(graph.inputs_of(op)[1].const.numpy(), np.float64) for op in entry.ops]
                     alpha, scale = search_smoothing(samples.pop(entry.x.name), weights, entry.rotation,
                                                     self.smooth_grid, self.activation_spec, self.weight_spec)

@@ -33,10 +33,15 @@ def _single_reader(graph: Graph, value: Value, reader: Op) -> None:
         raise Refuse(f"{value.name!r} is read by more than the attention value path")
 
 
-def match_value_path(graph: Graph, context: Value, o_proj: Op) -> tuple[Linear, int]:
+def match_value_path(graph: Graph, context: Value, o_proj: Op, caches: list[Op] | None = None) -> tuple[Linear, int]:
     """From o_proj's input back to the value projection: data movement, the attention
     MatMul(probs, V), data movement, the V linear [+ bias]. Returns (V linear, head_dim) when a
-    per-head rotation of V's last axis commutes with everything on the path."""
+    per-head rotation of V's last axis commutes with everything on the path.
+
+    With `caches` (a list to fill), a KV cache on the path, `present = Concat(past input, new,
+    axis=2)` written as a graph output, is passed and its Concat appended: the caller keeps the
+    cache in the unrotated basis (the new values rotated back before the Concat, the attention
+    output rotated after it), so the cache inputs and outputs do not change."""
     after: list[Op] = []          # movement ops between the attention MatMul and o_proj
     value, reader = context, o_proj
     while True:
@@ -57,8 +62,12 @@ def match_value_path(graph: Graph, context: Value, o_proj: Op) -> tuple[Linear, 
     before: list[Op] = []
     value, reader = v, attention
     while True:
-        _single_reader(graph, value, reader)
         producer = graph.producer(value)
+        if caches is not None and producer is not None and _is_cache_concat(graph, producer):
+            caches.append(producer)
+            value, reader = graph.inputs_of(producer)[1], producer
+            continue
+        _single_reader(graph, value, reader)
         if producer is None:
             raise Refuse("V comes from a graph input (a cache?)")
         if producer.op_type == "Concat":
@@ -99,6 +108,13 @@ def match_value_path(graph: Graph, context: Value, o_proj: Op) -> tuple[Linear, 
     if width != rows or rows % head_dim:
         raise Refuse(f"o_proj reads {rows} channels, the merged heads have {width}")
     return linear, head_dim
+
+
+def _is_cache_concat(graph: Graph, op: Op) -> bool:
+    """present = Concat(past graph input, new, axis=2), a graph output (read by attention too)."""
+    ins = graph.inputs_of(op)
+    return (op.op_type == "Concat" and not op.domain and len(ins) == 2 and op.attr("axis") in (2, -2)
+            and any(ins[0] is v for v in graph.inputs) and graph.is_graph_output(graph.outputs_of(op)[0]))
 
 
 def _last_dim(graph: Graph, value: Value) -> int | None:

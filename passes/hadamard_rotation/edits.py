@@ -1,7 +1,8 @@
 """The rotation's graph edits, made after the weights are transformed: a norm's gain removed
 (or a pre-norm LayerNorm rewritten as the masked RMSNorm of the rotated stream,
-`make_scale_free`), the online Hadamards before a group of linears (`insert_online`) and on
-the queries and keys of an attention score MatMul (`insert_qk`)."""
+`make_scale_free`), the online Hadamards before a group of linears (`insert_online`), on
+the queries and keys of an attention score MatMul (`insert_qk`), and around a KV cache on a
+folded value path (`insert_cache_fold`)."""
 
 from __future__ import annotations
 
@@ -113,6 +114,36 @@ def insert_qk(graph: Graph, op: Op, head_dim: int) -> None:
         out = graph.outputs_of(einsum)[0]
         out.set_type(value.elem_type or onnx.TensorProto.FLOAT, value.shape)
         graph.set_input(reader, slot, out)
+
+
+def insert_cache_fold(graph: Graph, context: Value, o_proj: Op, caches: list[Op], block: np.ndarray,
+                      rows: int) -> Value:
+    """A per-head fold (W_v (I (x) H), (I (x) H)^T W_o) whose values pass a KV cache: the new
+    values [B, kv, S, d] are rotated back (x H^T) before each `Concat(past, new)`, so the cache
+    holds the float values, and the attention output [B, S, rows] is rotated per head
+    (Reshape [0, 0, rows/d, d], x H, Reshape back) before o_proj. Returns the rotated output."""
+    head_dim = block.shape[0]
+    h = graph.add_constant(f"{o_proj.name}_cache_fold_h", block.astype(np.float32))
+    h_t = graph.add_constant(f"{o_proj.name}_cache_fold_h_t", np.ascontiguousarray(block.T).astype(np.float32))
+    for concat in caches:
+        new = graph.inputs_of(concat)[1]
+        back = graph.outputs_of(graph.add_op("Einsum", [new, h_t], [f"{new.name}_unrotated"],
+                                             attrs={"equation": "...a,az->...z"}, before=concat))[0]
+        back.set_type(new.elem_type or onnx.TensorProto.FLOAT, new.shape)
+        graph.set_input(concat, 1, back)
+    base = f"{context.name}_cache_fold"
+    split = graph.add_constant(f"{base}_split", np.array([0, 0, rows // head_dim, head_dim], np.int64))
+    merge = graph.add_constant(f"{base}_merge", np.array([0, 0, rows], np.int64))
+    heads = graph.outputs_of(graph.add_op("Reshape", [context, split], [f"{base}_heads"], before=o_proj))[0]
+    rotated = graph.outputs_of(graph.add_op("Einsum", [heads, h], [f"{base}_rotated"],
+                                            attrs={"equation": "...a,az->...z"}, before=o_proj))[0]
+    merged = graph.outputs_of(graph.add_op("Reshape", [rotated, merge], [f"{base}_out"], before=o_proj))[0]
+    elem = context.elem_type or onnx.TensorProto.FLOAT
+    for value in (heads, rotated):
+        value.set_type(elem, None)
+    merged.set_type(elem, context.shape)
+    graph.set_input(o_proj, 0, merged)
+    return merged
 
 
 def _layer_norm_to_masked_rms(graph: Graph, norm: Norm) -> None:

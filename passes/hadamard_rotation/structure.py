@@ -102,6 +102,10 @@ def with_bias_add(graph: Graph, linear: Linear, width: int) -> Linear:
     return linear
 
 
+# Ops that read only a tensor's shape: x Q has the shape of x, so they may read the stream.
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
 def match_stream(graph: Graph, roles: Roles) -> Stream:
     """The residual stream of a pre-norm decoder: embedding -> (norm -> readers; Add writer)* ->
     final norm -> readers. Raises Refuse naming the first thing that does not fit."""
@@ -131,6 +135,8 @@ def match_stream(graph: Graph, roles: Roles) -> Stream:
                 norms.append(norm)
             elif reader.op_type == "Add" and not any(graph.is_const(i) for i in graph.inputs_of(reader)):
                 adds.append(reader)
+            elif reader.op_type in _SHAPE_ONLY and not reader.domain:
+                continue  # reads only the shape, which the rotation keeps (exporters' mask/position inputs)
             else:
                 raise Refuse(f"stream value {v.name!r} is read by {reader.op_type} {reader.name!r}, which "
                              "is neither a normalisation nor a residual Add")
@@ -275,9 +281,12 @@ def _match_norm(graph: Graph, role: Role | None, block: list[Op], x: Value, widt
             gamma_op = readers[0]
             ins = graph.inputs_of(gamma_op)
             gamma = ins[0] if ins[1] is normed else ins[1]
-            if not is_private_constant(graph, gamma, gamma_op) or gamma.const.dims[-1:] != (width,) or \
+            # The gain is only read (folded into the readers) and its Mul removed, so it may be
+            # shared: torch.onnx merges equal initializers (all-ones gains of a fresh model).
+            if gamma is None or gamma.const is None or graph.is_graph_output(gamma) or \
+                    any(v is gamma for v in graph.inputs) or gamma.const.dims[-1:] != (width,) or \
                     int(np.prod(gamma.const.dims)) != width:
-                raise Refuse(f"RMSNorm gain {getattr(gamma, 'name', None)!r} is not a private [{width}] constant")
+                raise Refuse(f"RMSNorm gain {getattr(gamma, 'name', None)!r} is not a [{width}] constant")
             output = graph.outputs_of(gamma_op)[0]
         if any(op in inside for op in graph.consumers(output)):
             raise Refuse(f"RMSNorm at {block[0].name!r} has a bias (unsupported)")

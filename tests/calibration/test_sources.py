@@ -230,8 +230,10 @@ def test_nan_in_a_file_is_caught_as_streamed(tmp_path):
 
 
 def test_stacked_npz_needs_a_sample_axis(tmp_path):
-    np.savez(tmp_path / "calib.npz", x=np.ones((2, 32), np.float32))  # one sample, no stacking axis
-    with pytest.raises(CalibrationError, match="'x' has rank 1"):
+    # x [batch, 32]: a [2, 32] array is two samples along its batch axis (test_batch_axis.py), but a
+    # [32] one has neither a sample nor a batch axis
+    np.savez(tmp_path / "calib.npz", x=np.ones((32,), np.float32))
+    with pytest.raises(CalibrationError, match="'x' has rank 0"):
         open_source(tmp_path / "calib.npz", mlp())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeq.options import CompileOptions
@@ -30,12 +31,33 @@ def test_eval_on_calibration_data(run_cli, synthetic_bert, compiled_bert, bert_c
     assert output["name"] == "last_hidden_state" and 0 < output["relative_l2"] < 0.5
 
 
-def test_eval_without_data_uses_synthetic_inputs(run_cli, synthetic_bert, compiled_bert):
+def test_eval_without_data_uses_synthetic_inputs_and_warns_how_to_give_data(run_cli, synthetic_bert,
+                                                                            compiled_bert):
     code, out, err = run_cli("eval", synthetic_bert, compiled_bert, "--max-samples", "2")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "2 sample(s) (synthetic inputs)"
     assert lines[1].startswith("  last_hidden_state: rel L2 ")
+    (warning,) = err.strip().splitlines()
+    assert warning.startswith("warning: no data given, so both models run on random inputs")
+    assert "--calib DIR|FILE.npz" in warning and "--calib-text FILE --tokenizer tokenizer.json" in warning
+
+
+def test_eval_with_data_does_not_warn(run_cli, synthetic_bert, compiled_bert, bert_calib_dir):
+    code, _, err = run_cli("eval", synthetic_bert, compiled_bert, "--calib", bert_calib_dir, "--max-samples", "1")
+    assert code == 0 and err == ""
+
+
+def test_eval_takes_one_npz_whose_arrays_have_a_batch_axis(run_cli, tmp_path, synthetic_bert, compiled_bert,
+                                                           bert_samples):
+    # [4, 16] arrays for inputs [batch, sequence]: 4 samples, as ../shared/reference/minilm_inputs.npz is written
+    stacked = {name: np.concatenate([s[name] for s in bert_samples[:4]]) for name in bert_samples[0]}
+    assert all(a.shape == (4, 16) for a in stacked.values())
+    np.savez(tmp_path / "rows.npz", **stacked)
+    code, out, err = run_cli("eval", synthetic_bert, compiled_bert, "--calib", tmp_path / "rows.npz", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["samples"] == 4 and result["synthetic_inputs"] is False
 
 
 def test_eval_of_a_model_against_itself_has_no_error(run_cli, synthetic_bert):

@@ -21,7 +21,7 @@ from edgeq.options import SMOOTH_SEARCH_GRID, CalibrationOptions, CompileOptions
 # compile's flags that are not CompileOptions fields (or are read elsewhere).
 OTHER_FLAGS = {"model", "target_name", "output", "calib", "calib_text", "tokenizer", "seq_len", "samples",
                "first_window", "config", "report", "external_data", "as_json", "time_passes", "device", "fps",
-               "folding", "provider"}
+               "folding", "provider", "quiet", "verbose", "ep_context"}
 
 
 def _legacy_options(p: dict) -> CompileOptions:

@@ -114,3 +114,28 @@ def test_what_is_not_decomposed_is_refused_with_the_reason(attrs, reason):
     refused = [k for k in stats if k.startswith("group-query-attention refused")]
     assert refused and reason in refused[0]
     assert stats[f"left as is: {MS}::GroupQueryAttention"] == 1
+
+
+def test_tied_embedding_read_through_a_transpose_gets_its_own_table():
+    """onnxruntime-genai's builder ties the embedding to the LM head as Gather(Transpose(W), ids)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(HIDDEN, VOCAB)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["table"], perm=[1, 0]),
+             helper.make_node("Gather", ["table", "input_ids"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", VOCAB])],
+                              [numpy_helper.from_array(w, "w")])
+    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ctx = PassContext(target=get_target("x86-vnni"))  # no constant folding: the builder's table is too big for it
+    canonical = PassManager([get_pass("canonicalize")()])(load(source), ctx).graph
+    stats = next(r.stats for r in ctx.records if r.name == "canonicalize")
+    assert stats["embedding-from-transposed-table"] == 1
+    gather = next(op for op in canonical.ops() if op.op_type == "Gather")
+    np.testing.assert_array_equal(canonical.constant(canonical.inputs_of(gather)[0]).numpy(), w.T)
+    assert not [op for op in canonical.ops() if op.op_type == "Transpose"]
+    ids = np.array([[3, 1, 4]])
+    want = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    got = ort.InferenceSession(to_model_proto(canonical).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    np.testing.assert_array_equal(got[0], want[0])

@@ -95,16 +95,15 @@ def test_config_says_what_the_graph_has(llama_kv, tmp_path):
 
 
 def test_other_names_are_renamed_to_the_loops(llama_kv, tmp_path):
-    model = onnx.load(llama_kv)
-    names = {"past_key_values.0.key": "past.0.k", "past_key_values.0.value": "past.0.v",
-             "past_key_values.1.key": "past.1.k", "past_key_values.1.value": "past.1.v",
-             "present.0.key": "present_0_k", "present.0.value": "present_0_v",
-             "present.1.key": "present_1_k", "present.1.value": "present_1_v"}
     from edgeq.packaging.decoder import rename
 
-    rename(model, names)
-    odd = tmp_path / "odd.onnx"
-    onnx.save(model, odd)
+    graph = load(llama_kv)
+    rename(graph, {"past_key_values.0.key": "past.0.k", "past_key_values.0.value": "past.0.v",
+                   "past_key_values.1.key": "past.1.k", "past_key_values.1.value": "past.1.v",
+                   "present.0.key": "present_0_k", "present.0.value": "present_0_v",
+                   "present.1.key": "present_1_k", "present.1.value": "present_1_v"})
+    odd = save(graph, tmp_path / "odd.onnx")
+    assert {i.name for i in onnx.load(odd).graph.input} >= {"past.1.v"}
     package_genai(odd, tmp_path / "pkg", GenaiOptions(eos_token_id=0))
     packaged = onnx.load(tmp_path / "pkg" / "model.onnx")
     assert {i.name for i in packaged.graph.input} >= {"past_key_values.1.value", "input_ids", "attention_mask"}
@@ -181,3 +180,45 @@ def test_cli(llama_kv, tmp_path, capsys):
 def test_token_ids_outside_the_vocabulary_are_refused(llama_kv, tmp_path):
     with pytest.raises(PackageError, match="outside the vocabulary"):
         package_genai(llama_kv, tmp_path / "pkg", GenaiOptions(eos_token_id=VOCAB))
+
+
+@pytest.fixture(scope="module")
+def compiled_w4a16_rotated(llama_kv, tmp_path_factory) -> Path:
+    """Weight-only int4 with the Hadamard rotation: float attention in canonical form, online
+    Hadamards as Einsum: everything the ONNX Runtime layout fuses."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, 2000)
+    options = CompileOptions(weights="int4", group=16, activations="float", rotate=True)
+    compiled = compile(llama_kv, "x86-vnni", options, calibration=TokenWindows(ids, 24, 4, decode_steps=2))
+    return compiled.save(tmp_path_factory.mktemp("genai") / "llama_kv.w4a16.onnx")
+
+
+def test_fused_layout_generates_what_the_compiled_model_computes(compiled_w4a16_rotated, tmp_path):
+    package = package_genai(compiled_w4a16_rotated, tmp_path / "pkg", GenaiOptions(eos_token_id=0, context_length=64))
+    fused = " ".join(package.notes)
+    assert "2 attention -> GroupQueryAttention" in fused and "5 RMSNorm -> SimplifiedLayerNormalization" in fused
+    assert "Einsum -> MatMul" in fused and "rotation chain -> one MatMul" in fused
+    model = onnx.load(tmp_path / "pkg" / "model.onnx")
+    kinds = {n.op_type for n in model.graph.node}
+    assert {"GroupQueryAttention", "SimplifiedLayerNormalization"} <= kinds and not kinds & {"Softmax", "Einsum"}
+    # The loop reproduces the packaged graph run on the whole sequence (its cache path), and that
+    # graph computes what the compiled one does (float rounding apart).
+    generated = _genai_greedy(tmp_path / "pkg", PROMPT, NEW)
+    assert generated == _full_sequence_greedy(tmp_path / "pkg" / "model.onnx", PROMPT, NEW)
+    window = np.concatenate([PROMPT, generated])[None, :]
+    logits = []
+    for path in (compiled_w4a16_rotated, tmp_path / "pkg" / "model.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in session.get_inputs()
+                if i.name.startswith("past")}
+        logits.append(session.run(["logits"], {"input_ids": window, "attention_mask": np.ones_like(window),
+                                               **past})[0])
+    error = np.linalg.norm(logits[0] - logits[1]) / np.linalg.norm(logits[0])
+    assert error < 1e-3, error
+
+
+def test_unfused_layout_keeps_the_canonical_forms(compiled_w4a16_rotated, tmp_path):
+    package = package_genai(compiled_w4a16_rotated, tmp_path / "pkg", GenaiOptions(eos_token_id=0, fuse=False))
+    assert not any("fused" in note for note in package.notes)
+    kinds = {n.op_type for n in onnx.load(tmp_path / "pkg" / "model.onnx").graph.node}
+    assert "Softmax" in kinds and "GroupQueryAttention" not in kinds
+    assert _genai_greedy(tmp_path / "pkg", PROMPT, NEW) == _full_sequence_greedy(compiled_w4a16_rotated, PROMPT, NEW)

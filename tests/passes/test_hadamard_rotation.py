@@ -444,6 +444,7 @@ def test_the_target_rotates_int4_presets_unless_told_otherwise():
     x86, fpga = get_target("x86-vnni"), get_target("fpga")
     assert HadamardRotation.from_options(CompileOptions(weights="int4"), x86).enabled
     assert not HadamardRotation.from_options(CompileOptions(weights="int4", rotate=False), x86).enabled
-    assert not HadamardRotation.from_options(CompileOptions(), x86).enabled  # W8A8: opt-in
+    # W8A8: only where the residual stream folds (test_rotation_default.py)
+    assert HadamardRotation.from_options(CompileOptions(), x86).only_with_stream
     assert HadamardRotation.from_options(CompileOptions(rotate=True), x86).enabled
     assert not HadamardRotation.from_options(CompileOptions(weights="int4"), fpga).enabled

@@ -151,7 +151,8 @@ def test_the_search_is_the_default_except_after_a_rotation():
     def grid(**options):
         return SmoothQuant.from_options(CompileOptions(**options), x86).alpha_grid
 
-    assert grid() == SMOOTH_SEARCH_GRID                       # W8A8: no rotation, search
+    assert grid() == SMOOTH_SEARCH_GRID                       # W8A8: rotation only on pre-norm decoders,
+    assert not SmoothQuant.from_options(CompileOptions(), x86).after_rotation  # so decided at run time
     assert grid(rotate=True) == ()                            # the rotation pass smooths itself
     assert grid(weights="int4", activations="int8") == ()     # x86 rotates int4 presets
     assert grid(weights="int4", rotate=False) == SMOOTH_SEARCH_GRID

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from edgeq.cost import static_types
 from edgeq.errors import CostModelError
 from edgeq.backends.fpga.errors import UnpricedOpError
 from edgeq.backends.fpga.metadata import HOST_OPS_KEY, UNIT_KEY
@@ -240,7 +241,8 @@ class _Graph:
         if shape is None or any(d is None for d in shape):
             raise CostModelError(
                 f"{node.op_type} '{self.name(node)}': shape of '{tensor}' is not static ({shape})",
-                fix="pass input_shapes={input name: [dims]} to layers_from_onnx",
+                fix="pass --input-shape NAME=D0,D1,... for the model's inputs (to `edgeq estimate`, or to "
+                    "`edgeq compile`, which records them in the model)",
             )
         return tuple(int(d) for d in shape)
 
@@ -259,115 +261,13 @@ def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return constants
 
 
-def _weightless_copy(model: onnx.ModelProto,
-                     input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
-    """A model for shape inference: large initializers become typed inputs (no weight copy)."""
-    graph = model.graph
-    lean = onnx.ModelProto()
-    lean.ir_version = model.ir_version
-    lean.opset_import.extend(model.opset_import)
-    g = lean.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.output.extend(graph.output)
-    if not input_shapes:  # with fixed input shapes, stale symbolic value_info would block inference
-        g.value_info.extend(graph.value_info)
-    overrides = dict(input_shapes or {})
-    initializer_names = {t.name for t in graph.initializer}
-    for vi in graph.input:
-        if vi.name in initializer_names:
-            continue
-        if vi.name in overrides:
-            elem = vi.type.tensor_type.elem_type
-            vi = onnx.helper.make_tensor_value_info(vi.name, elem, list(overrides.pop(vi.name)))
-        g.input.append(vi)
-    if overrides:
-        raise CostModelError(f"input_shapes names unknown graph inputs: {sorted(overrides)}")
-    for t in graph.initializer:
-        if int(np.prod(t.dims)) <= _SMALL_CONSTANT and not t.data_location:
-            g.initializer.append(t)
-        else:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return lean
-
-
-def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, tuple]]:
-    dtypes: dict[str, int] = {}
-    shapes: dict[str, tuple] = {}
-    graph = model.graph
-    for vi in [*graph.input, *graph.output, *graph.value_info]:
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            continue
-        dtypes[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in tt.shape.dim)
-    for t in graph.initializer:
-        dtypes[t.name] = t.data_type
-        shapes[t.name] = tuple(t.dims)
-    return dtypes, shapes
-
-
-# Ops evaluated at estimate time when all their inputs are known small integer constants: the
-# shape arithmetic exporters write (position ids sliced to Shape(input_ids)[1], ...), which
-# onnx's data propagation does not always carry into Slice/Range.
-_SHAPE_ARITHMETIC = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Add",
-                               "Sub", "Mul", "Div", "Range", "Equal", "Where", "ConstantOfShape", "Reshape"})
-
-
-def _fold_shape_arithmetic(lean: onnx.ModelProto) -> onnx.ModelProto:
-    """`lean` with shape arithmetic on static shapes replaced by constants, so that inference
-    sees e.g. a Slice's computed end; nothing larger than _SMALL_CONSTANT elements is folded."""
-    from onnx.reference import ReferenceEvaluator
-
-    inferred = onnx.shape_inference.infer_shapes(lean, data_prop=True)
-    _, shapes = _value_types(inferred)
-    values = {t.name: numpy_helper.to_array(t) for t in lean.graph.initializer}
-    kept, folded = [], []
-    for node in lean.graph.node:
-        value = None
-        if node.op_type == "Shape" and shapes.get(node.input[0]) is not None \
-                and all(d is not None for d in shapes[node.input[0]]):
-            dims = np.array(shapes[node.input[0]], np.int64)
-            value = dims[_attr(node, "start", 0):_attr(node, "end", len(dims))]
-        elif node.op_type in _SHAPE_ARITHMETIC and len(node.output) == 1 and node.input and all(
-                not i or (i in values and values[i].size <= _SMALL_CONSTANT and values[i].dtype.kind in "iub")
-                for i in node.input):
-            single = onnx.helper.make_model(
-                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(
-                    node.output[0], TensorProto.UNDEFINED, None)],
-                    [numpy_helper.from_array(values[i], i) for i in dict.fromkeys(node.input) if i]),
-                opset_imports=lean.opset_import)
-            try:
-                value = np.asarray(ReferenceEvaluator(single).run(None, {})[0])
-            except Exception:  # noqa: BLE001 - not foldable here: inference decides as before
-                value = None
-            if value is not None and value.size > _SMALL_CONSTANT:
-                value = None
-        if value is None:
-            kept.append(node)
-            continue
-        values[node.output[0]] = value
-        folded.append(numpy_helper.from_array(value, node.output[0]))
-    if not folded:
-        return lean
-    out = onnx.ModelProto()
-    out.CopyFrom(lean)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    out.graph.initializer.extend(folded)
-    return out
-
-
 def _index_graph(model: onnx.ModelProto,
                  input_shapes: Mapping[str, Sequence[int]] | None) -> _Graph:
-    lean = _weightless_copy(model, input_shapes)
-    if input_shapes:
-        lean = _fold_shape_arithmetic(lean)
-    inferred = onnx.shape_inference.infer_shapes(lean, data_prop=True)
-    dtypes, shapes = _value_types(inferred)
     graph = model.graph
+    unknown = sorted(set(input_shapes or {}) - {vi.name for vi in graph.input})
+    if unknown:
+        raise CostModelError(f"input_shapes names unknown graph inputs: {unknown}")
+    dtypes, shapes = static_types(model, input_shapes)
     constants = _constant_tensors(graph)
     for name, tensor in constants.items():
         dtypes.setdefault(name, tensor.data_type)

@@ -251,10 +251,11 @@ def _buffer_unit(cfg: OverlayConfig, layers: Sequence[Layer]) -> Row:
 def _assumptions(cfg: OverlayConfig, device: FpgaDevice, bw_note: str,
                  layers: Sequence[Layer]) -> list[str]:
     fill = _fill_cycles(cfg)
+    lane = f"{cfg.lane_w_bits}x{cfg.lane_a_bits}"
     if cfg.pack_two_per_dsp:
-        pack = ("W4A8 packing: two 4x8 products per DSP slice sharing the broadcast activation "
-                "(w_hi·2^18 + w_lo on the pre-adder port, activation on the 18-bit port, both "
-                "12-bit products in disjoint fields of P; Xilinx WP486 technique)")
+        pack = (f"DSP packing: two {lane}-bit lane products per DSP slice sharing the broadcast activation "
+                f"(w_hi·2^18 + w_lo on the pre-adder port, activation on the 18-bit port, both "
+                f"{cfg.lane_w_bits + cfg.lane_a_bits}-bit products in disjoint fields of P; Xilinx WP486 technique)")
     else:
         pack = "no DSP packing: one lane product per DSP slice"
     notes = [
@@ -263,6 +264,7 @@ def _assumptions(cfg: OverlayConfig, device: FpgaDevice, bw_note: str,
         "layers run one after another; weights streamed from DRAM",
         f"a lane multiplies {cfg.lane_a_bits}-bit by {cfg.lane_w_bits}-bit; wider products "
         "combine lanes by bit-splitting (FQ-BERT BIM, Bit Fusion): 8x8 takes 2 lanes",
+        _model_products(cfg, layers),
         pack,
         "tiling: outputs over PU·PE, dot-product terms over the PE's lanes; partial tiles are "
         "padded (ceil); attention heads spread over PUs when that is faster",
@@ -289,6 +291,24 @@ def _assumptions(cfg: OverlayConfig, device: FpgaDevice, bw_note: str,
         notes.append(f"{len(layout)} layout/Q-DQ ops priced at zero cycles (no arithmetic): "
                      + ", ".join(sorted({op.op_type for op in layout})))
     return notes
+
+
+def _model_products(cfg: OverlayConfig, layers: Sequence[Layer]) -> str:
+    """What this model's products are and how many lanes each takes on the array."""
+    kinds: dict[tuple[int, int], int] = {}
+    for layer in layers:
+        if isinstance(layer, MatVecLayer):
+            key = (layer.weight_bits, layer.act_bits)
+        elif isinstance(layer, AttentionMatMul):
+            key = (layer.b_bits, layer.a_bits)
+        else:
+            continue
+        kinds[key] = kinds.get(key, 0) + 1
+    if not kinds:
+        return "this model has no matmuls for the array"
+    parts = [f"{count} W{w}A{a} ({_lanes_per_product(cfg, a, w)} lane(s) per product)"
+             for (w, a), count in sorted(kinds.items(), key=lambda item: -item[1])]
+    return "this model's matmuls: " + ", ".join(parts)
 
 
 def _shared_units(cfg: OverlayConfig, compute: Sequence[Layer], dsp_slice: str) -> tuple[Row, ...]:

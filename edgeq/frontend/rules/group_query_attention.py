@@ -9,9 +9,9 @@ becomes, for each layer:
   W read only here is split into three linears `MatMul(x, W_q|W_k|W_v)` (so the linears are the
   model's own q/k/v projections); otherwise three `Slice`s of it;
 - heads split `Transpose(Reshape(x, [0, 0, H, d]), [0, 2, 1, 3])`;
-- rotary (`do_rotary`, HF's rotate-half layout) with `cos = Concat(c, c)` and `c = Gather(cos_cache,
-  positions)`, positions `Range(T - S, T)` (T = dim 1 of attention_mask, S = new tokens), shared by
-  every layer: `Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, half:)), Slice(x, :half)), sin))`;
+- rotary (`do_rotary`, HF's rotate-half layout) with `cos = Concat(c, c)` and `c` rows T - S .. T - 1
+  of cos_cache (a Slice; T = dim 1 of attention_mask, S = new tokens), shared by every layer:
+  `Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, half:)), Slice(x, :half)), sin))`;
 - `present = Concat(past, new, axis=2)` for keys (after rotary) and values;
 - the GQA repeat `Reshape(Expand(Unsqueeze(k, [2]), [1, 1, n_rep, 1, 1]), [0, H, -1, d])`;
 - `MatMul(q, Transpose(k, [0, 1, 3, 2]))`, one `Mul` by the scale, `Add` of the canonical
@@ -184,13 +184,15 @@ def _rotary_tables(graph: Graph, b: Builder, cos_cache: Value, sin_cache: Value,
     names = (f"{ROTARY}/cos", f"{ROTARY}/sin")
     if all(graph.has_value(n) and graph.producer(graph.value(n)) is not None for n in names):
         return graph.value(names[0]), graph.value(names[1])
-    one, dim1 = b.const("one_i64", 1, np.int64), b.const("dim1", 1, np.int64)
-    total = b.op("Gather", b.op("Shape", mask), dim1, axis=0)
-    new = b.op("Gather", b.op("Shape", tokens), dim1, axis=0)
-    positions = b.op("Range", b.op("Sub", total, new), total, one)
+    # Rows T - S .. T - 1 as a Slice (a Gather from a constant would read as an embedding lookup
+    # and be quantized like one).
+    dim1 = b.const("dim1", [1], np.int64)
+    total = b.op("Slice", b.op("Shape", mask), dim1, b.const("dim2", [2], np.int64))
+    new = b.op("Slice", b.op("Shape", tokens), dim1, b.const("dim2_", [2], np.int64))
+    start = b.op("Sub", total, new)
     tables = []
     for cache, name in ((cos_cache, names[0]), (sin_cache, names[1])):
-        half = b.op("Gather", cache, positions, axis=0)
+        half = b.op("Slice", cache, start, total, b.const("rows", [0], np.int64))
         tables.append(b.op("Concat", half, half, axis=-1, out=Value(graph.unique_name(name))))
     return tables[0], tables[1]
 

@@ -1,0 +1,168 @@
+"""Qualcomm Hexagon NPU (HTP) through ONNX Runtime's QNN execution provider: the whole graph
+runs quantized on the NPU, nothing in float, CPU fallback disabled.
+
+The provider is a plugin library in the `onnxruntime-qnn` wheel (edgeq[qnn]); on x86-64 Linux it
+ships the HTP backend as a simulator, which the compile's verification and placement check run
+on. It lowers ONNX's QDQ "node units" op by op (DequantizeLinear on every float input ->
+op -> QuantizeLinear on every float output), so the target quantizes every tensor
+(`whole_graph`). What the HTP takes, measured on the simulator (onnxruntime-qnn 2.7, QNN SDK
+2.51, ONNX Runtime 1.32; tests/runtime/test_qnn_htp.py and tools/bench_qnn.py):
+
+- activations: uint16 asymmetric per tensor by default (A16); uint8 asymmetric where the plan
+  narrows them (--activations int8, or the mixed 8/16-bit plan). A MatMul, Add or Mul takes a
+  16-bit and an 8-bit input together; a tensor read at another width passes a DQ -> Q
+  conversion (QNN Convert).
+- weights of MatMul/Gemm/Conv: int8 symmetric per output channel (QNN takes per-channel
+  weights on MatMul too); int4 per channel for --weights int4. 16-bit weights are rejected.
+- Gemm/Conv biases: int32, scale s_x * s_w.
+- LayerNormalization: gamma and beta as uint16 per-tensor constants (8-bit gamma with an int32
+  beta also runs, at 6x the error; an int32 beta with a 16-bit gamma and per-channel gamma
+  are rejected). RMSNorm runs as one RMSNormalization op (opset 23; the fuse-rms-norm pass
+  writes it from the canonical form): the decomposed form quantizes x^2 and 1/sqrt on their own
+  grids, and the HTP computes a 16-bit Reciprocal wrongly (Llama fixture cosine 0.39).
+- fixed output quantization: 16-bit Sigmoid (1/65536, 0) and Tanh (1/32768, 32768) are computed
+  with these whatever the QDQ model says (the simulator ignores other output parameters), so
+  the model must carry them; Softmax takes any, edgeq fixes (1/65536, 0), its full range.
+- data movement (Reshape, Transpose, Squeeze/Unsqueeze, Flatten, Slice, Split, Gather,
+  Expand, Tile, Pad, depth/space) and max pooling move stored integers: input and output share
+  their scale and zero point. Concat requantizes its inputs (inputs of different ranges keep
+  their own scales).
+- not taken at 16 bits (each fails the session with fallback disabled, so they have no rule and
+  validate names them): Erf (GELU runs as the Gelu op), PRelu with a 16-bit slope,
+  InstanceNormalization, BatchNormalization with quantized statistics.
+- int64 graph inputs (token ids, attention masks) and int64 index ops run as the provider
+  converts them; the mask's Cast to float is quantized at its output.
+- htp_arch must be set: without it the simulator targets v68, which loses accuracy (MiniLM
+  A16W8 0.9965 against 0.9989 at v73, issue 13). --device picks the generation or SoC.
+"""
+
+from __future__ import annotations
+
+from edgeq.registry import register_target
+from edgeq.targets.base import (Execution, ExecutionDevice, Granularity, OpRule, PluginLibrary, QSpec,
+                                Target)
+
+ACT16 = QSpec("uint16", symmetric=False)
+ACT8 = QSpec("uint8", symmetric=False)
+W8 = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL)
+BIAS = QSpec("int32", symmetric=True, granularity=Granularity.CHANNEL, axis=0)
+
+# Output quantization the HTP imposes (QNN op definitions; ONNX Runtime's get_qnn_qdq_config
+# sets the same for Sigmoid and Tanh), per activation dtype.
+SIGMOID_OUT = (ACT16.replace(fixed=(1 / 65536, 0)), ACT8.replace(fixed=(1 / 256, 0)))
+TANH_OUT = (ACT16.replace(fixed=(1 / 32768, 32768)), ACT8.replace(fixed=(1 / 128, 128)))
+SOFTMAX_OUT = (ACT16.replace(fixed=(1 / 65536, 0)), ACT8.replace(fixed=(1 / 256, 0)))
+
+A = ACT16
+
+
+def _unary(**fields) -> OpRule:
+    return OpRule(activations=(A,), weight_slots=(), **fields)
+
+
+def _binary() -> OpRule:
+    return OpRule(activations=(A, A), weight_slots=())
+
+
+def _moving(slots: int = 1) -> OpRule:
+    """Data movement: the stored integers move, input and output share their quantization. Only
+    the data input is quantized (shapes, indices and pads are integer inputs)."""
+    return OpRule(activations=(A,) + (None,) * (slots - 1), weight_slots=(), shared=True)
+
+
+OPS: dict[str, OpRule] = {
+    # Linear layers and activation x activation products (attention scores and context).
+    "MatMul": OpRule(activations=(A, A), weight=W8, weight_slots=(1,)),
+    "Gemm": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
+    "Conv": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
+    "ConvTranspose": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
+    # Elementwise (residual adds, mask bias, scales, gates); a constant operand is stored as an
+    # activation of the same spec.
+    **{kind: _binary() for kind in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow")},
+    "Where": OpRule(activations=(None, A, A), weight_slots=()),
+    # Normalization: gamma and beta as 16-bit constants (see the module notes).
+    "LayerNormalization": OpRule(activations=(A, A, A), weight_slots=()),
+    "RMSNormalization": OpRule(activations=(A, A), weight_slots=()),  # fuse-rms-norm writes it (opset 23)
+    # Activations and reductions.
+    "Softmax": _unary(output=SOFTMAX_OUT),
+    "Sigmoid": _unary(output=SIGMOID_OUT),
+    "Tanh": _unary(output=TANH_OUT),
+    **{kind: _unary() for kind in ("Gelu", "Relu", "LeakyRelu", "Elu", "HardSigmoid", "HardSwish", "Exp",
+                                  "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos", "Clip", "Softplus",
+                                  "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
+                                  "GlobalAveragePool", "AveragePool", "Resize")},
+    "Concat": OpRule(activations=(A,), weight_slots=(), variadic=True),
+    "MaxPool": _moving(),
+    "GlobalMaxPool": _moving(),
+    **{kind: _moving(2) for kind in ("Reshape", "Expand", "Tile", "Squeeze", "Unsqueeze")},
+    **{kind: _moving() for kind in ("Transpose", "Flatten", "DepthToSpace", "SpaceToDepth", "Identity")},
+    "Slice": _moving(5),
+    "Split": _moving(2),
+    "Pad": _moving(4),
+    # An embedding table (or any gathered constant) is a 16-bit constant; the gathered rows
+    # share its quantization.
+    "Gather": OpRule(activations=(A, None), weight_slots=(), shared=True),
+}
+
+# The plugin names its provider after the name it is registered under: QNNExecutionProvider, as
+# ONNX Runtime's documentation registers it.
+QNN_PLUGIN = PluginLibrary(package="onnxruntime-qnn", module="onnxruntime_qnn", extra="qnn", device_type="NPU|CPU",
+                           registration_name="QNNExecutionProvider")
+
+# --device: an HTP generation, or a SoC (its generation and QNN soc_model id). The first is the
+# default: v73 (Snapdragon 8 Gen 2, X Elite), where the simulator's accuracy matches the devices'.
+DEVICES = (
+    ExecutionDevice("v73", "HTP v73 (Snapdragon 8 Gen 2, Snapdragon X Elite/Plus)", (("htp_arch", "73"),)),
+    ExecutionDevice("v68", "HTP v68 (Snapdragon 888, QCS6490)", (("htp_arch", "68"),)),
+    ExecutionDevice("v69", "HTP v69 (Snapdragon 8 Gen 1, 8+ Gen 1)", (("htp_arch", "69"),)),
+    ExecutionDevice("v75", "HTP v75 (Snapdragon 8 Gen 3)", (("htp_arch", "75"),)),
+    ExecutionDevice("v79", "HTP v79 (Snapdragon 8 Elite)", (("htp_arch", "79"),)),
+    ExecutionDevice("sm8550", "Snapdragon 8 Gen 2 (HTP v73, QNN soc_model 43)", (("htp_arch", "73"), ("soc_model", "43"))),
+    ExecutionDevice("sm8650", "Snapdragon 8 Gen 3 (HTP v75, QNN soc_model 57)", (("htp_arch", "75"), ("soc_model", "57"))),
+    ExecutionDevice("sm8750", "Snapdragon 8 Elite (HTP v79, QNN soc_model 69)", (("htp_arch", "79"), ("soc_model", "69"))),
+    ExecutionDevice("x1e", "Snapdragon X Elite (HTP v73, QNN soc_model 60)", (("htp_arch", "73"), ("soc_model", "60"))),
+)
+
+HTP = Execution(
+    name="qnn", provider="QNNExecutionProvider", plugin=QNN_PLUGIN,
+    description="the Hexagon NPU (HTP backend) through ONNX Runtime's QNN provider (the HTP simulator on x86-64), "
+                "CPU fallback disabled",
+    # The graph's input quantization and output dequantization run on the HTP too (by default the
+    # provider hands them to the CPU where fallback is allowed).
+    provider_options=(("backend_type", "htp"), ("offload_graph_io_quantization", "0")),
+    # No CPU fallback: a node the HTP does not take fails the session (and the compile), it does not
+    # run in float on the CPU.
+    session_config=(("session.disable_cpu_ep_fallback", "1"),),
+    placement_check="qnn-htp-nodes",
+    reference_on_cpu=True,
+    devices=DEVICES,
+    context_settings=(("ep.context_enable", "1"), ("ep.context_embed_mode", "1")),
+)
+
+_PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
+               "canonicalize-shapes", "dead-code-elimination", "shape-inference")
+_PIPELINE = _PREPROCESS + ("fuse-rms-norm", "select-precision", "calibrate", "gptq", "mixed-precision", "insert-qdq",
+                           "dead-code-elimination", "topological-sort")
+
+QNN_HTP = register_target(Target(
+    name="qnn-htp",
+    description="Qualcomm Hexagon NPU (HTP) through ONNX Runtime's QNN provider: whole graph quantized, A16W8 "
+                "(uint16 activations, int8 per-channel weights), fixed sigmoid/tanh/softmax outputs, static shapes",
+    ops=OPS,
+    activation=ACT16,
+    weight=W8,
+    weight_specs={"int4": W4},
+    activation_dtypes=frozenset({"uint16", "uint8"}),
+    keep_high=frozenset(),
+    default_pipeline=_PIPELINE,
+    executions=(HTP,),
+    static_shapes=True,
+    whole_graph=True,
+    # With 16-bit activations the int8 weights' rounding is most of the error: GPTQ rounds them
+    # (MiniLM embedding cosine on the CPU simulation 0.99925 -> 0.99951, BENCHMARKS.md).
+    gptq_weights=frozenset({"int8"}),
+    notes=("whole graph on the NPU: every op quantized (QDQ node units), CPU fallback disabled; the compile's "
+           "verification and placement run on the HTP backend (the simulator on x86-64)",
+           "--device picks the HTP generation or SoC (htp_arch, soc_model); default v73",),
+))
