@@ -3,8 +3,8 @@ memory, then perplexity on the standard protocol, beside float, in one run.
 
     python tools/bench_smollm2_ptq.py [--variants w8-weight-only,w8a8-rotate-minmax,...]
 
-Calibration is text: WikiText-2 windows 1000.. of 256 tokens (18 windows: 16 calibrate, 2 are
-held out to verify), tokenized with SmolLM2's tokenizer, disjoint from evaluation windows 0..31.
+Calibration is text: WikiText-2 windows 1000.. of 256 tokens (`--samples 18` by default: 16
+calibrate, 2 are held out to verify; presets that want more tokens draw more windows and say so), tokenized with SmolLM2's tokenizer, disjoint from evaluation windows 0..31.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ VARIANTS = {
     "w8a8-minmax-two-digit-down_proj": ["--calib-method", "minmax", "--no-smooth", "--two-digit", "down_proj"],
     "w8a8-rotate (default calibration)": ["--rotate"],
     "w8a8-rotate-minmax": ["--rotate", "--calib-method", "minmax"],
+    # The plain commands a user types (issue 16): the target decides rotation, smoothing and rounding.
+    "plain-w8a8 (no flag)": [],
+    "plain-w4a16": ["--weights", "int4", "--group", "128", "--activations", "float"],
+    "plain-w4a8": ["--weights", "int4", "--group", "128", "--activations", "int8"],
 }
+# Variants that need no calibration data (weight-only int8 rounds to nearest).
+WITHOUT_DATA = {"w8-weight-only"}
 
 
 def run_compile(args: list[str]) -> tuple[float, int, str]:
@@ -52,7 +58,9 @@ def run_compile(args: list[str]) -> tuple[float, int, str]:
 @click.option("--variants", default=",".join(VARIANTS), show_default=True)
 @click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_SHARED)
 @click.option("--threads", type=int, default=0)
-def main(variants: str, shared: Path, threads: int) -> None:
+@click.option("--samples", type=int, default=18, show_default=True,
+              help="Calibration windows given to --samples (the compile holds 2 out to verify).")
+def main(variants: str, shared: Path, threads: int, samples: int) -> None:
     header = run_header()
     float_path = catalog.cached("smollm2")
     text = shared / "data" / "wikitext-2-raw-test.txt"
@@ -64,9 +72,9 @@ def main(variants: str, shared: Path, threads: int) -> None:
         for name in variants.split(","):
             out = Path(tmp) / f"{name.split()[0]}.onnx"
             args = ["compile", str(float_path), "--target", "x86-vnni", "-o", str(out), *VARIANTS[name]]
-            if "float" not in VARIANTS[name]:  # weight-only needs no calibration data
+            if name not in WITHOUT_DATA:
                 args += ["--calib-text", str(text), "--tokenizer", str(tokenizer), "--seq-len", "256",
-                         "--samples", "18", "--first-window", "1000"]
+                         "--samples", str(samples), "--first-window", "1000"]
             seconds, peak, output = run_compile(args)
             click.echo(output, err=True)
             rows.append((name, f"{seconds:.0f}", f"{peak / 2**20:.0f}", evaluation.evaluate_smollm2(out, shared, threads)))

@@ -32,8 +32,9 @@ class FlagField:
     field: str
     value: Callable[[Any], Any] = _unchanged     # the flag's value -> the field's (a file read, a constant)
     append: bool = False                          # add to the config's tuple instead of replacing it
-    # Whether the flag counts as given: by default a value that is not falsy, so 0, an empty
-    # list and an unset switch leave the config's value (and the default) alone.
+    # Whether the flag counts as given: by default a value that is not falsy, so an empty list
+    # and an unset switch leave the config's value (and the default) alone; value flags whose
+    # 0 means something (`--smooth 0`, `--keep-high 0`) count when they are not None.
     given: Callable[[Any], bool] = bool
 
 
@@ -46,15 +47,15 @@ FLAG_FIELDS: tuple[FlagField, ...] = (
     FlagField("exclude_op", "overrides.exclude_op_types", tuple, append=True),
     FlagField("tensor_overrides", "overrides.tensors", PrecisionOverrides.read_tensor_overrides, append=True),
     FlagField("calib_method", "calibration.method"),
-    FlagField("percentile", "calibration.percentile"),
+    FlagField("percentile", "calibration.percentile", given=_given_unless_none),  # 0 is a value, not "not given"
     FlagField("weights", "weights"),
-    FlagField("group", "group"),
+    FlagField("group", "group", given=_given_unless_none),
     FlagField("activations", "activations"),
-    FlagField("keep_high", "keep_high"),
-    FlagField("accuracy_budget", "accuracy_budget"),
+    FlagField("keep_high", "keep_high", given=_given_unless_none),
+    FlagField("accuracy_budget", "accuracy_budget", given=_given_unless_none),
     FlagField("threads", "threads"),
     FlagField("sensitivity", "sensitivity"),
-    FlagField("smooth_alpha", "smooth_alpha"),
+    FlagField("smooth_alpha", "smooth_alpha", given=_given_unless_none),
     FlagField("weight_rounding", "weight_rounding"),
     FlagField("act_order", "act_order"),
     FlagField("head_weights", "head_weights"),

@@ -36,9 +36,11 @@ def _legacy_options(p: dict) -> CompileOptions:
         exclude_op_types=overrides.exclude_op_types + tuple(p["exclude_op"]),
         tensors=overrides.tensors + (PrecisionOverrides.read_tensor_overrides(p["tensor_overrides"])
                                      if p["tensor_overrides"] else ()))
+    # A value flag given as 0 is given (`--smooth 0`, `--keep-high 0`); switches and lists only when set.
+    valued = {"percentile", "group", "keep_high", "accuracy_budget", "smooth_alpha"}
     calibration = replace(options.calibration, **{k: v for k, v in
                                                   (("method", p["calib_method"]), ("percentile", p["percentile"]))
-                                                  if v})
+                                                  if (v is not None if k in valued else v)})
     options = replace(options, overrides=overrides, calibration=calibration,
                       **{k: v for k, v in (("weights", p["weights"]), ("group", p["group"]),
                                            ("activations", p["activations"]), ("keep_high", p["keep_high"]),
@@ -48,7 +50,7 @@ def _legacy_options(p: dict) -> CompileOptions:
                                            ("head_weights", p["head_weights"]),
                                            ("smooth_alpha_grid", SMOOTH_SEARCH_GRID if p["smooth_search"] else None),
                                            ("two_digit", tuple(p["two_digit"])))
-                         if v})
+                         if (v is not None if k in valued else v)})
     if p["rotate"] is not None:
         options = replace(options, rotate=p["rotate"])
     if p["no_smooth"]:
@@ -127,7 +129,7 @@ def test_flags_over_the_config(capsys, monkeypatch, tmp_path, files):
             "--exclude-regex", "r2", "--exclude-op", "Gelu", "--two-digit", "o_proj", "--keep-high", "0",
             "--calib-method", "entropy", "--no-rotate", "--smooth-search"]
     expected = CompileOptions(
-        weights="int4", group=64, keep_high=2, threads=3, two_digit=("o_proj",), rotate=False, smooth_alpha=0.7,
+        weights="int4", group=64, keep_high=0, threads=3, two_digit=("o_proj",), rotate=False, smooth_alpha=0.7,
         smooth_alpha_grid=SMOOTH_SEARCH_GRID,
         calibration=CalibrationOptions(method="entropy", holdout=1),
         overrides=PrecisionOverrides(exclude_nodes=("n1", "n2", "n3", "n4"), exclude_regex=("^r1", "r2"),
@@ -236,3 +238,14 @@ def test_flags_not_given_leave_the_config_alone(files):
 def test_a_bad_choice_is_a_usage_error_before_the_table():
     with pytest.raises(click.BadParameter):
         _params(["--weights", "int3"])
+
+
+@pytest.mark.parametrize("flag, value, field", [("smooth_alpha", 0.0, "smooth_alpha"),
+                                                ("keep_high", 0, "keep_high"),
+                                                ("accuracy_budget", 0.0, "accuracy_budget")])
+def test_a_zero_value_counts_as_given(flag, value, field, tmp_path):
+    """`--smooth 0` sets alpha 0 (it used to read as "not given" and leave the search on)."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"{field} = {1 if isinstance(value, int) else 0.5}\n")
+    flags = {**{row.flag: None for row in FLAG_FIELDS}, flag: value}
+    assert getattr(compile_options(flags, config), field) == value
