@@ -64,7 +64,7 @@ _MAC_OPS = {
     ("", "Conv"): (0, 1, "conv"), ("", "ConvInteger"): (0, 1, "conv"), ("", "QLinearConv"): (0, 3, "conv"),
 }
 # Ops that multiply-accumulate in ways not counted here: they raise rather than count zero.
-_UNCOUNTED_MAC_OPS = frozenset({"ConvTranspose", "Einsum", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+_UNCOUNTED_MAC_OPS = frozenset({"ConvTranspose", "Attention", "MultiHeadAttention", "GroupQueryAttention",
                                 "QAttention", "FusedMatMul", "FusedConv", "NhwcConv", "QLinearConvTranspose",
                                 "DynamicQuantizeMatMul", "LSTM", "GRU", "RNN", "DeformConv"})
 _LOOK_THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -341,6 +341,9 @@ class _Counter:
                 and len(self.dims.get(node.input[0]) or ()) == 2:  # an embedding table
             self._weight_bytes(node.input[0], _dtype(self.elems.get(node.input[0])))
             return
+        if node.op_type == "Einsum" and domain == "":
+            self._count_einsum(node)
+            return
         spec = _MAC_OPS.get((domain, node.op_type))
         if spec is None:
             return
@@ -374,6 +377,37 @@ class _Counter:
             else:  # bytes as stored in memory (a weight-only linear reads float activations)
                 stored_dtype = _dtype(self.elems.get(stored))
                 self.add(f"activation_bytes_{stored_dtype}", _nbytes(self._static(node, name), stored_dtype))
+
+    def _count_einsum(self, node: onnx.NodeProto) -> None:
+        """An Einsum multiplies once per combination of its index letters (output and summed
+        ones): the product of every letter's size, times the output's broadcast (`...`) size.
+        Online Hadamards are Einsums of an activation with a constant factor (edgeq's rotation)."""
+        equation = next(a.s.decode() for a in node.attribute if a.name == "equation").replace(" ", "")
+        operands = equation.split("->")[0].split(",")
+        if len(operands) != len(node.input) or len(operands) > 2:
+            raise CostModelError(f"Einsum '{node.name}' with {len(node.input)} operands ({equation}) is not counted",
+                                 fix="estimate a model whose Einsums take one or two operands")
+        sizes: dict[str, int] = {}
+        broadcast = 1
+        for operand, name in zip(operands, node.input):
+            dims = self._static(node, name)
+            letters = operand.replace("...", "")
+            tail = dims[len(dims) - len(letters):] if letters else ()
+            if "..." in operand:
+                ellipsis = dims[:len(dims) - len(letters)]
+                broadcast = max(broadcast, math.prod(ellipsis))
+            for letter, size in zip(letters, tail):
+                sizes[letter] = max(sizes.get(letter, 1), size)
+        macs = math.prod(sizes.values()) * broadcast
+        stored = [self._stored(name) for name in node.input]
+        a_dtype = stored[0][1]
+        w_dtype = stored[1][1] if len(stored) > 1 else a_dtype
+        self.add(f"op_mac_{a_dtype}_{w_dtype}", macs)
+        for name, (source, dtype) in zip(node.input, stored):
+            if (source or name) in self.constants:
+                self._weight_bytes(source or name, dtype)
+            else:
+                self.add(f"activation_bytes_{dtype}", _nbytes(self._static(node, name), dtype))
 
     def _stored(self, name: str) -> tuple[str | None, str]:
         """(integer tensor a DequantizeLinear reads, its dtype) behind operand `name`, looking

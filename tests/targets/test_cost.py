@@ -125,11 +125,28 @@ def test_explicit_matmulnbits(level, activation):
 
 
 def test_an_op_whose_macs_are_not_counted_raises():
-    model = _model([helper.make_node("Einsum", ["a", "b"], ["y"], equation="ij,jk->ik")],
-                   [helper.make_tensor_value_info("a", F, [M, K]), helper.make_tensor_value_info("b", F, [K, N])],
-                   [helper.make_tensor_value_info("y", F, [M, N])], [])
-    with pytest.raises(CostModelError, match="cannot count the MACs of Einsum"):
+    model = _model([helper.make_node("ConvTranspose", ["a", "b"], ["y"])],
+                   [helper.make_tensor_value_info("a", F, [1, M, 4, 4]),
+                    helper.make_tensor_value_info("b", F, [M, N, 3, 3])],
+                   [helper.make_tensor_value_info("y", F, [1, N, 6, 6])], [])
+    with pytest.raises(CostModelError, match="cannot count the MACs of ConvTranspose"):
         count_work(model)
+
+
+def test_einsum_counts_one_mac_per_combination_of_its_letters():
+    """An online Hadamard factor x[..., f] . H[f, g] (edgeq's rotation writes Einsums like it):
+    every output element sums f products; the constant factor counts as a weight."""
+    factor = numpy_helper.from_array(RNG.standard_normal((K, K)).astype(np.float32), "h")
+    model = _model([helper.make_node("Einsum", ["x", "h"], ["y"], equation="...f,fg->...g")],
+                   [helper.make_tensor_value_info("x", F, [2, M, K])],
+                   [helper.make_tensor_value_info("y", F, [2, M, K])], [factor])
+    counts = count_work(model).counts
+    assert counts["op_mac_float32_float32"] == 2 * M * K * K
+    assert counts["weight_bytes_float32"] == K * K * 4
+    matmul = _model([helper.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bjk->bik")],
+                    [helper.make_tensor_value_info("a", F, [3, M, K]), helper.make_tensor_value_info("b", F, [3, K, N])],
+                    [helper.make_tensor_value_info("y", F, [3, M, N])], [])
+    assert count_work(matmul).counts["op_mac_float32_float32"] == 3 * M * K * N
 
 
 # ---- shapes ----------------------------------------------------------------------------------
