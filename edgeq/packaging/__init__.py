@@ -11,6 +11,13 @@
 - `genai`: the onnxruntime-genai folder: the decoder under the names the generation loop
   expects, `genai_config.json`, the tokenizer files (`package_genai`).
 
-One module per mode: a mobile mode (ONNX Runtime's .ort format, the operator config of a reduced
-build, the mobile providers' usability report) goes beside `genai` and uses `folder` the same way.
+- `mobile`: a mobile app's package (`package_mobile`, `--platform android|ios`): the .ort model
+  checked against the .onnx, the app's facts, the EP-context model of an NPU target, a README with
+  the Kotlin/Swift calls.
+- `ort_format`: ONNX Runtime's .ort format: conversion at the level a provider needs, the graph
+  an .ort holds, the operator config of a reduced build checked against every op.
+- `mobile_providers`: the mobile providers as data (NNAPI, QNN, CoreML, XNNPACK, CPU) and which
+  nodes each would take.
+
+One module per mode, each using `folder` the same way.
 """
