@@ -222,8 +222,8 @@ def _enough_tokens(spec: Any, source, calib, holdout, wanted: int, model) -> tup
         return calib, None
     have = len(calib) * per_sample
     need = -(-wanted // per_sample)
-    why = (f"the int4 weights are rounded with GPTQ, whose layer statistics need about {wanted} calibration tokens "
-           f"(SmolLM2 W4A16: +14% perplexity from 16 windows of 256 tokens, +8% from 64)")
+    why = (f"the weights are rounded with GPTQ, whose layer statistics need about {wanted} calibration tokens "
+           f"(SmolLM2 W4A16: +14% perplexity from 16 windows of 256 tokens, +8 to +11% from 64)")
     if isinstance(spec, (TextWindows, TokenWindows)):
         extra = need - len(calib)
         try:

@@ -29,6 +29,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.topological_sort",
     "edgeq.passes.linear_to_gemm",
     "edgeq.passes.fuse_rms_norm",
+    "edgeq.passes.fold_batch_norm",
+    "edgeq.passes.split_norm_affine",
     "edgeq.passes.mixed_precision",
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",

@@ -2,8 +2,13 @@
 go to 8 bits where the sensitivity analysis allows (an NPU runs 8-bit tensors at twice the rate
 and half the bandwidth of 16-bit ones).
 
-Tensors are grouped with the tensors that must share their quantization (the input and output
-of a shared op such as data movement). The residual stream stays 16-bit: a tensor a norm reads or
+Tensors are grouped with the tensors that must share their width: ONNX Runtime groups a
+DQ -> op -> Q "node unit" (what a provider such as QNN runs as one integer op) only when the op's
+inputs and output have one dtype (a linear op's or a norm's input 0 and output; issue 13: a
+MatMul reading 16 bits and writing 8 ran in float on the HTP), and a shared op (data movement)
+keeps its input's quantization. On a transformer every such group reaches the residual stream,
+so nothing narrows there without a conversion (DQ -> Q, QNN Convert) between units of different
+widths, which this plan does not place yet. The residual stream stays 16-bit: a tensor a norm reads or
 writes, a residual add's, an embedding's or a graph output (narrowing any one of them alone
 multiplies the BERT fixture's output error by 4 to 9; an attention or MLP tensor adds under 10%).
 The other groups are ranked by their own 8-bit SQNR, from their calibration histograms (the
@@ -35,6 +40,12 @@ from edgeq.quant.plan import OpPlan, QuantPlan
 from edgeq.registry import register_pass
 from edgeq.runtime.sessions import make_session
 from edgeq.targets.base import QSpec
+
+
+# Ops whose QDQ node unit ties only input 0 to the output (the others: weights, a second matmul
+# operand, a norm's gamma keep their own width).
+_FIRST_INPUT_TIED = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "LayerNormalization",
+                               "RMSNormalization", "InstanceNormalization"})
 
 
 @dataclass
@@ -81,6 +92,9 @@ class MixedPrecision(Pass):
             group.sqnr8_db = min((_sqnr8(stats, name, ranges) for name in group.tensors), default=float("-inf"))
         ranked = sorted((g for g in groups if np.isfinite(g.sqnr8_db) and not stream & set(g.tensors)),
                         key=lambda g: -g.sqnr8_db)
+        if not ranked:  # nothing may narrow: no variant to measure
+            return PassResult(graph, False, {"groups": len(groups), "candidates": 0, "narrowed_groups": 0,
+                                             "narrowed_tensors": 0, "variants": 0})
         feeds = [dict(f) for _, f in zip(range(self.samples), data)]
         with tempfile.TemporaryDirectory(prefix="edgeq-mixed-") as tmp:
             runner = _Runner(graph, plan, ctx, feeds, Path(tmp), self.threads, narrow)
@@ -156,9 +170,14 @@ def _groups(graph: Graph, plan: QuantPlan, narrow: dict[str, str]) -> list[_Grou
             readers.setdefault(ins[slot].name, []).append((op_plan, slot))
         for slot in op_plan.outputs:
             producers.setdefault(graph.outputs_of(op_plan.op)[slot].name, []).append((op_plan, slot))
-        if op_plan.shared and 0 in op_plan.activations:
-            for out in op_plan.outputs:
-                parent[find(graph.outputs_of(op_plan.op)[out].name)] = find(ins[0].name)
+        # One node unit, one width: the slots ONNX Runtime's QDQ selectors require of one dtype
+        # (every activation input and the output; a linear op's or norm's input 0 and output).
+        first_only = op_plan.op.op_type in _FIRST_INPUT_TIED
+        tied = [ins[s].name for s in sorted(op_plan.activations) if ins[s] is not None and (s == 0 or not first_only)]
+        tied += [graph.outputs_of(op_plan.op)[s].name for s in sorted(op_plan.outputs)
+                 if graph.outputs_of(op_plan.op)[s] is not None]
+        for name in tied[1:]:
+            parent[find(name)] = find(tied[0])
     members: dict[str, list[str]] = {}
     for name in {*producers, *readers}:
         members.setdefault(find(name), []).append(name)

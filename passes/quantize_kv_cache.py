@@ -9,6 +9,12 @@ the cache as extra inputs/outputs `<past value>_scale` / `<present value>_scale`
 [B, H, T, 1]); key scales are constants calibrated here: the graph runs on the calibration data
 (prefill and decode steps) and each key channel's absmax over every cached token sets its scale.
 
+Options: `rotate` multiplies the new keys/values by a normalized head-dim Hadamard before they are
+quantized and again after they are read (exact in float; spreads one channel's outlier over the
+token); `centered` makes static scales span each channel's calibrated [min, max] around its
+midpoint (subtracted before quantizing, added back after). On SmolLM2's int4 cache centered keys
+halve the perplexity cost and the rotation does not help (BENCHMARKS.md, issue 15).
+
 Works on the float or the compiled graph (run it last, after `insert-qdq`). A generation loop
 feeds the new caches as it fed the float ones: it allocates them from the model's input types
 (int8/uint8 and, for values per token, float16 scales) and carries present -> past.
@@ -49,9 +55,20 @@ class QuantizeKvCache(Pass):
     name = "quantize-kv-cache"
     description = "int8/int4 KV cache: keys per channel (calibrated), values per token (KIVI), QDQ around the cache"
 
-    def __init__(self, bits: int = 8, values: str = "token", threads: int = 0):
+    def __init__(self, bits: int = 8, values: str = "token", threads: int = 0, rotate: bool = False,
+                 centered: bool = False):
+        """`rotate`: the keys and values are multiplied by a normalized Hadamard matrix over the head
+        dim before they are quantized into the cache and by it again (its own inverse) after they
+        are read back, so no one channel's outlier sets a token's scale (QuaRot's rotated cache;
+        exact in float)."""
         self.scheme = kv.KvCacheScheme(bits=bits, values=values)
         self.threads = threads
+        self.rotate = rotate
+        # `centered`: a static (per-channel) scale spans the channel's calibrated [min, max] around
+        # its midpoint, subtracted before quantizing and added back after (asymmetric: a channel
+        # with an offset spends no codes on values it never takes).
+        self.centered = centered
+        self._hadamard: np.ndarray | None = None
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         if ctx.artifacts.get(CALIBRATION_DATA) is None:
@@ -61,13 +78,20 @@ class QuantizeKvCache(Pass):
         layers = self._cache_concats(graph)
         if not layers:
             return PassResult(graph, False, {"caches": 0})
+        if self.rotate:
+            self._hadamard = hadamard(layers[0][0].shape[3])
         absmax = self._absmax(graph, [c for _, c, _ in layers], ctx)
         value_names = {e.past for e in self._layout(graph).entries if cache_kind(e.past) == "value"}
         kv_heads, head_dim = layers[0][0].shape[1], layers[0][0].shape[3]
         n_layers = len(layers) // 2
         for past, concat, present in layers:
             per_token = past.name in value_names and self.scheme.values == "token"
-            self._rewrite(graph, past, concat, present, absmax[present.name], per_token)
+            low, high = absmax[present.name]
+            if self.centered and not per_token:
+                center, extent = (high + low) / 2, (high - low) / 2
+            else:
+                center, extent = None, np.maximum(np.abs(low), np.abs(high))
+            self._rewrite(graph, past, concat, present, extent, per_token, center)
         per_token_bytes = self.scheme.bytes_per_token(n_layers, kv_heads, head_dim)
         float_bytes = kv.float_bytes_per_token(n_layers, kv_heads, head_dim)
         self._record(graph, per_token_bytes, float_bytes)
@@ -114,8 +138,8 @@ class QuantizeKvCache(Pass):
 
     # ---- calibration -----------------------------------------------------------------------
 
-    def _absmax(self, graph: Graph, concats: list[Op], ctx: PassContext) -> dict[str, np.ndarray]:
-        """Absmax over batch and tokens of each present output, per (head, channel)."""
+    def _absmax(self, graph: Graph, concats: list[Op], ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(min, max) over batch and tokens of each present output, per (head, channel)."""
         from edgeq.runtime.sessions import make_session
 
         data = ctx.artifacts.get(CALIBRATION_DATA)
@@ -131,8 +155,12 @@ class QuantizeKvCache(Pass):
                 for name, array in zip(wanted, session.run(wanted, feed)):
                     if array.shape[2] == 0:
                         continue
-                    here = np.abs(array).max(axis=(0, 2))
-                    absmax[name] = here if name not in absmax else np.maximum(absmax[name], here)
+                    if self._hadamard is not None:
+                        array = array @ self._hadamard
+                    low, high = array.min(axis=(0, 2)), array.max(axis=(0, 2))
+                    if name in absmax:
+                        low, high = np.minimum(absmax[name][0], low), np.maximum(absmax[name][1], high)
+                    absmax[name] = (low, high)
         missing = [n for n in wanted if n not in absmax]
         if missing:
             raise CalibrationError(f"no calibration sample gave cache '{missing[0]}' a token",
@@ -149,12 +177,20 @@ class QuantizeKvCache(Pass):
     # ---- rewriting -------------------------------------------------------------------------
 
     def _rewrite(self, graph: Graph, past: Value, concat: Op, present: Value, absmax: np.ndarray,
-                 per_token: bool) -> None:
+                 per_token: bool, center: np.ndarray | None = None) -> None:
         scheme = self.scheme
         batch, heads, past_len, head_dim = past.shape
         prefix = f"/kv_cache/{past.name}"
         new = graph.inputs_of(concat)[1]
         old_out = graph.outputs_of(concat)[0]
+        rotation = None
+        if self._hadamard is not None:
+            rotation = graph.add_constant(graph.unique_name("/kv_cache/hadamard"), self._hadamard)
+            new = graph.outputs_of(graph.add_op("MatMul", [new, rotation], [f"{prefix}/rotated"]))[0]
+        offset = None
+        if center is not None:
+            offset = graph.add_constant(graph.unique_name(f"{prefix}/center"), center.astype(np.float32)[None, :, None, :])
+            new = graph.outputs_of(graph.add_op("Sub", [new, offset], [f"{prefix}/centered"]))[0]
         if per_token:
             scale, stored = kv.token_scales(graph, new, scheme, prefix)
         else:
@@ -173,6 +209,10 @@ class QuantizeKvCache(Pass):
         else:
             read_scale = scale
         values = kv.dequantize_from_cache(graph, cached, read_scale, scheme, head_dim, prefix)
+        if offset is not None:
+            values = graph.outputs_of(graph.add_op("Add", [values, offset], [f"{prefix}/uncentered"]))[0]
+        if rotation is not None:  # the symmetric normalized Hadamard is its own inverse
+            values = graph.outputs_of(graph.add_op("MatMul", [values, rotation], [f"{prefix}/unrotated"]))[0]
         slot = graph.outputs.index(present)
         present_dims = list(present.shape) if present.shape is not None else [batch, heads, None, head_dim]
         graph.replace_all_uses(old_out, values)
@@ -199,8 +239,19 @@ class QuantizeKvCache(Pass):
         if graph.model is None:
             return
         entry = json.dumps({"bits": self.scheme.bits, "keys": "channel", "values": self.scheme.values,
+                            "hadamard": self.rotate, "centered": self.centered,
                             "scale_suffix": SCALE_SUFFIX if self.scheme.values == "token" else None,
                             "bytes_per_token": per_token_bytes, "float_bytes_per_token": float_bytes})
         graph.model.metadata_props = [(k, v) for k, v in graph.model.metadata_props if k != METADATA_KEY] + \
             [(METADATA_KEY, entry)]
 
+
+def hadamard(n: int) -> np.ndarray:
+    """The normalized Sylvester Hadamard matrix of order n (a power of 2): symmetric, H H = I."""
+    if n < 1 or n & (n - 1):
+        raise PreconditionError(f"head dim {n} is not a power of 2: no Sylvester Hadamard rotation of the cache",
+                                fix="quantize the cache without rotate")
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)

@@ -8,18 +8,27 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
 (`whole_graph`). What the HTP takes, measured on the simulator (onnxruntime-qnn 2.7, QNN SDK
 2.51, ONNX Runtime 1.32; tests/runtime/test_qnn_htp.py and tools/bench_qnn.py):
 
-- activations: uint16 asymmetric per tensor by default (A16); uint8 asymmetric where the plan
-  narrows them (--activations int8, or the mixed 8/16-bit plan). A MatMul, Add or Mul takes a
-  16-bit and an 8-bit input together; a tensor read at another width passes a DQ -> Q
-  conversion (QNN Convert).
+- node units: ONNX Runtime hands the provider a DQ -> op -> Q group as one integer op only when
+  the op's inputs and output share a dtype (a linear op's or a norm's input 0 and output; a
+  MatMul's second operand may differ); otherwise the op is validated alone and the HTP computes
+  it in float, with fallback disabled and no error. The placement check reads the provider's
+  log and fails naming any such op; the mixed 8/16-bit plan narrows whole node-unit groups.
+- activations: uint16 asymmetric per tensor by default (A16); uint8 asymmetric with
+  --activations int8 (or where the mixed plan narrows a group); a tensor read at another width
+  passes a DQ -> Q conversion (QNN Convert).
 - weights of MatMul/Gemm/Conv: int8 symmetric per output channel (QNN takes per-channel
   weights on MatMul too); int4 per channel for --weights int4. 16-bit weights are rejected.
+  ConvTranspose weights per tensor (QNN takes per-channel ones only along axis 1).
+  BatchNormalization is folded first (fold-batch-norm): the HTP takes none with quantized
+  statistics.
 - Gemm/Conv biases: int32, scale s_x * s_w.
-- LayerNormalization: gamma and beta as uint16 per-tensor constants (8-bit gamma with an int32
-  beta also runs, at 6x the error; an int32 beta with a 16-bit gamma and per-channel gamma
-  are rejected). RMSNorm runs as one RMSNormalization op (opset 23; the fuse-rms-norm pass
-  writes it from the canonical form): the decomposed form quantizes x^2 and 1/sqrt on their own
-  grids, and the HTP computes a 16-bit Reciprocal wrongly (Llama fixture cosine 0.39).
+- LayerNormalization/RMSNormalization: QNN's LayerNorm rejects a 16-bit gamma (error 3110) and
+  ONNX Runtime groups a LayerNorm only with an int32 beta; an 8-bit gamma of real values costs
+  18x the error. split-norm-affine runs the norm with unit gamma (uint8, exact) and no beta,
+  then gamma and beta as 16-bit Mul and Add node units. RMSNorm runs as one RMSNormalization op
+  (opset 23; fuse-rms-norm writes it from the canonical form): the decomposed form quantizes
+  x^2 and 1/sqrt on their own grids, and the HTP computes a 16-bit Reciprocal wrongly (Llama
+  fixture cosine 0.39).
 - fixed output quantization: 16-bit Sigmoid (1/65536, 0) and Tanh (1/32768, 32768) are computed
   with these whatever the QDQ model says (the simulator ignores other output parameters), so
   the model must carry them; Softmax takes any, edgeq fixes (1/65536, 0), its full range.
@@ -46,6 +55,7 @@ ACT16 = QSpec("uint16", symmetric=False)
 ACT8 = QSpec("uint8", symmetric=False)
 W8 = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
 W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL)
+W8_TENSOR = QSpec("int8", symmetric=True, granularity=Granularity.TENSOR)
 BIAS = QSpec("int32", symmetric=True, granularity=Granularity.CHANNEL, axis=0)
 
 # Output quantization the HTP imposes (QNN op definitions; ONNX Runtime's get_qnn_qdq_config
@@ -76,14 +86,18 @@ OPS: dict[str, OpRule] = {
     "MatMul": OpRule(activations=(A, A), weight=W8, weight_slots=(1,)),
     "Gemm": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
     "Conv": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
-    "ConvTranspose": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
+    # Per tensor: QNN takes a ConvTranspose's per-channel weights only along axis 1 (its output
+    # channels), and edgeq's weight quantizer reads a ConvTranspose weight's channel axis as a
+    # MatMul's (the last).
+    "ConvTranspose": OpRule(activations=(A,), weight=W8_TENSOR, weight_slots=(1,), bias=BIAS),
     # Elementwise (residual adds, mask bias, scales, gates); a constant operand is stored as an
     # activation of the same spec.
     **{kind: _binary() for kind in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow")},
     "Where": OpRule(activations=(None, A, A), weight_slots=()),
-    # Normalization: gamma and beta as 16-bit constants (see the module notes).
-    "LayerNormalization": OpRule(activations=(A, A, A), weight_slots=()),
-    "RMSNormalization": OpRule(activations=(A, A), weight_slots=()),  # fuse-rms-norm writes it (opset 23)
+    # Normalization with unit gamma, 8-bit (exact), and no beta: split-norm-affine applies gamma and
+    # beta as 16-bit Mul and Add (see the module notes).
+    "LayerNormalization": OpRule(activations=(A, ACT8), weight_slots=()),
+    "RMSNormalization": OpRule(activations=(A, ACT8), weight_slots=()),  # fuse-rms-norm writes it (opset 23)
     # Activations and reductions.
     "Softmax": _unary(output=SOFTMAX_OUT),
     "Sigmoid": _unary(output=SIGMOID_OUT),
@@ -142,8 +156,8 @@ HTP = Execution(
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
                "canonicalize-shapes", "dead-code-elimination", "shape-inference")
-_PIPELINE = _PREPROCESS + ("fuse-rms-norm", "select-precision", "calibrate", "gptq", "mixed-precision", "insert-qdq",
-                           "dead-code-elimination", "topological-sort")
+_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fuse-rms-norm", "split-norm-affine", "select-precision", "calibrate",
+                           "gptq", "mixed-precision", "insert-qdq", "dead-code-elimination", "topological-sort")
 
 QNN_HTP = register_target(Target(
     name="qnn-htp",

@@ -14,13 +14,15 @@ prefill and decode steps). The builder folders: `python -m onnxruntime_genai.mod
   onnxruntime-genai, against the argmax chain of the same compiled model run on the full sequence
   each step (no cache) and against the float model's;
 - ppl: the standard protocol (windows 0..31 of 256 tokens, each alone) on the compiled cache model
-  (empty cache) and on the float one;
+  (empty cache), the float one and the builder outputs given;
 - speed: 128 new tokens after a 64-token prompt at batch 1, `--threads` threads, through
   onnxruntime-genai for the edgeq package and both builder outputs, interleaved, median of
   `--repeats`; prefill and decode tokens/s, the weight bytes each decode step reads (model files)
   and the cache bytes per token;
 - kv: the float cache model with its cache quantized by the `quantize-kv-cache` pass (int8 and int4;
-  values per token, and per channel as onnxruntime-genai can carry them), key scales calibrated on
+  values per token, and per channel as onnxruntime-genai can carry them; `-rotated`: keys and values
+  multiplied by a head-dim Hadamard before they are quantized, and back after; `-centered`: static
+  scales span each channel's calibrated [min, max] around its midpoint), key scales calibrated on
   windows 1000.. (prefill + decode steps); perplexity over the standard 32 windows, and by
   teacher-forced decode through the cache (the first `--kv-windows` windows: a prefill of 1 token,
   then one token a step). The cache is quantized as each token is written (static key scales,
@@ -49,8 +51,18 @@ from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
 GREEDY_TOKENS = 32
-KV_VARIANTS = (("int8", 8, "token"), ("int4", 4, "token"), ("int8-channel", 8, "channel"),
-               ("int4-channel", 4, "channel"))
+# label -> the quantize-kv-cache pass's options: bits, value scales ("token"/"channel"), `rotate`
+# (a head-dim Hadamard on the cached keys/values), `centered` (static scales around each channel's
+# calibrated midpoint).
+KV_VARIANTS = {
+    "int8": {"bits": 8, "values": "token"}, "int4": {"bits": 4, "values": "token"},
+    "int8-channel": {"bits": 8, "values": "channel"}, "int4-channel": {"bits": 4, "values": "channel"},
+    "int8-centered": {"bits": 8, "values": "token", "centered": True},
+    "int4-centered": {"bits": 4, "values": "token", "centered": True},
+    "int4-rotated": {"bits": 4, "values": "token", "rotate": True},
+    "int4-rotated-centered": {"bits": 4, "values": "token", "rotate": True, "centered": True},
+    "int4-channel-centered": {"bits": 4, "values": "channel", "centered": True},
+}
 
 
 def _session(path: Path, threads: int):
@@ -110,7 +122,21 @@ def part_ppl(args, out: dict) -> None:
         t0 = time.perf_counter()
         nll = kd.full_window_nll(_session(path, args.threads), windows)
         rows[name] = {"perplexity": round(float(np.exp(nll.mean())), 3), "seconds": round(time.perf_counter() - t0, 1)}
-    rows["compiled"]["vs_float"] = round(rows["compiled"]["perplexity"] / rows["float"]["perplexity"] - 1, 4)
+    for name, folder in (("builder int4", args.builder_int4), ("builder fp32", args.builder_fp32)):
+        if folder is None:
+            continue
+        import onnx
+
+        from edgeq.calibration.kv_cache import head_size_of
+
+        path = Path(folder) / "model.onnx"
+        head_size = head_size_of(onnx.load(path, load_external_data=False))
+        t0 = time.perf_counter()
+        nll = kd.full_window_nll(_session(path, args.threads), windows, head_size)
+        rows[name] = {"perplexity": round(float(np.exp(nll.mean())), 3), "seconds": round(time.perf_counter() - t0, 1)}
+    for name, row in rows.items():
+        if name != "float":
+            row["vs_float"] = round(row["perplexity"] / rows["float"]["perplexity"] - 1, 4)
     out["ppl"] = rows
 
 
@@ -163,13 +189,13 @@ def part_kv(args, out: dict) -> None:
         return row
 
     rows["float cache"] = measure("float cache", _session(args.float_model, args.threads))
-    for label, bits, values in KV_VARIANTS:
+    for label, options in KV_VARIANTS.items():
         if label not in args.kv_variants:
             continue
         graph = load(args.float_model)
         ctx = PassContext(target=get_target("x86-vnni"))
         ctx.artifacts[CALIBRATION_DATA] = open_source(calibration, str(args.float_model))
-        graph = PassManager([get_pass("quantize-kv-cache")(bits=bits, values=values, threads=args.threads)])(graph, ctx).graph
+        graph = PassManager([get_pass("quantize-kv-cache")(threads=args.threads, **options)])(graph, ctx).graph
         path = args.out / f"kv-{label}.onnx"
         save(graph, path)
         rows[label] = measure(label, _session(path, args.threads))
@@ -194,7 +220,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-windows", type=int, default=4, help="windows also decoded token by token")
     parser.add_argument("--kv-calib-windows", type=int, default=16)
-    parser.add_argument("--kv-variants", default=",".join(v[0] for v in KV_VARIANTS))
+    parser.add_argument("--kv-variants", default="int8,int4,int8-channel,int4-channel,int4-centered",
+                        help="labels: " + ", ".join(KV_VARIANTS))
     parser.add_argument("--parts", default="package,greedy,ppl,speed,kv")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +231,9 @@ def main() -> None:
         args.float_model = cached("smollm2-kv")
     parts = args.parts.split(",")
     args.kv_variants = args.kv_variants.split(",")
+    unknown = [v for v in args.kv_variants if v not in KV_VARIANTS]
+    if unknown:
+        parser.error(f"unknown --kv-variants {unknown}: pick from {', '.join(KV_VARIANTS)}")
     out: dict = {"header": run_header()}
     result = args.out / "bench_genai.json"
     folder = args.out / "genai"

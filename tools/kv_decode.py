@@ -59,10 +59,10 @@ def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(np.mean(log_norm - predicted[np.arange(len(predicted)), ids[1:]]))
 
 
-def full_window_nll(session, windows: np.ndarray) -> np.ndarray:
+def full_window_nll(session, windows: np.ndarray, head_size: int | None = None) -> np.ndarray:
     out = []
     for window in windows:
-        (logits,) = session.run(["logits"], _feeds(session, window, 0, empty_past(session)))
+        (logits,) = session.run(["logits"], _feeds(session, window, 0, empty_past(session, head_size=head_size)))
         out.append(next_token_nll(logits[0], window))
     return np.array(out)
 

@@ -83,7 +83,8 @@ def _static(entry: CacheEntry, axis: int) -> int:
 
 def head_size_of(model: onnx.ModelProto) -> int | None:
     """The head size a com.microsoft GroupQueryAttention implies (onnxruntime-genai's builder
-    leaves it symbolic in the cache dims): its packed query's projection width over the heads."""
+    leaves it symbolic in the cache dims): its packed query's projection width over the heads
+    (a float MatMul's weight, or the N of the int4 graph's MatMulNBits)."""
     weights = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
@@ -93,9 +94,12 @@ def head_size_of(model: onnx.ModelProto) -> int | None:
         heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
         packed = len(node.input) < 2 or not node.input[1]
         projection = producers.get(node.input[0])
-        if projection is None or projection.op_type != "MatMul" or projection.input[1] not in weights:
+        if projection is not None and projection.op_type == "MatMulNBits":  # the builder's int4 graph
+            width = next((a.i for a in projection.attribute if a.name == "N"), 0)
+        elif projection is not None and projection.op_type == "MatMul" and projection.input[1] in weights:
+            width = int(weights[projection.input[1]].dims[-1])
+        else:
             continue
-        width = int(weights[projection.input[1]].dims[-1])
         parts = heads + 2 * kv_heads if packed else heads
         if parts and width % parts == 0:
             return width // parts

@@ -242,21 +242,27 @@ class _XnnpackChecker:
         return [f"{op}:{self.CAVEATS[op]}" for op in sorted(self._seen) if op in self.CAVEATS]
 
 
-# The ONNX Runtime target whose execution data says how to reach the QNN provider (plugin
-# library, backend, device): the qnn-htp target's.
-QNN_TARGET = "qnn-htp"
+def _execution_for(ort_name: str):
+    """The execution data (plugin library, backend, devices) of the first registered target that
+    runs on provider `ort_name`: how to reach it here."""
+    from edgeq.registry import targets
+    from edgeq.runtime.providers import ProviderError
+
+    found = next((e for t in targets().values() for e in t.executions if e.provider == ort_name), None)
+    if found is None:
+        raise ProviderError(f"no registered target runs on {ort_name}", fix="install the extra of a target that does")
+    return found
 
 
 def _qnn_check(provider: MobileProvider, model_path: Path, nodes: int) -> ProviderUse:
     import onnxruntime as ort
 
     from edgeq.errors import EdgeqError
-    from edgeq.registry import get_target
     from edgeq.runtime.providers import availability, ep_devices, for_device, provider_options
     from edgeq.runtime.sessions import session_options
 
     try:
-        execution = get_target(QNN_TARGET).executions[0]
+        execution = _execution_for(provider.ort_name)
         # A SoC device (htp_arch with soc_model): without a soc_model the simulator fails to finalize
         # any graph holding float ops (QNN_COMMON_ERROR_MEM_ALLOC); with one it takes them.
         soc = next((d.name for d in execution.devices if any(k == "soc_model" for k, _ in d.provider_options)), None)

@@ -19,11 +19,22 @@ against 300 in onnxruntime-genai's own graph).
   seqlens_k, total_sequence_length, cos_cache, sin_cache)` with `do_rotary`: the cos/sin caches are
   the graph's own rotary tables, computed in ONNX Runtime for positions 0..context_length-1, and
   seqlens_k/total_sequence_length come from attention_mask as onnxruntime-genai's builder computes
-  them. The cache keeps its layout (past + new, no shared buffer) and its contents (a per-head
-  rotation of the new values before the cache moves into the value input).
+  them. The cache keeps its layout (past + new, no shared buffer). A per-head rotation of the new
+  values before the cache moves into the value input, or, with a float cache, past the attention
+  onto each head's output, where it merges into the rotation before the output projection (the
+  cache then holds the values before that rotation; only this graph reads them).
+- The q, k and v projections of one input (MatMul by int4 DequantizeLinear weights) become one
+  MatMul by the weights, scales and zero points concatenated along the output axis, the packed
+  input GroupQueryAttention takes (one MatMulNBits instead of three).
+- `SimplifiedLayerNormalization(Add(a, b))` becomes com.microsoft
+  `SkipSimplifiedLayerNormalization(a, b, gamma)`, its 4th output the sum (the residual stream).
+
+These are the layouts onnxruntime-genai's builder writes; a one-token decode step is launch-bound,
+so every kernel fewer counts.
 
 Each rewrite checks its whole pattern and leaves anything else as it is; the counts say what was
-fused. Outputs match the unfused graph to float rounding (the tests generate with both).
+fused. Outputs match the unfused graph to float rounding (the tests generate with both; ONNX
+Runtime's MatMulNBits rounds its inputs to int8 by default, which float rounding can tip).
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ def fuse_for_onnxruntime(graph: Graph, context_length: int) -> FusionReport:
     attention = _AttentionFusion(graph, context_length, report)
     attention.run()
     report.fused["RMSNorm -> SimplifiedLayerNormalization"] = _rms_norms(graph)
+    report.fused["residual Add + RMSNorm -> SkipSimplifiedLayerNormalization"] = _skip_norms(graph)
     report.fused["rotation chain -> one MatMul"] = _dense_chains(graph)
     report.fused["consecutive rotations -> one MatMul"] = _merge_products(graph)
     sweep_dead(graph)
@@ -254,6 +266,112 @@ def _rms_norms(graph: Graph) -> int:
     return count
 
 
+def _skip_norms(graph: Graph) -> int:
+    """SimplifiedLayerNormalization(Add(a, b)) -> com.microsoft SkipSimplifiedLayerNormalization(a,
+    b, gamma), whose 4th output is the sum (the residual stream the next layer adds to), as
+    onnxruntime-genai's builder writes it: one kernel instead of two per norm."""
+    count = 0
+    for norm in [op for op in graph.topo_order() if op.op_type == "SimplifiedLayerNormalization" and not op.domain]:
+        x, gamma = graph.inputs_of(norm)[:2]
+        add = _producer(graph, x, "Add")
+        if add is None or len(graph.outputs_of(norm)) != 1:
+            continue
+        a, b = graph.inputs_of(add)
+        if not _same_activation_shape([a.shape, b.shape, x.shape]) or any(graph.is_const(v) for v in (a, b)):
+            continue
+        (out,) = graph.outputs_of(norm)
+        epsilon = norm.attr("epsilon", 1e-5)
+        graph.remove_op(norm, remove_outputs=False)
+        graph.remove_op(add, remove_outputs=False)
+        unused = [Value(graph.unique_name(f"{out.name}/unused{i}")) for i in (1, 2)]
+        graph.add_op("SkipSimplifiedLayerNormalization", [a, b, gamma], [out, *unused, x], domain=MS,
+                             name=graph.unique_op_name(f"{norm.name}/Skip"), attrs={"epsilon": float(epsilon)})
+        for value in unused:  # optional outputs 1-2 (mean, inverse std) omitted: written as ""
+            graph.remove_value(value)
+        _import_ms(graph)
+        count += 1
+    return count
+
+
+def _same_activation_shape(shapes: list) -> bool:
+    """[batch, sequence, width] alike: the same int width, and no axis of 1 in one shape where
+    another has something else (no broadcasting; symbolic names may differ where inference lost
+    that two are equal)."""
+    if any(not s or len(s) != 3 for s in shapes) or not isinstance(shapes[0][2], int) or \
+            len({s[2] for s in shapes}) != 1:
+        return False
+    return all(len({d for d in dims}) == 1 or 1 not in dims for dims in zip(*(s[:2] for s in shapes)))
+
+
+def _is_float(value: Value) -> bool:
+    return value.elem_type in (None, onnx.TensorProto.FLOAT)
+
+
+def _pack_projections(graph: Graph, gqa: Op) -> bool:
+    """GroupQueryAttention's packed input for q, k, v (its inputs 0-2), where each is MatMul(x, W)
+    of the same x, read by nothing else, and W constant or DequantizeLinear of constants with the
+    same attributes (int4 blocks along the input axis): the weights, scales and zero points
+    concatenated along the output axis, so ONNX Runtime runs one MatMulNBits where it ran three."""
+    values = graph.inputs_of(gqa)[:3]
+    producers = [_producer(graph, v, "MatMul") for v in values]
+    if any(p is None or graph.consumers(v) != [gqa] or graph.is_graph_output(v) for p, v in zip(producers, values)):
+        return False
+    sources = {id(graph.inputs_of(p)[0]) for p in producers}
+    if len(sources) != 1:
+        return False
+    x = graph.inputs_of(producers[0])[0]
+    weights = [graph.inputs_of(p)[1] for p in producers]
+    dequantize = [_producer(graph, w, "DequantizeLinear") for w in weights]
+    if all(d is None for d in dequantize):
+        arrays = [_const(graph, w) for w in weights]
+        if any(a is None or a.ndim != 2 for a in arrays) or len({a.shape[0] for a in arrays}) != 1 \
+                or len({a.dtype for a in arrays}) != 1:
+            return False
+        packed_weight = graph.add_constant(graph.unique_name(f"{weights[0].name}/packed_qkv"),
+                                           np.concatenate(arrays, axis=1))
+    elif all(d is not None for d in dequantize):
+        attrs = [(d.attr("axis", 1), d.attr("block_size", 0), d.attr("output_dtype", 0)) for d in dequantize]
+        inputs = [graph.inputs_of(d) for d in dequantize]
+        if len(set(attrs)) != 1 or len({len(i) for i in inputs}) != 1 or \
+                any(len(graph.consumers(w)) != 1 for w in weights):
+            return False
+        axis, block = attrs[0][:2]
+        if axis not in ((0, -2) if block else (1, -1)):  # blocks along the input axis, or per output channel
+            return False
+        parts = []
+        for slot in range(len(inputs[0])):
+            arrays = [_const(graph, i[slot]) if i[slot] is not None else None for i in inputs]
+            if any(a is None for a in arrays) or len({(a.dtype, a.ndim) for a in arrays}) != 1:
+                return False
+            ndim = arrays[0].ndim
+            if ndim == 0 and slot > 0:  # one scale/zero point for all: the same for the three
+                if len({a.tobytes() for a in arrays}) != 1:
+                    return False
+                parts.append(arrays[0])
+                continue
+            if ndim not in (1, 2) or (ndim == 1 and (slot == 0 or block)) or \
+                    (ndim == 2 and len({a.shape[0] for a in arrays}) != 1):
+                return False
+            parts.append(np.concatenate(arrays, axis=ndim - 1))  # along the output axis
+        consts = [graph.add_constant(graph.unique_name(f"{inputs[0][slot].name}/packed_qkv"), a)
+                  for slot, a in enumerate(parts)]
+        node = graph.add_op("DequantizeLinear", consts, 1, name=graph.unique_op_name("/gqa/packed_qkv/DequantizeLinear"),
+                            attrs={k: v for k, v in (("axis", axis), ("block_size", block),
+                                                     ("output_dtype", attrs[0][2])) if v or k == "axis"})
+        packed_weight = graph.outputs_of(node)[0]
+    else:
+        return False
+    node = graph.add_op("MatMul", [x, packed_weight], 1, name=graph.unique_op_name("/gqa/packed_qkv/MatMul"),
+                        before=producers[0])
+    graph.set_input(gqa, 0, graph.outputs_of(node)[0])
+    graph.set_input(gqa, 1, None)
+    graph.set_input(gqa, 2, None)
+    for p in producers:
+        graph.remove_op(p)
+    sweep(graph, [d for d in dequantize if d is not None])
+    return True
+
+
 def _reduce_axes(graph: Graph, op: Op) -> list[int] | None:
     ins = graph.inputs_of(op)
     if len(ins) > 1 and ins[1] is not None:
@@ -306,6 +424,8 @@ class _AttentionFusion:
         self.tokens = next((v for v in live if v.name == "input_ids"), None)
         self._tables: dict[tuple[str, str], tuple[Value, Value]] = {}
         self._lengths: tuple[Value, Value] | None = None
+        self._rotations: dict[bytes, Value] = {}
+        self._value_rotations = 0
 
     def run(self) -> None:
         if self.mask is None or self.tokens is None:
@@ -325,6 +445,9 @@ class _AttentionFusion:
                 continue
             self._rewrite(block, cos, sin)
             self.report.fused["attention -> GroupQueryAttention"] += 1
+        if self._value_rotations:
+            self.report.fused["value rotations moved past the attention (cache holds rotated values)"] = \
+                self._value_rotations
 
     # ---- matching ----------------------------------------------------------------------------
 
@@ -528,19 +651,38 @@ class _AttentionFusion:
         for value in outs:
             producer = g.producer(value)
             g.remove_op(producer, remove_outputs=False)
-        value_input = block.v.source
-        if block.v_matrix is not None:  # per head x M: one MatMul by the block diagonal I (x) M
-            matrix = np.kron(np.eye(block.v.heads, dtype=np.float32), block.v_matrix.astype(np.float32))
-            rotation = g.add_constant(g.unique_name("/gqa/v_rotation"), matrix)
-            node = g.add_op("MatMul", [block.v.source, rotation], 1, name=g.unique_op_name("/gqa/v_rotation"))
-            value_input = g.outputs_of(node)[0]
-        g.add_op("GroupQueryAttention", [block.q.source, block.k.source, value_input, block.past_key,
-                                         block.past_value, seqlens, total, cos, sin], outs, domain=MS,
-                 name=g.unique_op_name("/gqa/GroupQueryAttention"),
-                 attrs={"num_heads": block.q.heads, "kv_num_heads": block.k.heads, "scale": float(block.scale),
-                        "do_rotary": 1, "rotary_interleaved": 0})
+        value_input, rotate_out = block.v.source, None
+        if block.v_matrix is not None:
+            matrix = block.v_matrix.astype(np.float32)
+            if _is_float(block.past_value):
+                # A float cache may hold the values unrotated (only this graph reads its cache): the
+                # per-head product moves past the attention (softmax weights mix tokens, not
+                # channels), onto each query head's output, where it merges with the rotation
+                # before the output projection (_merge_products), and q, k, v can be packed.
+                self._value_rotations += 1
+                rotate_out = self._rotation(np.kron(np.eye(block.q.heads, dtype=np.float32), matrix))
+                outs[0] = g.unique_name(f"{block.out.name}/unrotated")
+            else:  # per head x M before the cache: one MatMul by the block diagonal I (x) M
+                rotation = self._rotation(np.kron(np.eye(block.v.heads, dtype=np.float32), matrix))
+                node = g.add_op("MatMul", [block.v.source, rotation], 1, name=g.unique_op_name("/gqa/v_rotation"))
+                value_input = g.outputs_of(node)[0]
+        gqa = g.add_op("GroupQueryAttention", [block.q.source, block.k.source, value_input, block.past_key,
+                                               block.past_value, seqlens, total, cos, sin], outs, domain=MS,
+                       name=g.unique_op_name("/gqa/GroupQueryAttention"),
+                       attrs={"num_heads": block.q.heads, "kv_num_heads": block.k.heads, "scale": float(block.scale),
+                              "do_rotary": 1, "rotary_interleaved": 0})
+        if rotate_out is not None:
+            g.add_op("MatMul", [g.outputs_of(gqa)[0], rotate_out], [block.out], name=g.unique_op_name("/gqa/v_rotation"))
         _import_ms(g)
         sweep(g, [op for op in block.ops + block.q.ops + block.k.ops + block.v.ops if op in set(g.ops())])
+        if _pack_projections(g, gqa):
+            self.report.fused["q, k, v projections -> one packed MatMul"] += 1
+
+    def _rotation(self, matrix: np.ndarray) -> Value:
+        key = matrix.tobytes()
+        if key not in self._rotations:
+            self._rotations[key] = self.graph.add_constant(self.graph.unique_name("/gqa/v_rotation"), matrix)
+        return self._rotations[key]
 
 
 def graph_in(graph: Graph, op: Op) -> Value:

@@ -9,8 +9,10 @@ kernels there. Which check applies is target data (`Execution.placement_check`):
   with the deployment settings, and the precision each layer runs in; a quantized ONNX op whose
   layer runs in f32/bf16 was not lowered to int8 (LPT did not take its QDQ pattern);
 - "qnn-htp-nodes" (QNN's HTP, CPU fallback disabled): the session on the provider holds every
-  node or fails naming those it does not take (edgeq.runtime.sessions); the report counts the ops
-  it took by type, Q/DQ apart.
+  node or fails naming those it does not take (edgeq.runtime.sessions); every quantized op must
+  be in a QDQ node unit (from the provider's verbose log: an op validated alone reads DQ outputs
+  and runs in float on the NPU, a one-line error naming it); the report counts the ops it took
+  by type, Q/DQ apart.
 
 Both also count the nodes ONNX Runtime assigned to each provider, where it ran the session.
 """
@@ -18,14 +20,18 @@ Both also count the nodes ONNX Runtime assigned to each provider, where it ran t
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 
 from edgeq.runtime.fusion import FusionReport, fusion_report
-from edgeq.runtime.providers import require
+from edgeq.runtime.providers import ProviderError, require
 from edgeq.runtime.execution import Execution
 
 _COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
@@ -114,11 +120,22 @@ def _openvino(model_path: Path, execution: Execution, threads: int) -> FusionRep
 
 def _npu_nodes(model_path: Path, execution: Execution, threads: int) -> FusionReport:
     """The ops the provider took (by type, Q/DQ apart) and those it left, from ONNX Runtime's
-    record of the assignment; with fallback disabled a node left fails the session first."""
+    record of the assignment; with fallback disabled a node left fails the session first. A
+    quantized op the provider took outside a QDQ node unit (its DQ inputs and Q output not
+    grouped with it) computes in float on the NPU: also a one-line error naming it."""
     from edgeq.runtime.sessions import make_session
 
-    session = make_session(str(model_path), threads, execution=execution,
-                           config=[("session.record_ep_graph_assignment_info", "1")])
+    config = [("session.record_ep_graph_assignment_info", "1")]
+    with _provider_log() as log:
+        session = _verbose_session(model_path, execution, threads, config)
+    if session is None:  # the provider refused the model: make_session's one-line error names the nodes
+        session = make_session(str(model_path), threads, execution=execution, config=config)
+    floating = float_units(onnx.load(str(model_path), load_external_data=False), log.text)
+    if floating:
+        shown = ", ".join(floating[:6]) + (f" and {len(floating) - 6} more" if len(floating) > 6 else "")
+        raise ProviderError(f"{len(floating)} quantized node(s) run in float on {execution.provider}, outside a QDQ "
+                            f"node unit: {shown}",
+                            fix="give each op's inputs and output one dtype (and the target's op rule its spec)")
     taken: Counter[str] = Counter()
     left = []
     for subgraph in session.get_provider_graph_assignment_info():
@@ -129,8 +146,69 @@ def _npu_nodes(model_path: Path, execution: Execution, threads: int) -> FusionRe
                 taken[node.op_type] += 1
     qdq = sum(1 for subgraph in session.get_provider_graph_assignment_info() if subgraph.ep_name == execution.provider
               for node in subgraph.get_nodes() if node.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    units = "every quantized op in a QDQ node unit" if log.text and _UNIT_LINE.search(log.text) else \
+        "node units not checked (no provider log)"
     return FusionReport(dict(sorted(taken.items())), left, 0, check=f"{execution.placement_check}: ops on the NPU, "
-                                                                      f"besides {qdq} Q/DQ")
+                                                                      f"besides {qdq} Q/DQ; {units}")
+
+
+# ONNX Runtime's QNN provider logs each node unit it validates (verbose level): one of a single
+# node is an op on its own, outside any DQ -> op -> Q group.
+_UNIT_LINE = re.compile(r"Validation PASSED for (\d+) nodes in \w+ \((\w+)\) :\s*\n\s*Operator type: (\S+) "
+                        r"Node name: (.*?) Node index")
+
+
+def float_units(model: onnx.ModelProto, log: str) -> list[str]:
+    """`NAME (OP)` of each op of `model` the provider log shows validated on its own though it
+    reads a DequantizeLinear output (a quantized op computed in float)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    found = []
+    for count, _, op_type, name in _UNIT_LINE.findall(log):
+        node = by_name.get(name)
+        if count != "1" or node is None or op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if any(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            found.append(f"{name} ({op_type})")
+    return list(dict.fromkeys(found))
+
+
+def _verbose_session(model_path: Path, execution: Execution, threads: int, config: list[tuple[str, str]]):
+    """A session on the execution's plugin provider logging at verbose level (None if it fails)."""
+    import onnxruntime as ort
+
+    from edgeq.runtime.providers import ep_devices, provider_options
+    from edgeq.runtime.sessions import session_options
+
+    options = session_options(threads, config=[*execution.session_config, *config])
+    options.log_severity_level = 0
+    options.add_provider_for_devices(ep_devices(execution)[:1], provider_options(execution, threads))
+    try:
+        return ort.InferenceSession(str(model_path), options)
+    except Exception:  # noqa: BLE001 - ORT raises its own types; make_session words the error
+        return None
+
+
+class _Log:
+    text = ""
+
+
+@contextmanager
+def _provider_log() -> Iterator[_Log]:
+    """ONNX Runtime's log at verbose level while the block runs (it writes to the process's
+    stderr): captured, not shown."""
+    log = _Log()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log.text = sink.read().decode("utf-8", errors="replace")
 
 
 _CHECKS: dict[str, Callable[[Path, Execution, int], FusionReport]] = {

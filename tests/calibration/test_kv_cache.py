@@ -76,3 +76,25 @@ def test_cache_samples_need_the_model_file(llama_kv, ids):
     del skeleton.graph.node[:]
     with pytest.raises(CalibrationError, match="need the model file"):
         open_source(TokenWindows(ids, 12, 2), skeleton)
+
+
+@pytest.mark.parametrize("projection", ["MatMul", "MatMulNBits"])
+def test_head_size_from_the_packed_projection(projection):
+    """onnxruntime-genai's builder leaves the head size symbolic in the cache dims: it comes from
+    the packed q/k/v projection's width (a float weight, or the int4 graph's MatMulNBits N)."""
+    from onnx import TensorProto, helper
+
+    heads, kv_heads, head = 4, 2, 16
+    width = (heads + 2 * kv_heads) * head
+    if projection == "MatMul":
+        weight = helper.make_tensor("w", TensorProto.FLOAT, [32, width], np.zeros(32 * width, np.float32))
+        node = helper.make_node("MatMul", ["x", "w"], ["qkv"])
+    else:
+        weight = helper.make_tensor("w", TensorProto.UINT8, [width, 1, 16], np.zeros(width * 16, np.uint8))
+        node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["qkv"], domain="com.microsoft", K=32, N=width,
+                                bits=4, block_size=32)
+    gqa = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "sl", "tl"], ["o", "k", "v"],
+                           domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads)
+    graph = helper.make_graph([node, gqa], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 32])],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], initializer=[weight])
+    assert kv_cache.head_size_of(helper.make_model(graph)) == head
