@@ -106,7 +106,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
             wanted = max((getattr(p, "wanted_tokens", 0) for p in pipeline.passes), default=0)
             if wanted:
                 with _timed(stages, "calibration data"):
-                    calib, data_note = _enough_tokens(calibration, source, calib, holdout, wanted,
+                    calib, holdout, data_note = _enough_tokens(calibration, source, calib, holdout, wanted,
                                                       inputs_model(graph) if shapes.fixed else str(float_path))
         timing = TimingInstrument()
         ctx = PassContext(target=target, seed=options.calibration.seed,
@@ -207,19 +207,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _enough_tokens(spec: Any, source, calib, holdout, wanted: int, model) -> tuple[Any, str | None]:
+def _enough_tokens(spec: Any, source, calib, holdout, wanted: int, model) -> tuple[Any, Any, str | None]:
     """Calibration samples with at least `wanted` tokens where the data allows: token windows
-    are extended by more windows of the same text, after the held-out ones; other data is kept
-    and a note says how many samples to give. Returns (calibration samples, note or None)."""
+    are extended by more windows of the same text and split again, the last ones held out, so
+    the compile is the one `--samples N` gives (the same windows calibrate); other data is kept
+    and a note says how many samples to give. Returns (calibration, held-out samples, note or None)."""
     from dataclasses import replace
 
-    from edgeq.calibration.sources import TextWindows, TokenWindows, open_source, subset
+    from edgeq.calibration.sources import TextWindows, TokenWindows, open_source, split
 
     if getattr(source, "cache", None) is not None:
-        return calib, None  # prefill and decode samples of a KV-cache decoder: windows are not samples
+        return calib, holdout, None  # prefill and decode samples of a KV-cache decoder: windows are not samples
     per_sample = _tokens_per_sample(calib)
     if per_sample is None or len(calib) * per_sample >= wanted:
-        return calib, None
+        return calib, holdout, None
     have = len(calib) * per_sample
     need = -(-wanted // per_sample)
     why = (f"the weights are rounded with GPTQ, whose layer statistics need about {wanted} calibration tokens "
@@ -231,15 +232,16 @@ def _enough_tokens(spec: Any, source, calib, holdout, wanted: int, model) -> tup
         except CalibrationError:
             extended = None  # the text has no more windows: say so below
         if extended is not None:
-            kept = len(calib) + len(holdout or ())
-            positions = list(range(len(calib))) + list(range(kept, len(extended)))
-            first = spec.first_window + spec.num_samples
-            note = (f"{why}: {len(calib)} calibration windows give {have}, so {extra} more windows of the same text "
-                    f"were drawn (windows {first}..{first + extra - 1}, after the held-out ones); "
-                    f"--samples {spec.num_samples + extra} gives the same")
-            return subset(extended, positions), note
-    return calib, (f"{why}: the {len(calib)} calibration samples give {have}; expect a larger error, and give about "
-                   f"{need} samples of {per_sample} tokens")
+            held = len(holdout or ())
+            calib, holdout = split(extended, held)
+            first, last = spec.first_window, spec.first_window + len(extended) - 1
+            note = (f"{why}: {len(calib) - extra} calibration windows give {have}, so {extra} more windows of the "
+                    f"same text were drawn: windows {first}..{last - held} calibrate"
+                    + (f" and {last - held + 1}..{last} are held out" if held else "")
+                    + f", as --samples {spec.num_samples + extra} gives")
+            return calib, holdout, note
+    return calib, holdout, (f"{why}: the {len(calib)} calibration samples give {have}; expect a larger error, and give "
+                            f"about {need} samples of {per_sample} tokens")
 
 
 def _tokens_per_sample(samples) -> int | None:
