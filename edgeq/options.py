@@ -174,9 +174,10 @@ class CalibrationOptions:
 
 @dataclass(frozen=True)
 class CompileOptions:
-    weights: Literal["int8", "int4"] | None = None          # None: the target's default
+    # nf4: 4-bit NormalFloat codes with block absmax scales; fp8: float8 E4M3FN. None: the target's default.
+    weights: Literal["int8", "int4", "nf4", "fp8"] | None = None
     group: int | None = None                                # block size for int4 (and int8 if set)
-    activations: Literal["int8", "int16", "float"] | None = None
+    activations: Literal["int8", "int16", "float", "fp8"] | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     overrides: PrecisionOverrides = field(default_factory=PrecisionOverrides)
     keep_high: int = 0                   # keep the K most sensitive quantized ops high
@@ -212,10 +213,13 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", _typed_input_shapes(self.input_shapes))
-        if self.weights not in (None, "int8", "int4"):
-            raise OptionError(f"--weights must be int8 or int4, not {self.weights!r}")
-        if self.activations not in (None, "int8", "int16", "float"):
-            raise OptionError(f"--activations must be int8, int16 or float, not {self.activations!r}")
+        if self.weights not in (None, "int8", "int4", "nf4", "fp8"):
+            raise OptionError(f"--weights must be int8, int4, nf4 or fp8, not {self.weights!r}")
+        if self.activations not in (None, "int8", "int16", "float", "fp8"):
+            raise OptionError(f"--activations must be int8, int16, float or fp8, not {self.activations!r}")
+        if self.activations == "fp8" and self.weights != "fp8":
+            raise OptionError("--activations fp8 needs --weights fp8 (float8 x float8 products)",
+                              fix="add --weights fp8")
         if self.group is not None and self.group < 1:  # which block sizes work is the target's data
             raise OptionError(f"--group must be a positive block size, not {self.group}")
         if self.head_weights not in ("int8", "int4"):

@@ -5,6 +5,12 @@
   so quantization is shared, not repeated; a DQ sits directly before the op (DQ -> MatMul).
 - Weights: stored as integer initializers (no float copy left) with DQ before the op, per
   tensor, per channel or per block (int4 blocks along K become MatMulNBits in ORT).
+- NF4 weights (a codebook, not a DequantizeLinear dtype): the linear becomes ONNX Runtime's
+  com.microsoft MatMulBnb4 on the packed codes and block absmax (edgeq.quant.nf4); a Gemm's
+  bias follows as an Add.
+- Float8 weights and activations: float8 QuantizeLinear/DequantizeLinear (opset 19+): weights
+  stored as float8 with a float8 zero point 0; activations quantized by a QuantizeLinear with
+  `output_dtype` and no zero point, its DQ right after it (data movement stays float).
 - Embedding tables: Gather on the integer table, then dequantization per hidden channel.
 - Gemm/Conv biases: int32 with scale s_x * s_w.
 - Whole-graph targets (an NPU without a float path): every tensor is quantized once, Q -> DQ
@@ -19,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgeq.errors import CalibrationError, GraphError
+from edgeq.errors import CalibrationError, GraphError, OptionError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import PrecisionOverrides
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.pipeline.artifacts import ACTIVATION_RANGES, QUANT_PLAN, WEIGHT_ROUNDING
-from edgeq.quant.numerics import qparams, quantize_weight
+from edgeq.quant.nf4 import QUANT_TYPE_NF4, quantize_nf4
+from edgeq.quant.numerics import qparams, quantize_weight, stored
 from edgeq.quant.plan import OpPlan, QuantPlan, quant_source
 from edgeq.registry import register_pass
 from edgeq.targets.base import ActivationPlacement, Granularity, QSpec
@@ -62,7 +69,7 @@ class InsertQDQ(Pass):
         plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
         specs = [s for p in plan.ops for s in (*p.activations.values(), *p.weights.values())]
         needs = 21 if any(s.dtype in ("int4", "uint4", "int16", "uint16") or s.granularity == Granularity.BLOCK
-                          for s in specs) else 13
+                          for s in specs if s.dtype != "nf4") else 19 if any(s.is_float for s in specs) else 13
         opset = graph.model.opset_imports.get("", graph.model.opset_imports.get("ai.onnx", 1))
         if opset < needs:
             raise GraphError(f"these quantization specs need opset {needs}, the graph is at {opset}",
@@ -113,6 +120,9 @@ class _Emitter:
     def quantize_op(self, plan: OpPlan) -> None:
         graph, op = self.graph, plan.op
         ins = graph.inputs_of(op)
+        if any(spec.dtype == "nf4" for spec in plan.weights.values()):
+            self.nf4_linear(plan)
+            return
         weight_scales: dict[int, np.ndarray] = {}
         act_scales: dict[int, np.ndarray] = {}
         for slot, spec in plan.activations.items():
@@ -217,19 +227,24 @@ class _Emitter:
         if key not in self.q_cache:
             scale, zero = qparams(*lo_hi, spec)
             s = graph.add_constant(f"{source.name}_scale", scale)
-            z = graph.add_constant(f"{source.name}_zero_point", zero)
+            # Float8: no zero point (it is 0), the type from output_dtype. ONNX Runtime 1.32's
+            # ReluQuantTransformer drops a Relu before a QuantizeLinear whose zero point is neither
+            # int8 nor uint8 (relu_quantizelinear.cc), which would let negative values through.
+            z = None if spec.is_float else graph.add_constant(f"{source.name}_zero_point", stored(zero))
             producer = graph.producer(source)
-            q_op = graph.add_op("QuantizeLinear", [source, s, z], [f"{source.name}_quantized"],
-                                after=producer, before=None if producer else reader)
+            q_op = graph.add_op("QuantizeLinear", [source, s] + ([z] if z is not None else []),
+                                [f"{source.name}_quantized"], after=producer, before=None if producer else reader,
+                                attrs={"output_dtype": spec.elem_type} if z is None else None)
             q_value = graph.outputs_of(q_op)[0]
             q_value.set_type(spec.elem_type, source.shape)
             self.q_cache[key] = (q_value, s, z)
         current, s, z = self.q_cache[key]
-        adjacent = self.placement == ActivationPlacement.SOURCE_QDQ
+        # Float8 tensors take no data movement (Expand, ... have no float8 type): DQ right after Q.
+        adjacent = self.placement == ActivationPlacement.SOURCE_QDQ or spec.is_float
         if adjacent:  # DQ right after Q at the source; the movement below runs on its float output
             if (id(current), spec) not in self.dq_cache:
-                dq_op = graph.add_op("DequantizeLinear", [current, s, z], [f"{source.name}_dequantized"],
-                                     after=graph.producer(current))
+                dq_op = graph.add_op("DequantizeLinear", [current, s] + ([z] if z is not None else []),
+                                     [f"{source.name}_dequantized"], after=graph.producer(current))
                 graph.outputs_of(dq_op)[0].type = source.type
                 self.dq_cache[(id(current), spec)] = graph.outputs_of(dq_op)[0]
             current = self.dq_cache[(id(current), spec)]
@@ -256,7 +271,8 @@ class _Emitter:
             return current, s.const.numpy()
         dq_key = (id(current), spec)
         if dq_key not in self.dq_cache:
-            dq_op = graph.add_op("DequantizeLinear", [current, s, z], [f"{value.name}_dequantized"], before=reader)
+            dq_op = graph.add_op("DequantizeLinear", [current, s] + ([z] if z is not None else []),
+                                 [f"{value.name}_dequantized"], before=reader)
             dq_out = graph.outputs_of(dq_op)[0]
             if value.type is not None:
                 dq_out.type = value.type
@@ -329,9 +345,9 @@ class _Emitter:
             if key not in self.arrays:
                 self.arrays[key] = quantize_weight(tensor.numpy(), spec, channel_axis)
             q, scale, zero = self.arrays[key]
-            q_init = graph.add_constant(f"{value.name}_quantized", q)
+            q_init = graph.add_constant(f"{value.name}_quantized", stored(q))
             s = graph.add_constant(f"{value.name}_scale", scale)
-            z = graph.add_constant(f"{value.name}_zero_point", zero)
+            z = graph.add_constant(f"{value.name}_zero_point", stored(zero))
             attrs = {}
             if spec.granularity == Granularity.CHANNEL:
                 attrs["axis"] = channel_axis
@@ -346,6 +362,49 @@ class _Emitter:
             self.bytes_after += q_init.const.nbytes + s.const.nbytes + z.const.nbytes
             self.weight_values[key] = (dq_out, scale)
         return self.weight_values[key]
+
+    def nf4_linear(self, plan: OpPlan) -> None:
+        """MatMul(x, W) or Gemm(x, W, bias) with NF4 weights -> MatMulBnb4(x, codes, absmax)
+        (+ bias). The activation stays float (MatMulBnb4 is weight-only)."""
+        graph, op = self.graph, plan.op
+        ins = graph.inputs_of(op)
+        spec = plan.weights[1]
+        if plan.activations or op.op_type not in ("MatMul", "Gemm") or set(plan.weights) != {1} or (
+                op.op_type == "Gemm" and (op.attr("transA", 0) or op.attr("alpha", 1.0) != 1.0
+                                          or op.attr("beta", 1.0) != 1.0)):
+            raise OptionError(f"{op.name}: nf4 weights take weight-only MatMul/Gemm linears (MatMulBnb4), "
+                              f"not this {op.op_type}", fix="use --activations float, or int4 weights")
+        tensor = graph.constant(ins[1])
+        w = tensor.numpy().astype(np.float32)
+        if op.op_type == "Gemm" and op.attr("transB", 0):
+            w = w.T
+        k, n = w.shape
+        key = (ins[1].name, spec, bool(op.op_type == "Gemm" and op.attr("transB", 0)))
+        if key not in self.weight_values:
+            packed, absmax = quantize_nf4(w, int(spec.block_size))
+            codes = graph.add_constant(f"{ins[1].name}_nf4", packed)
+            scales = graph.add_constant(f"{ins[1].name}_absmax", absmax)
+            self.weights += 1
+            self.bytes_before += tensor.nbytes
+            self.bytes_after += codes.const.nbytes + scales.const.nbytes
+            self.weight_values[key] = (codes, scales)
+        codes, scales = self.weight_values[key]
+        if graph.model is not None:
+            graph.model.opset_imports.setdefault("com.microsoft", 1)
+        out = graph.outputs_of(op)[0]
+        bnb = graph.add_op("MatMulBnb4", [ins[0], codes, scales], [f"{out.name}_nf4"], domain="com.microsoft",
+                           name=f"{op.name}_nf4", attrs={"K": k, "N": n, "block_size": int(spec.block_size),
+                                                         "quant_type": QUANT_TYPE_NF4}, after=op)
+        result = graph.outputs_of(bnb)[0]
+        result.type = out.type
+        if op.op_type == "Gemm" and len(ins) > 2 and ins[2] is not None:
+            add = graph.add_op("Add", [result, ins[2]], [f"{out.name}_bias"], after=bnb)
+            result = graph.outputs_of(add)[0]
+            result.type = out.type
+        graph.remove_op(op, remove_outputs=False)
+        graph.replace_all_uses(out, result)
+        graph.remove_value(out)
+        graph.rename_value(result, out.name)  # downstream names (and graph outputs) are unchanged
 
     def embedding(self, gather: Op, table: Value, spec: QSpec) -> None:
         """Gather(int8 table) -> Cast -> Mul(per-hidden-channel scale): only the gathered rows are

@@ -141,7 +141,10 @@ def cost_model(core: str) -> CostModel:
                "op_mac_int8_int4": nbits, "op_mac_int8_int8": rates.get("nbits_int8", nbits),
                "op_mac_uint16_int8": rates.get("nbits_int8", nbits),
                "op_mac_float32_float32": fp32, "op_mac_uint8_int4": fp32, "op_mac_uint16_uint16": fp32,
-               "op_mac_float32_int8": fp32, "op_mac_float32_int4": fp32}
+               "op_mac_float32_int8": fp32, "op_mac_float32_int4": fp32,
+               # float8 QDQ (an x86-compiled accuracy study): no float8 kernel, dequantized to fp32
+               **{f"op_mac_{a}_{w}": fp32 for a, w in (("float8e4m3fn", "float8e4m3fn"), ("float8e4m3fn", "float32"),
+                                                       ("float32", "float8e4m3fn"), ("uint8", "float8e4m3fn"))}}
     if rates["fp16"]:
         per_mac["op_mac_float16_float16"] = rates["fp16"]
     return CostModel(unit=f"cycles on one {core} core (peak)", prices={k: 1 / r for k, r in per_mac.items()},

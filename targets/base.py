@@ -41,7 +41,18 @@ _DTYPES = {
 if hasattr(onnx.TensorProto, "INT2"):
     _DTYPES["int2"] = (onnx.TensorProto.INT2, -2, 1)
     _DTYPES["uint2"] = (onnx.TensorProto.UINT2, 0, 3)
-_DTYPE_OF_ELEM = {elem: name for name, (elem, _, _) in _DTYPES.items()}
+# Float8 (E4M3FN: 448 at most, no infinities; E5M2) through float8 QuantizeLinear/DequantizeLinear
+# (opset 19+): qmin..qmax is the finite range, the zero point 0.
+_DTYPES["float8e4m3fn"] = (onnx.TensorProto.FLOAT8E4M3FN, -448, 448)
+_DTYPES["float8e5m2"] = (onnx.TensorProto.FLOAT8E5M2, -57344, 57344)
+# 4-bit NormalFloat codes (QLoRA): 16 indices into a fixed table of normal quantiles, times a
+# block absmax; stored packed in uint8 by ONNX Runtime's com.microsoft MatMulBnb4, not as a tensor
+# type (so no element type maps back to it).
+_DTYPES["nf4"] = (onnx.TensorProto.UINT8, 0, 15)
+_CODEBOOK_DTYPES = frozenset({"nf4"})
+# Bits per stored value where the range does not say it (float dtypes).
+_DTYPE_BITS = {"float8e4m3fn": 8, "float8e5m2": 8}
+_DTYPE_OF_ELEM = {elem: name for name, (elem, _, _) in _DTYPES.items() if name not in _CODEBOOK_DTYPES}
 
 
 def dtype_name(elem_type: int) -> str:
@@ -95,11 +106,18 @@ class QSpec:
 
     @property
     def bits(self) -> int:
+        if self.dtype in _DTYPE_BITS:
+            return _DTYPE_BITS[self.dtype]
         return int(math.log2(self.qmax - self.qmin + 1) + 0.5)
 
     @property
+    def is_float(self) -> bool:
+        """A float8 dtype: QuantizeLinear casts x / scale (no integer rounding)."""
+        return self.dtype in _DTYPE_BITS
+
+    @property
     def signed(self) -> bool:
-        return self.dtype.startswith("int")
+        return self.dtype.startswith("int") or self.is_float
 
     @property
     def symmetric_zero_point(self) -> int:

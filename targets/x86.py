@@ -29,6 +29,16 @@ W_S7_CHANNEL = W_S8_CHANNEL.replace(qrange=(-64, 63))
 # int4 weights: block-wise along K, group 128 unless --group says otherwise (MatMulNBits).
 W_S4_BLOCK = QSpec("int4", symmetric=True, granularity=Granularity.BLOCK, axis=0, block_size=128,
                    block_sizes=MATMULNBITS_BLOCKS)
+# NF4 weights (--weights nf4): 4-bit NormalFloat codes with one absmax per block of K, group 64
+# unless --group says otherwise, run by ONNX Runtime's com.microsoft MatMulBnb4 (CPU kernel:
+# dequantize to fp32, then SGEMM; weight-only). Block sizes: powers of two 16..256 (its kernel's).
+BNB4_BLOCKS = (16, 32, 64, 128, 256)
+W_NF4_BLOCK = QSpec("nf4", symmetric=True, granularity=Granularity.BLOCK, axis=0, block_size=64,
+                    block_sizes=BNB4_BLOCKS)
+# FP8 E4M3FN (--weights fp8 [--activations fp8]): float8 QuantizeLinear/DequantizeLinear, weights
+# per output channel, activations per tensor, scale amax / 448. No x86 CPU has FP8 arithmetic and
+# ONNX Runtime fuses no float8 QDQ into a kernel: an accuracy study (float compute).
+W_FP8_CHANNEL = QSpec("float8e4m3fn", symmetric=True, granularity=Granularity.CHANNEL)
 EMBEDDING = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
 # Gemm/Conv bias: int32 with scale s_x * s_w, one per output channel (axis 0 of the bias).
 BIAS = QSpec("int32", symmetric=True, granularity=Granularity.CHANNEL, axis=0)
@@ -77,7 +87,11 @@ def _cost_model(qgemm_rate: float, nbits_rate: float, fp32_rate: float, source: 
     rates = {"op_mac_uint8_int8": qgemm_rate, "op_mac_uint8_uint8": qgemm_rate,
              "op_mac_int8_int8": nbits_rate, "op_mac_int8_int4": nbits_rate, "op_mac_uint16_int8": nbits_rate,
              "op_mac_float32_float32": fp32_rate, "op_mac_uint8_int4": fp32_rate, "op_mac_uint16_uint16": fp32_rate,
-             "op_mac_float32_int8": fp32_rate, "op_mac_float32_int4": fp32_rate, **extra_rates}
+             "op_mac_float32_int8": fp32_rate, "op_mac_float32_int4": fp32_rate,
+             # float8 (--weights/--activations fp8): no x86 float8 kernel, both sides dequantized to fp32
+             **{f"op_mac_{a}_{w}": fp32_rate for a, w in (("float8e4m3fn", "float8e4m3fn"), ("float8e4m3fn", "float32"),
+                                                          ("float32", "float8e4m3fn"), ("uint8", "float8e4m3fn"))},
+             **extra_rates}
     return CostModel(unit="cycles on one core (peak)", prices={k: 1 / r for k, r in rates.items()},
                      source=source + "; pairs mapped to kernels per ONNX Runtime 1.32's optimized graphs",
                      assumptions=_ASSUMPTIONS)
@@ -153,7 +167,8 @@ def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostMode
     return register_target(Target(
         executions=(_openvino(weight, precision_hint), CPU_PROVIDER),
         name=name, description=description, ops=_ops(weight), activation=ACT_U8, weight=weight,
-        weight_specs={"int4": W_S4_BLOCK}, activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
+        weight_specs={"int4": W_S4_BLOCK, "nf4": W_NF4_BLOCK, "float8e4m3fn": W_FP8_CHANNEL},
+        activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16", "float8e4m3fn"}),
         default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, rotate_stream_weights=_ROTATE_STREAM_WEIGHTS,
         signed_weight_scales=True, cost_model=cost_model,
         **fields))

@@ -39,9 +39,12 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--target", "-t", "target_name", required=True, help="Target name (see `edgeq targets`).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @calibration_flags
-@click.option("--weights", type=click.Choice(["int8", "int4"]), help="Weight precision (default: target's).")
+@click.option("--weights", type=click.Choice(["int8", "int4", "nf4", "fp8"]),
+              help="Weight precision (default: target's); nf4: 4-bit NormalFloat blocks (MatMulBnb4), "
+                   "fp8: float8 E4M3FN.")
 @click.option("--group", type=int, help="Block size for block-wise weights (int4 default 128).")
-@click.option("--activations", type=click.Choice(["int8", "int16", "float"]), help="Activation precision.")
+@click.option("--activations", type=click.Choice(["int8", "int16", "float", "fp8"]),
+              help="Activation precision (fp8: float8 E4M3FN, with --weights fp8).")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               help="How activation ranges are chosen (default percentile 99.999).")
 @click.option("--percentile", type=float, help="Percentile for --calib-method percentile.")

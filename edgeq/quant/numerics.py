@@ -11,6 +11,7 @@ from edgeq.targets.base import Granularity, QSpec
 _NP_DTYPES = {
     "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32,
     "int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4,
+    "float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2,
 }
 if hasattr(ml_dtypes, "int2"):
     _NP_DTYPES.update(int2=ml_dtypes.int2, uint2=ml_dtypes.uint2)
@@ -21,6 +22,16 @@ _MIN_SCALE = np.float32(2.0**-24)
 
 def np_storage_dtype(spec: QSpec) -> np.dtype:
     return np.dtype(_NP_DTYPES[spec.dtype])
+
+
+def stored(array: np.ndarray):
+    """A quantized array as an initializer: float8 arrays as a Tensor over their bytes (the IR's
+    writer serializes numpy-native dtypes only through a memoryview), others as they are."""
+    array = np.asarray(array)
+    if array.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+        from edgeq.ir.tensor import Tensor, elem_type_of
+        return Tensor(elem_type_of(array), array.shape, raw=np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return array
 
 
 def qparams(lo: np.ndarray | float, hi: np.ndarray | float, spec: QSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +61,12 @@ def qparams(lo: np.ndarray | float, hi: np.ndarray | float, spec: QSpec) -> tupl
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QSpec) -> np.ndarray:
-    """ONNX QuantizeLinear semantics (round half to even, saturate) with broadcastable params."""
+    """ONNX QuantizeLinear semantics (round half to even, saturate) with broadcastable params.
+    Float8: x / scale (+ zero point) saturated to the finite range and cast, rounding to the
+    nearest representable value, ties to even (QuantizeLinear's saturate=1)."""
+    if spec.is_float:
+        y = x.astype(np.float32) / scale.astype(np.float32) + zero.astype(np.float32)
+        return np.clip(y, spec.qmin, spec.qmax).astype(np_storage_dtype(spec))
     q = np.round(x.astype(np.float32) / scale.astype(np.float32)) + zero.astype(np.float32)
     return np.clip(q, spec.qmin, spec.qmax).astype(np_storage_dtype(spec))
 

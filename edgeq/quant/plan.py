@@ -30,13 +30,19 @@ class Scheme:
     def resolve(cls, target: Target, options: CompileOptions) -> "Scheme":
         """Every constant comes from the target: the spec of the chosen weight dtype, its
         block sizes (--group), and the LM head's wider spec."""
-        dtype = options.weights or target.weight.dtype
+        dtype = WEIGHT_DTYPES.get(options.weights, options.weights) or target.weight.dtype
         weight = target.weight_spec(dtype)
         if weight is None:
             raise OptionError(f"target {target.name} does not support {dtype} weights",
                               fix=f"use one of {', '.join(sorted(target.weight_dtypes))}")
         if options.group:
             weight = weight.blocked(options.group)
+        if weight.dtype in _WEIGHT_ONLY and options.activations != "float":
+            raise OptionError(f"{dtype} weights are weight-only (MatMulBnb4 computes with float activations)",
+                              fix="add --activations float")
+        if weight.dtype in _RTN_ONLY and options.weight_rounding not in ("auto", "rtn"):
+            raise OptionError(f"--weight-rounding {options.weight_rounding} rounds integer grids; {dtype} weights "
+                              "are rounded to nearest", fix="drop --weight-rounding (or use rtn)")
         # The LM head keeps `head_weights` where that spec is wider than the other linears'.
         head = target.weight_spec(options.head_weights)
         head_weight = head if head is not None and head.bits > weight.bits else None
@@ -50,6 +56,9 @@ class Scheme:
                 acts = tuple(None if s is None else _widen(s) for s in acts)
             elif options.activations == "int8":  # a target whose activations default to 16 bits
                 acts = tuple(None if s is None else _narrow(s) for s in acts)
+            elif options.activations in ACTIVATION_DTYPES:  # float8: symmetric, zero point 0
+                acts = tuple(None if s is None else _to_float(s, ACTIVATION_DTYPES[options.activations])
+                             for s in acts)
             for spec in acts:
                 if spec is not None and spec.dtype not in target.activation_dtypes:
                     raise OptionError(f"target {target.name} does not support {spec.dtype} activations")
@@ -59,10 +68,21 @@ class Scheme:
             if rule_weight is not None and kind != "Gather" and rule_weight == target.weight:
                 rule_weight = weight
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
-        activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only"}[act_label]
+        activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only", "fp8": "A8"}[act_label]
         label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
+        if weight.dtype in _LABELS:  # not integer: say which format
+            label += f" {_LABELS[weight.dtype]}"
         return cls(rules, label, head_weight, dtype)
 
+
+# --weights/--activations names of dtypes whose QSpec dtype differs (float8 E4M3FN by default).
+WEIGHT_DTYPES = {"fp8": "float8e4m3fn"}
+ACTIVATION_DTYPES = {"fp8": "float8e4m3fn"}
+_LABELS = {"nf4": "NF4", "float8e4m3fn": "FP8 E4M3FN", "float8e5m2": "FP8 E5M2"}
+# Weight dtypes GPTQ/AWQ do not round (not a uniform integer grid, or not validated on one).
+_RTN_ONLY = frozenset({"nf4", "float8e4m3fn", "float8e5m2"})
+# Weight dtypes whose linears run as weight-only kernels (insert-qdq emits MatMulBnb4 for nf4).
+_WEIGHT_ONLY = frozenset({"nf4"})
 
 RotationChoice = Literal["yes", "no", "if-stream"]
 
@@ -84,6 +104,10 @@ def rotates(options: CompileOptions, target: Target | None) -> RotationChoice:
 
 def _widen(spec: QSpec) -> QSpec:
     return spec.replace(dtype="uint16" if spec.dtype == "uint8" else "int16", qrange=None)
+
+
+def _to_float(spec: QSpec, dtype: str) -> QSpec:
+    return spec.replace(dtype=dtype, symmetric=True, qrange=None, scale_pow2=False, unsigned_when_nonnegative=False)
 
 
 def _narrow(spec: QSpec) -> QSpec:

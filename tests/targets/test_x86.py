@@ -38,8 +38,8 @@ def test_x86_specs(name):
     for spec in (weight, int4):
         assert spec.accepted_block_sizes == MATMULNBITS_BLOCKS
     assert MATMULNBITS_BLOCKS[0] == 16 and all(b & (b - 1) == 0 for b in MATMULNBITS_BLOCKS)
-    assert target.weight_dtypes == {"int8", "int4"}
-    assert target.activation_dtypes == {"uint8", "int8", "uint16", "int16"}
+    assert target.weight_dtypes == {"int8", "int4", "nf4", "float8e4m3fn"}
+    assert target.activation_dtypes == {"uint8", "int8", "uint16", "int16", "float8e4m3fn"}
     for kind in ("MatMul", "Gemm", "Conv"):
         assert target.rule(kind).weight == weight
     for kind in ("Gemm", "Conv"):
