@@ -162,7 +162,10 @@ def _arm_target(name: str, description: str, weight: QSpec, core: str, notes: tu
     return register_target(Target(
         name=name, description=description, ops=_ops(weight), activation=ACT_U8, weight=weight,
         weight_specs={"int4": W_S4_BLOCK}, activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16"}),
-        default_pipeline=X86_VNNI.default_pipeline, rotate_weights=frozenset({"int4"}), signed_weight_scales=True,
+        # The rotation choices of the x86 targets (the same MLAS kernels run the online Hadamards):
+        # int4 presets rotate; W8A8 where the graph has a pre-norm residual stream to fold it into.
+        default_pipeline=X86_VNNI.default_pipeline, rotate_weights=X86_VNNI.rotate_weights,
+        rotate_stream_weights=X86_VNNI.rotate_stream_weights, signed_weight_scales=True,
         cost_model=cost_model(core), notes=notes))
 
 
