@@ -449,6 +449,8 @@ def _weight_axes(op: Op, ndim: int) -> tuple[int, int]:
         return (0, 1) if op.attr("transB", 0) else (1, 0)
     if op.op_type == "Conv":
         return 0, 1
+    if op.op_type == "ConvTranspose":  # weight [C_in, C_out / group, kH, kW]: outputs along axis 1
+        return 1, 0
     return ndim - 1, ndim - 2  # MatMul: [..., K, N]
 
 

@@ -199,3 +199,26 @@ def test_opset_raise_keeps_an_opset_17_llama_valid(synthetic_llama, llama_feeds,
     assert_valid(graph)
 
 
+
+
+@pytest.mark.parametrize("op_type, channel_axis", [("Conv", 0), ("ConvTranspose", 1)])
+def test_a_weight_is_quantized_along_its_output_channels(op_type, channel_axis):
+    """Conv weights are [C_out, C_in, kH, kW]; ConvTranspose weights [C_in, C_out, kH, kW]: a
+    per-channel scale follows the op's output channels (a ConvTranspose read as a Conv would get
+    one scale per input channel)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.ir import load
+    from edgeq.passes.insert_qdq import weight_key
+    from edgeq.targets.base import Granularity, QSpec
+
+    w = numpy_helper.from_array(np.ones((4, 6, 3, 3), np.float32), "w")
+    node = helper.make_node(op_type, ["x", "w"], ["y"], name="op")
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4 if op_type == "ConvTranspose" else 6, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    graph = load(model)
+    (op,) = list(graph.ops())
+    spec = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+    assert weight_key(graph, op, 1, spec) == ("w", spec, channel_axis)
