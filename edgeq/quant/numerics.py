@@ -18,6 +18,10 @@ if hasattr(ml_dtypes, "int2"):
 
 # Smallest scale used for an all-zero range, so dequantization stays finite and exact (0).
 _MIN_SCALE = np.float32(2.0**-24)
+# Smallest non-zero scale: a tensor of subnormal values (PP-OCR's Conv weights hold float32s below
+# 1.2e-38) would otherwise get a subnormal scale, and an int32 bias scale s_x * s_w (s_x >= 2^-24)
+# would underflow to 0. Values that small quantize to 0 at this scale, as they would in float.
+_SCALE_FLOOR = np.float32(np.finfo(np.float32).tiny / _MIN_SCALE)
 
 
 def np_storage_dtype(spec: QSpec) -> np.dtype:
@@ -51,7 +55,7 @@ def qparams(lo: np.ndarray | float, hi: np.ndarray | float, spec: QSpec) -> tupl
     else:
         scale = (hi - lo) / (qmax - qmin)
         zero = None
-    scale = np.where(scale > 0, scale, _MIN_SCALE).astype(np.float64)
+    scale = np.where(scale > 0, np.maximum(scale, _SCALE_FLOOR), _MIN_SCALE).astype(np.float64)
     if spec.scale_pow2:
         scale = np.exp2(np.ceil(np.log2(scale)))
     scale = scale.astype(np.float32)

@@ -214,3 +214,16 @@ def test_quantize_matches_ort_per_channel():
     ours = quantize(x, scale.reshape(1, -1), zero.reshape(1, -1), spec)
     theirs = _ort_quantize(x, scale, zero, 1, 17)
     assert np.array_equal(ours, theirs)
+
+
+def test_subnormal_weights_get_a_scale_whose_bias_scale_stays_normal():
+    """float32 weights below 1.2e-38 (PP-OCR's Conv weights have them) once gave a subnormal channel
+    scale, and the int32 bias scale s_x * s_w underflowed to 0, which validate rejects."""
+    spec = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+    scale, zero = qparams(np.float32(-3e-39), np.float32(2e-39), spec)
+    smallest_activation_scale = np.float32(2.0**-24)
+    assert np.isfinite(scale) and float(scale) >= np.finfo(np.float32).tiny
+    assert float(np.float32(scale * smallest_activation_scale)) > 0.0
+    assert int(quantize(np.float32(2e-39), scale, zero, spec)) == 0     # as small as it was: still 0
+    normal_scale, _ = qparams(-1.0, 1.0, spec)
+    assert float(normal_scale) == np.float32(1 / 127)                   # ordinary ranges are untouched
