@@ -104,9 +104,6 @@ def _as_affine(graph: Graph, bn: Op, s: np.ndarray, t: np.ndarray) -> bool:
                        after=mul)
     last = graph.outputs_of(add)[0]
     last.type = out.type
-    graph.replace_all_uses(out, last)
-    name = out.name
-    graph.rename_value(out, graph.unique_name(f"{name}_bn"))
-    graph.rename_value(last, name)
+    graph.take_over(out, last, "bn")
     graph.remove_op(bn)
     return True

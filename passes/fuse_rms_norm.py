@@ -123,10 +123,7 @@ def _rewrite(graph: Graph, ops: list[Op], x: Value, gamma: Value | None, eps: fl
                         attrs={"axis": -1, "epsilon": float(eps)}, after=graph.producer(output))
     fused = graph.outputs_of(norm)[0]
     fused.type = output.type
-    graph.replace_all_uses(output, fused)
-    name = output.name
-    graph.rename_value(output, graph.unique_name(f"{name}_decomposed"))
-    graph.rename_value(fused, name)
+    graph.take_over(output, fused, "decomposed")
     for op in ops:  # each read only by the next: nothing else reads them now
         graph.remove_op(op)
     return True

@@ -66,9 +66,6 @@ def _split(graph: Graph, norm: Op) -> bool:
         add = graph.add_op("Add", [last, beta], [f"{output.name}_shifted"], name=f"{norm.name}/beta", after=after)
         last = graph.outputs_of(add)[0]
         last.type = output.type
-    graph.replace_all_uses(output, last)
-    name = output.name
-    graph.rename_value(output, graph.unique_name(f"{name}_unsplit"))
-    graph.rename_value(last, name)
+    graph.take_over(output, last, "unsplit")
     graph.remove_op(norm)
     return True

@@ -297,6 +297,14 @@ class Graph:
     def add_implicit_input(self, op: Op, value: Value) -> None:
         self._g.add_edge(value, op, key=("implicit", value.name))
 
+    def take_over(self, old: Value, new: Value, suffix: str) -> None:
+        """`new` replaces `old`: every reader reads `new`, which takes `old`'s name (graph outputs
+        and downstream names stay); `old` is renamed `<name>_<suffix>`."""
+        self.replace_all_uses(old, new)
+        name = old.name
+        self.rename_value(old, self.unique_name(f"{name}_{suffix}"))
+        self.rename_value(new, name)
+
     def replace_all_uses(self, old: Value, new: Value) -> None:
         """Point every reader of `old` (ops, subgraph captures, graph outputs) at `new`."""
         for _, op, key in list(self._g.out_edges(old, keys=True)):
