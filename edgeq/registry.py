@@ -31,6 +31,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.fuse_rms_norm",
     "edgeq.passes.fold_batch_norm",
     "edgeq.passes.split_norm_affine",
+    "edgeq.passes.tile_norm_input_constants",
     "edgeq.passes.mixed_precision",
     "edgeq.passes.select_precision",
     "edgeq.passes.smooth_quant",

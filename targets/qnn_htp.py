@@ -41,6 +41,10 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
   InstanceNormalization, BatchNormalization with quantized statistics.
 - int64 graph inputs (token ids, attention masks) and int64 index ops run as the provider
   converts them; the mask's Cast to float is quantized at its output.
+- batch > 1: the HTP computes a norm wrongly when its input is an Add/Mul of a constant that
+  broadcasts over the batch axis but varies along another (BERT's position embeddings [1, S, H]
+  on [2, S, H]: second row off by up to 18,114 LSB); tile-norm-input-constants gives such ops
+  the constant at the full static shape.
 - htp_arch must be set: without it the simulator targets v68, which loses accuracy (MiniLM
   A16W8 0.9965 against 0.9989 at v73, issue 13). --device picks the generation or SoC.
 """
@@ -156,7 +160,8 @@ HTP = Execution(
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
                "canonicalize-shapes", "dead-code-elimination", "shape-inference")
-_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fuse-rms-norm", "split-norm-affine", "select-precision", "calibrate",
+_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fuse-rms-norm", "split-norm-affine", "tile-norm-input-constants",
+                           "select-precision", "calibrate",
                            "gptq", "mixed-precision", "insert-qdq", "dead-code-elimination", "topological-sort")
 
 QNN_HTP = register_target(Target(
