@@ -30,6 +30,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.linear_to_gemm",
     "edgeq.passes.fuse_rms_norm",
     "edgeq.passes.fold_batch_norm",
+    "edgeq.passes.fold_conv_affine",
+    "edgeq.passes.constant_first_after_conv_transpose",
     "edgeq.passes.split_norm_affine",
     "edgeq.passes.tile_norm_input_constants",
     "edgeq.passes.mixed_precision",

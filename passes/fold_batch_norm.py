@@ -50,7 +50,13 @@ def _params(graph: Graph, bn: Op) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _fold_into_producer(graph: Graph, bn: Op, s: np.ndarray, t: np.ndarray) -> bool:
-    x = graph.inputs_of(bn)[0]
+    return fold_affine_into_conv(graph, bn, graph.inputs_of(bn)[0], s, t, "bn_folded")
+
+
+def fold_affine_into_conv(graph: Graph, op: Op, x, s: np.ndarray, t: np.ndarray, suffix: str) -> bool:
+    """Fold `op`, which computes x * s + t per output channel (axis 1) of the Conv or
+    ConvTranspose producing `x` (its only reader), into that op's weights and bias. The folded
+    output keeps `op`'s output name."""
     conv = graph.producer(x)
     if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain:
         return False
@@ -76,14 +82,14 @@ def _fold_into_producer(graph: Graph, bn: Op, s: np.ndarray, t: np.ndarray) -> b
         w = w.reshape((group, w.shape[0] // group) + w.shape[1:])
         folded = (w * s.reshape((group, 1, per_group) + (1,) * (w.ndim - 3))).reshape((-1,) + w.shape[2:])
     b = bias.numpy().astype(np.float64) if bias is not None else np.zeros(s.size)
-    new_w = graph.add_constant(f"{ins[1].name}_bn_folded", folded.astype(weight.dtype))
-    new_b = graph.add_constant(f"{conv.name}_bias_bn_folded", (b * s + t).astype(weight.dtype))
+    new_w = graph.add_constant(graph.unique_name(f"{ins[1].name}_{suffix}"), folded.astype(weight.dtype))
+    new_b = graph.add_constant(graph.unique_name(f"{conv.name}_bias_{suffix}"), (b * s + t).astype(weight.dtype))
     graph.set_input(conv, 1, new_w)
     graph.set_input(conv, 2, new_b)  # sets or adds the bias slot
-    out = graph.outputs_of(bn)[0]
+    out = graph.outputs_of(op)[0]
     graph.replace_all_uses(out, x)
     name = out.name
-    graph.remove_op(bn)
+    graph.remove_op(op)
     graph.rename_value(x, name)  # the folded output keeps the name its readers knew
     return True
 

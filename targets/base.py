@@ -85,6 +85,11 @@ class QSpec:
     # the unsigned type of the same width with zero point 0 instead (softmax probabilities keep
     # all 256 levels), as NNCF and OpenVINO quantize activations: no zero point either way.
     unsigned_when_nonnegative: bool = False
+    # Per-channel scales are at least this fraction of the tensor's largest channel scale (0: no
+    # floor). QNN's HTP computes a Conv output channel wrongly when its weight scale is below
+    # ~2^-16 of the largest (PP-OCRv4 det's dead channels, 1e-31 .. 1e-9 of it: outputs 0 where
+    # the bias says otherwise); weights below the floor round to 0, as they count for nothing.
+    channel_scale_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -45,6 +45,11 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
   broadcasts over the batch axis but varies along another (BERT's position embeddings [1, S, H]
   on [2, S, H]: second row off by up to 18,114 LSB); tile-norm-input-constants gives such ops
   the constant at the full static shape.
+- Conv/ConvTranspose: an output channel whose weights are all but zero (PP-OCRv4 det's SE convs:
+  scales 1e-31 of the largest) comes out 0 on the HTP whatever its bias: channel scales have a
+  floor (QSpec.channel_scale_floor); a ConvTranspose's bias Add is fused into a ConvTranspose
+  bias the HTP computes wrongly (det head: up to 386 LSB): constant-first-after-conv-transpose
+  keeps them apart. Per-channel Mul/Add after a Conv fold into it (fold-conv-affine).
 - htp_arch must be set: without it the simulator targets v68, which loses accuracy (MiniLM
   A16W8 0.9965 against 0.9989 at v73, issue 13). --device picks the generation or SoC.
 """
@@ -57,8 +62,11 @@ from edgeq.targets.base import (Execution, ExecutionDevice, Granularity, OpRule,
 
 ACT16 = QSpec("uint16", symmetric=False)
 ACT8 = QSpec("uint8", symmetric=False)
-W8 = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
-W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL)
+# Channel scales floored at 2^-12 of the largest: the HTP computes an output channel whose weight
+# scale is below ~2^-16 of it as 0 (2^-14 measured right; QSpec.channel_scale_floor).
+_FLOOR = 2.0**-12
+W8 = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, channel_scale_floor=_FLOOR)
+W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL, channel_scale_floor=_FLOOR)
 W8_TENSOR = QSpec("int8", symmetric=True, granularity=Granularity.TENSOR)
 BIAS = QSpec("int32", symmetric=True, granularity=Granularity.CHANNEL, axis=0)
 
@@ -160,7 +168,8 @@ HTP = Execution(
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
                "canonicalize-shapes", "dead-code-elimination", "shape-inference")
-_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fuse-rms-norm", "split-norm-affine", "tile-norm-input-constants",
+_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fold-conv-affine", "fuse-rms-norm", "split-norm-affine",
+                           "tile-norm-input-constants", "constant-first-after-conv-transpose",
                            "select-precision", "calibrate",
                            "gptq", "mixed-precision", "insert-qdq", "dead-code-elimination", "topological-sort")
 

@@ -64,6 +64,25 @@ def qparams(lo: np.ndarray | float, hi: np.ndarray | float, spec: QSpec) -> tupl
     return scale, np.asarray(zero).astype(np_storage_dtype(spec))
 
 
+def floor_channel_scales(scale: np.ndarray, zero: np.ndarray, lo: np.ndarray, spec: QSpec
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, zero point) with every scale raised to at least
+    `spec.channel_scale_floor` of the largest; zero points of asymmetric specs follow their
+    channel's minimum `lo`."""
+    if not spec.channel_scale_floor or np.ndim(scale) == 0 or spec.fixed is not None:
+        return scale, zero
+    floor = np.float32(float(np.max(np.abs(scale))) * spec.channel_scale_floor)
+    raised = np.abs(scale) < floor
+    if not raised.any():
+        return scale, zero
+    scale = np.where(raised, np.copysign(floor, scale), scale).astype(np.float32)
+    if not spec.symmetric:
+        lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+        fresh = np.clip(np.round(spec.qmin - lo / scale.astype(np.float64)), spec.qmin, spec.qmax)
+        zero = np.where(raised, fresh, zero).astype(zero.dtype)
+    return scale, zero
+
+
 def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: QSpec) -> np.ndarray:
     """ONNX QuantizeLinear semantics (round half to even, saturate) with broadcastable params.
     Float8: x / scale (+ zero point) saturated to the finite range and cast, rounding to the
@@ -93,7 +112,7 @@ def quantize_weight(w: np.ndarray, spec: QSpec, channel_axis: int, *, clip_ratio
         axis = channel_axis % w.ndim
         other = tuple(a for a in range(w.ndim) if a != axis)
         lo, hi = w.min(axis=other), w.max(axis=other)
-        scale, zero = qparams(lo * clip_ratio, hi * clip_ratio, spec)
+        scale, zero = floor_channel_scales(*qparams(lo * clip_ratio, hi * clip_ratio, spec), lo * clip_ratio, spec)
         shape = [1] * w.ndim
         shape[axis] = -1
         q = quantize(w, scale.reshape(shape), zero.reshape(shape), spec)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgeq.quant.numerics import np_storage_dtype, qparams, quantize_weight
+from edgeq.quant.numerics import floor_channel_scales, np_storage_dtype, qparams, quantize_weight
 from edgeq.targets.base import Granularity, QSpec
 
 _COLUMNS_PER_GEMM = 8192  # output_errors multiplies H by this many columns at a time
@@ -113,7 +113,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
         s, z = params(w.reshape(-1, 1), np.repeat(diag, cols))
         scale, zero = s.reshape(()), z.reshape(())
     elif spec.granularity == Granularity.CHANNEL:
-        scale, zero = params(w, diag)
+        scale, zero = floor_channel_scales(*params(w, diag), w.min(axis=0), spec)
     else:
         scale = np.zeros((n_groups, cols), np.float32)
         zero = np.zeros((n_groups, cols), dtype)

@@ -227,3 +227,18 @@ def test_subnormal_weights_get_a_scale_whose_bias_scale_stays_normal():
     assert int(quantize(np.float32(2e-39), scale, zero, spec)) == 0     # as small as it was: still 0
     normal_scale, _ = qparams(-1.0, 1.0, spec)
     assert float(normal_scale) == np.float32(1 / 127)                   # ordinary ranges are untouched
+
+
+def test_channel_scales_have_a_floor_relative_to_the_largest_when_the_spec_sets_one():
+    w = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    w[1] *= 1e-30   # a dead output channel (PP-OCRv4 det's SE convs hold such)
+    w[2] *= 1e-3    # small but above the floor: untouched
+    plain = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL)
+    floored = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, channel_scale_floor=2.0**-12)
+    q0, s0, _ = quantize_weight(w, plain, channel_axis=0)
+    q1, s1, z1 = quantize_weight(w, floored, channel_axis=0)
+    assert s0[1] < s0.max() * 1e-20 and s1[1] == np.float32(s0.max() * 2.0**-12)
+    assert not q1[1].any()  # below the floor everything rounds to 0
+    np.testing.assert_array_equal(np.delete(s1, 1), np.delete(s0, 1))
+    np.testing.assert_array_equal(np.delete(q1, 1, axis=0), np.delete(q0, 1, axis=0))
+    assert not z1.any()
