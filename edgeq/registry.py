@@ -41,6 +41,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.awq",
     "edgeq.passes.calibrate",
     "edgeq.passes.gptq",
+    "edgeq.passes.bias_correction",
     "edgeq.passes.sensitivity",
     "edgeq.passes.insert_qdq",
     "edgeq.passes.fold_scalar_into_dequantize",

@@ -11,9 +11,9 @@ wrongly (PP-OCRv4 det's bias Adds folded in: cosine with the CPU run of the same
 from __future__ import annotations
 
 import numpy as np
+from edgeq.passes.fold_batch_norm import fold_affine_into_conv
 
 from edgeq.ir import Graph, Op
-from edgeq.passes.fold_batch_norm import fold_affine_into_conv
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.registry import register_pass
 

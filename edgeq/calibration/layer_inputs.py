@@ -126,3 +126,20 @@ def input_statistics(stream: ActivationStream, names: Sequence[str], *, abs_mean
         hessian *= 2.0 / n
         out[name] = InputStats(hessian, abs_sums[name] / n if abs_mean else None, tokens[name])
     return out
+
+
+def channel_means(stream: ActivationStream, names: Sequence[str], *, axis: int = 1) -> dict[str, np.ndarray]:
+    """Mean of each named tensor per channel (`axis`: 1 for NCHW activations and [M, K] rows'
+    columns alike) over every calibration sample, in one pass (float64)."""
+    names = list(dict.fromkeys(names))
+    sums: dict[str, np.ndarray] = {}
+    counts = defaultdict(int)
+    run = stream._model.runner(names)
+    stream.passes += 1
+    for feed in stream.data:
+        for name, x in zip(names, run(feed)):
+            x = np.moveaxis(np.asarray(x, np.float32), axis, -1).reshape(-1, x.shape[axis])
+            part = x.sum(axis=0, dtype=np.float64)
+            sums[name] = sums[name] + part if name in sums else part
+            counts[name] += x.shape[0]
+    return {name: sums[name] / max(counts[name], 1) for name in names}
