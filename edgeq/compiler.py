@@ -21,10 +21,11 @@ from edgeq.frontend.shapes import (first_sample_shapes, fix_input_shapes, inputs
                                    resolve_input_shapes)
 from edgeq.ir import Graph, clone_graph, load, save
 from edgeq.options import CompileOptions
+from edgeq.quant.budget import FLOAT_FILE_BYTES, SIZE_BUDGET
 from edgeq.quant.plan import Scheme
 from edgeq.pipeline import Instrument, Pass, PassContext, PassManager, ReleasePagesInstrument, TimingInstrument
-from edgeq.pipeline.artifacts import (CALIBRATION_DATA, QUANT_PLAN, ROTATION, ROTATION_DECLINED, SENSITIVITY,
-                                      SMOOTHING)
+from edgeq.pipeline.artifacts import (CALIBRATION_DATA, OUTLIER_COLUMNS, QUANT_PLAN, ROTATION, ROTATION_DECLINED,
+                                      SENSITIVITY, SMOOTHING)
 from edgeq.registry import get_pass, get_target
 from edgeq.report import Report, count_kinds, kept_high_by_reason, pass_rows, runtime_versions
 from edgeq.runtime.feeds import synthetic_feeds
@@ -51,7 +52,11 @@ class Compiled:
 def build_pipeline(target: Target, options: CompileOptions) -> PassManager:
     """The target's default pipeline, each pass built from the typed options."""
     passes: list[Pass] = []
-    for name in target.default_pipeline:
+    names = list(target.default_pipeline)
+    if options.size_budget is not None and "select-precision" in names:
+        # the per-layer widths are chosen right after the plan is made, before any weight is rounded
+        names.insert(names.index("select-precision") + 1, "size-budget")
+    for name in names:
         cls = get_pass(name)
         factory = getattr(cls, "from_options", None)
         passes.append(factory(options, target) if factory else cls())
@@ -77,6 +82,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
     target = get_target(target) if isinstance(target, str) else target
     target = target.on(for_device(resolve_execution(target, provider), device))
     scheme = Scheme.resolve(target, options)  # options the target cannot take fail before any work
+    if options.decompose_outliers is not None and "decompose-outliers" not in target.default_pipeline:
+        raise OptionError(f"{target.name} does not take --decompose-outliers (its pipeline has no float side path)",
+                          fix="compile without it, or for a target whose pipeline has it (`edgeq targets show T`)")
     progress = PassContext(instruments=list(instruments))  # the compile's own steps, outside passes
     stages: dict[str, float] = {}
     with progress.task("load"), _timed(stages, "load"):
@@ -99,7 +107,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
         pipeline = build_pipeline(target, options)
         data_note = None
         if source is not None:
-            holdout_count = options.calibration.holdout if len(source) > options.calibration.holdout else 0
+            # a KV-cache decoder's window is a prefill and its decode steps: hold out whole windows
+            holdout_count = options.calibration.holdout * _samples_per_window(source)
+            holdout_count = holdout_count if len(source) > holdout_count else 0
             calib, holdout = split(source, holdout_count)
             if len(calib) == 0:
                 raise OptionError("no calibration samples left after setting aside verification samples")
@@ -113,6 +123,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
                           instruments=[*instruments, timing, ReleasePagesInstrument()])
         if calib is not None:
             ctx.artifacts[CALIBRATION_DATA] = calib
+        ctx.artifacts[FLOAT_FILE_BYTES] = _model_bytes(float_path)  # what a --size-budget ratio is of
         pipeline_start = time.perf_counter()
         result = pipeline(graph, ctx)
         stages["pipeline"] = time.perf_counter() - pipeline_start
@@ -134,6 +145,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
             save(graph, compiled_path)
         report.compiled_bytes = _model_bytes(compiled_path)
         report.float_bytes = _model_bytes(float_path)
+        budget = ctx.artifacts.get(SIZE_BUDGET)
+        if budget is not None:
+            report.notes.append(f"size budget {budget.budget_bytes / 1e6:.1f} MB: the model is "
+                                f"{report.compiled_bytes / 1e6:.1f} MB ({'within' if report.compiled_bytes <= budget.budget_bytes else 'OVER'}"
+                                f" the budget; {budget.total_bytes / 1e6:.1f} MB estimated)")
         if options.verify:
             # Synthetic feeds take the compiled model's inputs: the fixed shapes where there are any.
             feeds, synthetic = _verification_feeds(holdout, compiled_path if shapes.fixed else float_path, options)
@@ -216,32 +232,39 @@ def _enough_tokens(spec: Any, source, calib, holdout, wanted: int, model) -> tup
 
     from edgeq.calibration.sources import TextWindows, TokenWindows, open_source, split
 
-    if getattr(source, "cache", None) is not None:
-        return calib, holdout, None  # prefill and decode samples of a KV-cache decoder: windows are not samples
-    per_sample = _tokens_per_sample(calib)
-    if per_sample is None or len(calib) * per_sample >= wanted:
+    per_window = _samples_per_window(source)
+    # a KV-cache decoder's window (its prefill and decode steps) holds seq_len tokens, as a sample does without
+    per_sample = spec.seq_len if per_window > 1 else _tokens_per_sample(calib)
+    windows = len(calib) // per_window
+    if per_sample is None or windows * per_sample >= wanted:
         return calib, holdout, None
-    have = len(calib) * per_sample
+    have = windows * per_sample
     need = -(-wanted // per_sample)
     why = (f"the weights are rounded with GPTQ, whose layer statistics need about {wanted} calibration tokens "
            f"(SmolLM2 W4A16: +14% perplexity from 16 windows of 256 tokens, +8 to +11% from 64)")
     if isinstance(spec, (TextWindows, TokenWindows)):
-        extra = need - len(calib)
+        extra = need - windows
         try:
             extended = open_source(replace(spec, num_samples=spec.num_samples + extra), model)
         except CalibrationError:
             extended = None  # the text has no more windows: say so below
         if extended is not None:
-            held = len(holdout or ())
-            calib, holdout = split(extended, held)
-            first, last = spec.first_window, spec.first_window + len(extended) - 1
-            note = (f"{why}: {len(calib) - extra} calibration windows give {have}, so {extra} more windows of the "
+            calib, holdout = split(extended, len(holdout or ()))
+            held = len(holdout) // per_window
+            first, last = spec.first_window, spec.first_window + len(extended) // per_window - 1
+            note = (f"{why}: {windows} calibration windows give {have}, so {extra} more windows of the "
                     f"same text were drawn: windows {first}..{last - held} calibrate"
                     + (f" and {last - held + 1}..{last} are held out" if held else "")
                     + f", as --samples {spec.num_samples + extra} gives")
             return calib, holdout, note
     return calib, holdout, (f"{why}: the {len(calib)} calibration samples give {have}; expect a larger error, and give "
                             f"about {need} samples of {per_sample} tokens")
+
+
+def _samples_per_window(source) -> int:
+    """Samples one token window gives: its prefill and decode steps for a KV-cache decoder, else 1."""
+    cache = getattr(source, "cache", None)
+    return cache.per_window() if cache is not None else 1
 
 
 def _tokens_per_sample(samples) -> int | None:
@@ -322,6 +345,9 @@ def _report(model, target: Target, options: CompileOptions, ctx: PassContext, ti
         report.quantized_ops = count_kinds(p.op for p in plan.ops)
         report.kept_high = kept_high_by_reason(plan.kept_high)
         report.roles = plan.roles.counts()
+        budget = ctx.artifacts.get(SIZE_BUDGET)
+        for weight, dtype in (budget.widths.items() if budget is not None else ()):
+            report.weight_widths.setdefault(dtype, []).append(weight)
     report.settings = _settings(target, options, ctx)
     declined = ctx.artifacts.get(ROTATION_DECLINED)
     if declined:
@@ -374,6 +400,8 @@ def _settings(target: Target, options: CompileOptions, ctx: PassContext) -> dict
         out["activation ranges"] = method + (f" {options.calibration.percentile}" if method == "percentile" else "")
     rotation, declined = ctx.artifacts.get(ROTATION), ctx.artifacts.get(ROTATION_DECLINED)
     asked = {True: " (--rotate)", False: " (--no-rotate)", None: " (the target's default)"}[options.rotate]
+    if options.rotate is None and options.decompose_outliers is not None:
+        asked = " (--decompose-outliers instead)"
     if rotation is not None:
         out["Hadamard rotation"] = f"{rotation.mode}: " + (
             f"residual stream folded (order {rotation.stream_order}), " if rotation.stream_order else "") + \
@@ -381,6 +409,9 @@ def _settings(target: Target, options: CompileOptions, ctx: PassContext) -> dict
     else:
         out["Hadamard rotation"] = ("not applied: no pre-norm residual stream (see the notes)" if declined
                                     else "off" + asked)
+    outliers = ctx.artifacts.get(OUTLIER_COLUMNS)
+    if outliers is not None:
+        out["outlier decomposition"] = outliers.describe()
     smoothing = ctx.artifacts.get(SMOOTHING)
     smooth = records.get("smooth-quant")
     if options.smooth_alpha is not None:
@@ -406,6 +437,12 @@ def _settings(target: Target, options: CompileOptions, ctx: PassContext) -> dict
     if options.keep_high or options.accuracy_budget is not None or options.sensitivity:
         out["sensitivity"] = (f"keep {options.keep_high} most sensitive op(s) high" if options.keep_high else "ranked") + \
             (f", accuracy budget {options.accuracy_budget}" if options.accuracy_budget is not None else "")
+    budget = ctx.artifacts.get(SIZE_BUDGET)
+    if budget is not None:
+        counts = budget.counts()
+        out["size budget"] = (f"{budget.budget_bytes / 1e6:.1f} MB: weights " + ", ".join(
+            f"{dtype} {counts[dtype]}" for dtype in ("int4", "int8", "float") if dtype in counts)
+            + f" (reachable {budget.reachable[0] / 1e6:.1f}..{budget.reachable[1] / 1e6:.1f} MB)")
     if options.two_digit:
         out["two-digit activations"] = ", ".join(options.two_digit)
     out["verification"] = "on the held-out samples" if options.verify else "off"

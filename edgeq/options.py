@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -125,6 +126,41 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name.strip(), shape
 
 
+def parse_size_budget(value: str | float) -> float:
+    """--size-budget: megabytes above 1 (`120`, `120MB`), or a ratio of the float model (`0.22`,
+    `22%`); returned as a number, a ratio when at most 1."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            number = float(text[:-1]) / 100
+            if number > 1:
+                raise ValueError
+        elif text.upper().endswith("MB"):
+            number = float(text[:-2])
+            if number <= 1:  # megabytes are told from ratios by being above 1
+                raise ValueError
+        else:
+            number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise OptionError(f"--size-budget must be megabytes or a ratio of the float model, not {value!r}",
+                          fix="e.g. --size-budget 120 (MB, above 1), 0.22 or 22%")
+    return number
+
+
+def parse_outlier_threshold(value: str | float) -> float:
+    """The --decompose-outliers threshold (|x| above it marks an outlier column): a positive number."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = None
+    if threshold is None or not math.isfinite(threshold) or threshold <= 0 or isinstance(value, bool):
+        raise OptionError(f"--decompose-outliers threshold must be a positive number, not {value!r}",
+                          fix="e.g. --decompose-outliers 6.0 (LLM.int8's threshold, the default)")
+    return threshold
+
+
 def _typed_input_shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """input_shapes as ((name, dims), ...), from that form, a {name: dims} table or NAME=D0,.. texts."""
     items = value.items() if isinstance(value, dict) else value
@@ -193,6 +229,10 @@ class CompileOptions:
     smooth_alpha: float | None = None
     smooth_alpha_grid: tuple[float, ...] | None = None
     rotate: bool | None = None            # Hadamard rotation (QuaRot); None: the target's choice
+    # LLM.int8-style decomposition (--decompose-outliers [THRESHOLD]): the input columns of a
+    # quantized linear whose calibrated |x| exceeds the threshold run in float, the rest in int8.
+    # An alternative to the rotation: given, the rotation is off unless --rotate asks for both.
+    decompose_outliers: float | None = None
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
     # GPTQ rounding; "auto": GPTQ for int4 weights when calibration data is given, else
     # round-to-nearest.
@@ -203,6 +243,9 @@ class CompileOptions:
     # its error reaches every logit directly. "int4" quantizes it like the other linears.
     head_weights: Literal["int8", "int4"] = "int8"
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
+    # --size-budget: the compiled model's bytes at most this ratio of the float model (<= 1) or
+    # these megabytes (> 1); each linear's weights go to int4/int8/float (passes/size_budget.py).
+    size_budget: float | None = None
     quantize_embeddings: bool = True
     verify: bool = True
     threads: int = 0                     # ORT intra-op threads for calibration/verification (0: default)
@@ -226,6 +269,10 @@ class CompileOptions:
             raise OptionError(f"--head-weights must be int8 or int4, not {self.head_weights!r}")
         if self.keep_high < 0:
             raise OptionError("--keep-high must be >= 0")
+        if self.decompose_outliers is not None:
+            object.__setattr__(self, "decompose_outliers", parse_outlier_threshold(self.decompose_outliers))
+        if self.size_budget is not None:
+            object.__setattr__(self, "size_budget", parse_size_budget(self.size_budget))
         if self.weight_rounding not in ("auto", "rtn", "gptq", "awq", "awq+gptq"):
             raise OptionError(f"--weight-rounding must be auto, rtn, gptq, awq or awq+gptq, "
                               f"not {self.weight_rounding!r}")

@@ -36,6 +36,8 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.tile_norm_input_constants",
     "edgeq.passes.mixed_precision",
     "edgeq.passes.select_precision",
+    "edgeq.passes.size_budget",
+    "edgeq.passes.decompose_outliers",
     "edgeq.passes.smooth_quant",
     "edgeq.passes.hadamard_rotation",
     "edgeq.passes.awq",

@@ -63,6 +63,7 @@ class Report:
     passes: list[PassRow] = field(default_factory=list)
     quantized_ops: dict[str, int] = field(default_factory=dict)
     kept_high: dict[str, list[str]] = field(default_factory=dict)     # reason -> op names
+    weight_widths: dict[str, list[str]] = field(default_factory=dict)  # --size-budget: width -> op names
     roles: dict[str, int] = field(default_factory=dict)
     float_bytes: int = 0
     compiled_bytes: int = 0

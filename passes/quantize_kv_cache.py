@@ -1,19 +1,22 @@
 """Quantize a decoder's KV cache to int8 or int4 (KIVI-style: keys per channel, values per token;
-`edgeq.quant.kv_cache` has the scheme and the graph pieces).
+or QuaRot-style: both per token after a head-dim Hadamard; `edgeq.quant.kv_cache` has the scheme
+and the graph pieces).
 
 The cache of layer l is `present = Concat(past, new, axis=2)`, a graph output that attention
 also reads. The pass makes the cache integer where it crosses the graph boundary: the new
 keys/values are quantized as they are written, `past`/`present` become int8 (int4: packed
-uint8) tensors, and attention reads `Dequantize(present)`. Per-token value scales travel with
-the cache as extra inputs/outputs `<past value>_scale` / `<present value>_scale` (float16,
-[B, H, T, 1]); key scales are constants calibrated here: the graph runs on the calibration data
-(prefill and decode steps) and each key channel's absmax over every cached token sets its scale.
+uint8) tensors, and attention reads `Dequantize(present)`. Per-token scales (and offsets) travel
+with the cache as extra inputs/outputs `<past>_scale` / `<present>_scale` (float16, [B, H, T, P]);
+static per-channel scales are constants calibrated here: the graph runs on the calibration data
+(prefill and decode steps) and each channel's absmax over every cached token sets its scale.
 
 Options: `rotate` multiplies the new keys/values by a normalized head-dim Hadamard before they are
 quantized and again after they are read (exact in float; spreads one channel's outlier over the
 token); `centered` makes static scales span each channel's calibrated [min, max] around its
-midpoint (subtracted before quantizing, added back after). On SmolLM2's int4 cache centered keys
-halve the perplexity cost and the rotation does not help (BENCHMARKS.md, issue 15).
+midpoint (subtracted before quantizing, added back after); `keys="token"`, `asymmetric` and
+`group` are the scheme's (per-token keys; a scale and an offset per token; one per group of
+channels). On SmolLM2's int4 cache static keys cost +7 to +13% perplexity; keys and values per
+token, asymmetric, after the rotation +5.0%, and in groups of 32 +4.3% (BENCHMARKS.md, issue 15).
 
 Works on the float or the compiled graph (run it last, after `insert-qdq`). A generation loop
 feeds the new caches as it fed the float ones: it allocates them from the model's input types
@@ -53,15 +56,15 @@ class _Spec:
 @register_pass
 class QuantizeKvCache(Pass):
     name = "quantize-kv-cache"
-    description = "int8/int4 KV cache: keys per channel (calibrated), values per token (KIVI), QDQ around the cache"
+    description = "int8/int4 KV cache: keys per channel (calibrated) or per token, values per token, QDQ around the cache"
 
     def __init__(self, bits: int = 8, values: str = "token", threads: int = 0, rotate: bool = False,
-                 centered: bool = False):
+                 centered: bool = False, keys: str = "channel", asymmetric: bool = False, group: int = 0):
         """`rotate`: the keys and values are multiplied by a normalized Hadamard matrix over the head
         dim before they are quantized into the cache and by it again (its own inverse) after they
         are read back, so no one channel's outlier sets a token's scale (QuaRot's rotated cache;
         exact in float)."""
-        self.scheme = kv.KvCacheScheme(bits=bits, values=values)
+        self.scheme = kv.KvCacheScheme(bits=bits, values=values, keys=keys, asymmetric=asymmetric, group=group)
         self.threads = threads
         self.rotate = rotate
         # `centered`: a static (per-channel) scale spans the channel's calibrated [min, max] around
@@ -71,7 +74,8 @@ class QuantizeKvCache(Pass):
         self._hadamard: np.ndarray | None = None
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
-        if ctx.artifacts.get(CALIBRATION_DATA) is None:
+        static = not (self.scheme.per_token("key") and self.scheme.per_token("value"))
+        if static and ctx.artifacts.get(CALIBRATION_DATA) is None:
             raise PreconditionError("the key scales need calibration data", fix="give calibration samples (--calib)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -80,17 +84,22 @@ class QuantizeKvCache(Pass):
             return PassResult(graph, False, {"caches": 0})
         if self.rotate:
             self._hadamard = hadamard(layers[0][0].shape[3])
-        absmax = self._absmax(graph, [c for _, c, _ in layers], ctx)
-        value_names = {e.past for e in self._layout(graph).entries if cache_kind(e.past) == "value"}
+        kinds = {e.past: cache_kind(e.past) for e in self._layout(graph).entries}
+        static = [(p, c, o) for p, c, o in layers if not self.scheme.per_token(kinds[p.name])]
+        absmax = self._absmax(graph, [c for _, c, _ in static], ctx) if static else {}
         kv_heads, head_dim = layers[0][0].shape[1], layers[0][0].shape[3]
+        self.scheme.groups(head_dim)  # a group size that does not divide the head dim fails here
         n_layers = len(layers) // 2
         for past, concat, present in layers:
-            per_token = past.name in value_names and self.scheme.values == "token"
-            low, high = absmax[present.name]
-            if self.centered and not per_token:
-                center, extent = (high + low) / 2, (high - low) / 2
+            per_token = self.scheme.per_token(kinds[past.name])
+            if per_token:
+                center, extent = None, None
             else:
-                center, extent = None, np.maximum(np.abs(low), np.abs(high))
+                low, high = absmax[present.name]
+                if self.centered:
+                    center, extent = (high + low) / 2, (high - low) / 2
+                else:
+                    center, extent = None, np.maximum(np.abs(low), np.abs(high))
             self._rewrite(graph, past, concat, present, extent, per_token, center)
         per_token_bytes = self.scheme.bytes_per_token(n_layers, kv_heads, head_dim)
         float_bytes = kv.float_bytes_per_token(n_layers, kv_heads, head_dim)
@@ -176,7 +185,7 @@ class QuantizeKvCache(Pass):
 
     # ---- rewriting -------------------------------------------------------------------------
 
-    def _rewrite(self, graph: Graph, past: Value, concat: Op, present: Value, absmax: np.ndarray,
+    def _rewrite(self, graph: Graph, past: Value, concat: Op, present: Value, absmax: np.ndarray | None,
                  per_token: bool, center: np.ndarray | None = None) -> None:
         scheme = self.scheme
         batch, heads, past_len, head_dim = past.shape
@@ -191,24 +200,27 @@ class QuantizeKvCache(Pass):
         if center is not None:
             offset = graph.add_constant(graph.unique_name(f"{prefix}/center"), center.astype(np.float32)[None, :, None, :])
             new = graph.outputs_of(graph.add_op("Sub", [new, offset], [f"{prefix}/centered"]))[0]
+        token_offset = None
         if per_token:
-            scale, stored = kv.token_scales(graph, new, scheme, prefix)
+            params = kv.token_params(graph, new, scheme, head_dim, prefix)
+            scale, token_offset, stored = params.scale, params.offset, params.stored
         else:
             scale = graph.add_constant(graph.unique_name(f"{prefix}/scale"), kv.channel_scales(absmax, scheme))
-        codes = kv.quantize_into_cache(graph, new, scale, scheme, prefix)
+        codes = kv.quantize_into_cache(graph, new, scale, scheme, prefix, token_offset,
+                                       head_dim if per_token else None)
         # The cache input/output become integer; attention reads their dequantized values.
         past.set_type(kv.cache_dtype(scheme), [batch, heads, past_len, kv.cache_width(head_dim, scheme)])
         out_name = present.name
         cached = graph.outputs_of(graph.add_op("Concat", [past, codes], [f"{prefix}/cache"], attrs={"axis": 2}))[0]
+        params_width = scheme.params_per_token(head_dim)
         if per_token:
-            past_scale = self._scale_input(graph, past, batch, heads, past_len)
+            past_scale = self._scale_input(graph, past, batch, heads, past_len, params_width)
             all_scales = graph.outputs_of(graph.add_op("Concat", [past_scale, stored], [f"{prefix}/scales"],
                                                        attrs={"axis": 2}))[0]
-            read_scale = graph.outputs_of(graph.add_op("Cast", [all_scales], [f"{prefix}/scales_f32"],
-                                                       attrs={"to": onnx.TensorProto.FLOAT}))[0]
+            read_scale, read_offset = kv.split_token_params(graph, all_scales, scheme, f"{prefix}/read", head_dim)
         else:
-            read_scale = scale
-        values = kv.dequantize_from_cache(graph, cached, read_scale, scheme, head_dim, prefix)
+            read_scale, read_offset = scale, None
+        values = kv.dequantize_from_cache(graph, cached, read_scale, scheme, head_dim, prefix, read_offset, per_token)
         if offset is not None:
             values = graph.outputs_of(graph.add_op("Add", [values, offset], [f"{prefix}/uncentered"]))[0]
         if rotation is not None:  # the symmetric normalized Hadamard is its own inverse
@@ -225,22 +237,24 @@ class QuantizeKvCache(Pass):
         cached.set_type(kv.cache_dtype(scheme), present_dims[:3] + [kv.cache_width(head_dim, scheme)])
         if per_token:
             graph.rename_value(all_scales, out_name + SCALE_SUFFIX)
-            all_scales.set_type(onnx.TensorProto.FLOAT16, present_dims[:3] + [1])
+            all_scales.set_type(onnx.TensorProto.FLOAT16, present_dims[:3] + [params_width])
             graph.outputs.append(all_scales)
 
     @staticmethod
-    def _scale_input(graph: Graph, past: Value, batch, heads, past_len) -> Value:
+    def _scale_input(graph: Graph, past: Value, batch, heads, past_len, width: int) -> Value:
         value = graph.add_value(Value(past.name + SCALE_SUFFIX))
-        value.set_type(onnx.TensorProto.FLOAT16, [batch, heads, past_len, 1])
+        value.set_type(onnx.TensorProto.FLOAT16, [batch, heads, past_len, width])
         graph.inputs.append(value)
         return value
 
     def _record(self, graph: Graph, per_token_bytes: float, float_bytes: int) -> None:
         if graph.model is None:
             return
-        entry = json.dumps({"bits": self.scheme.bits, "keys": "channel", "values": self.scheme.values,
+        per_token = self.scheme.per_token("key") or self.scheme.per_token("value")
+        entry = json.dumps({"bits": self.scheme.bits, "keys": self.scheme.keys, "values": self.scheme.values,
+                            "asymmetric": self.scheme.asymmetric, "group": self.scheme.group,
                             "hadamard": self.rotate, "centered": self.centered,
-                            "scale_suffix": SCALE_SUFFIX if self.scheme.values == "token" else None,
+                            "scale_suffix": SCALE_SUFFIX if per_token else None,
                             "bytes_per_token": per_token_bytes, "float_bytes_per_token": float_bytes})
         graph.model.metadata_props = [(k, v) for k, v in graph.model.metadata_props if k != METADATA_KEY] + \
             [(METADATA_KEY, entry)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq.calibration.collection import CollectionOptions, calibrate
+from edgeq.calibration.collection import channel_absmax
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, Op, Value, save
 from edgeq.pipeline import Pass, PassContext, PassResult
@@ -55,7 +55,9 @@ class SmoothQuant(Pass):
         after_rotation = True
         if grid is None:  # the default: search, unless the rotation pass already smoothed
             rotation = rotates(options, target)
-            grid = () if rotation == "yes" else SMOOTH_SEARCH_GRID
+            # --decompose-outliers: its float columns take the outliers, and a search on top costs
+            # accuracy (SmolLM2 W8A8 threshold 6: 47.15 with it, 46.83 without; BENCHMARKS.md issue 17)
+            grid = () if rotation == "yes" or options.decompose_outliers is not None else SMOOTH_SEARCH_GRID
             # "if-stream": the rotation runs only on a graph with a pre-norm residual stream; whether
             # it did is known when this pass runs
             after_rotation = rotation != "if-stream"
@@ -75,7 +77,7 @@ class SmoothQuant(Pass):
         data = ctx.artifacts.get(CALIBRATION_DATA)
         if data is None:
             raise CalibrationError("smooth-quant needs calibration data", fix="pass --calib or --calib-text")
-        channel_max = self._channel_absmax(graph, data, list(groups), ctx)
+        channel_max = channel_absmax(graph, data, list(groups), threads=self.threads, progress=ctx)
         samples = self._activation_samples(graph, data, list(groups)) if self.alpha_grid else {}
         folded = explicit = skipped = 0
         chosen: dict[str, float] = {}
@@ -133,14 +135,6 @@ class SmoothQuant(Pass):
                     rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
         return {name: np.concatenate(parts) for name, parts in rows.items()}
 
-    def _channel_absmax(self, graph: Graph, data, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
-        with tempfile.TemporaryDirectory(prefix="edgeq-smooth-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save(graph, path, external_data=True)  # calibration maps the weights, no proto copy
-            stats = calibrate(str(path), data, names,
-                              CollectionOptions(histogram=False, channel_axis=-1, threads=self.threads or 1,
-                                                progress=ctx))
-        return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
 
 
 def _linear_groups(graph: Graph, plan: QuantPlan) -> dict[str, list[Op]]:

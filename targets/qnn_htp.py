@@ -17,7 +17,8 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
   --activations int8 (or where the mixed plan narrows a group); a tensor read at another width
   passes a DQ -> Q conversion (QNN Convert).
 - weights of MatMul/Gemm/Conv: int8 symmetric per output channel (QNN takes per-channel
-  weights on MatMul too); int4 per channel for --weights int4. 16-bit weights are rejected.
+  weights on MatMul too); int4 per channel for --weights int4, or in blocks of 32/64/128 along
+  K with --group (block-quantized MatMul, all on the HTP). 16-bit weights are rejected.
   ConvTranspose weights per tensor (QNN takes per-channel ones only along axis 1).
   BatchNormalization is folded first (fold-batch-norm): the HTP takes none with quantized
   statistics.
@@ -69,7 +70,11 @@ ACT8 = QSpec("uint8", symmetric=False)
 # scale is below ~2^-16 of it as 0 (2^-14 measured right; QSpec.channel_scale_floor).
 _FLOOR = 2.0**-12
 W8 = QSpec("int8", symmetric=True, granularity=Granularity.CHANNEL, channel_scale_floor=_FLOOR)
-W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL, channel_scale_floor=_FLOOR)
+# --group: int4 blocks along K (DequantizeLinear block_size), which the provider lowers as a
+# block-quantized MatMul inside the HTP graph (16-bit input and output, 4-bit blocks a multiple
+# of 8; onnxruntime-qnn PR 476: the HTP computes that MatMul in fp16). Per channel by default.
+W4 = QSpec("int4", symmetric=True, granularity=Granularity.CHANNEL, block_sizes=(32, 64, 128),
+           channel_scale_floor=_FLOOR)
 W8_TENSOR = QSpec("int8", symmetric=True, granularity=Granularity.TENSOR)
 BIAS = QSpec("int32", symmetric=True, granularity=Granularity.CHANNEL, axis=0)
 

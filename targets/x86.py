@@ -99,9 +99,11 @@ def _cost_model(qgemm_rate: float, nbits_rate: float, fp32_rate: float, source: 
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
                "canonicalize-shapes", "dead-code-elimination", "shape-inference")
-_PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision", "smooth-quant", "awq", "calibrate",
-                      "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize", "dead-code-elimination",
-                      "topological-sort")
+# decompose-outliers (only with --decompose-outliers) runs on the plan and before calibrate, so
+# the int8 paths' activation ranges are calibrated without the outlier columns.
+_PTQ = _PREPROCESS + ("hadamard-rotation", "linear-to-gemm", "select-precision", "decompose-outliers", "smooth-quant",
+                      "awq", "calibrate", "gptq", "sensitivity", "insert-qdq", "fold-scalar-into-dequantize",
+                      "dead-code-elimination", "topological-sort")
 # int4 presets rotate: SmolLM2 W4A16 g128 GPTQ perplexity 47.39 with rotation, 54.21 without
 # (BENCHMARKS.md, issue 5). W8A8 rotates where the graph has a pre-norm residual stream (decoder
 # LLMs: the rotation folds into the weights, only the MLP/attention-output Hadamards run online):

@@ -22,13 +22,22 @@ prefill and decode steps). The builder folders: `python -m onnxruntime_genai.mod
 - kv: the float cache model with its cache quantized by the `quantize-kv-cache` pass (int8 and int4;
   values per token, and per channel as onnxruntime-genai can carry them; `-rotated`: keys and values
   multiplied by a head-dim Hadamard before they are quantized, and back after; `-centered`: static
-  scales span each channel's calibrated [min, max] around its midpoint), key scales calibrated on
-  windows 1000.. (prefill + decode steps); perplexity over the standard 32 windows, and by
-  teacher-forced decode through the cache (the first `--kv-windows` windows: a prefill of 1 token,
-  then one token a step). The cache is quantized as each token is written (static key scales,
-  per-token value scales), so both give the same numbers (the tests check it at 2e-4 on the
-  logits); the full-window run is the fast way to cover all 32 windows. Cache bytes per token
-  from the present outputs.
+  scales span each channel's calibrated [min, max] around its midpoint; `int4-token...`: keys per
+  token too, `-asym` with an offset per token, `-gN` one scale per N channels of the head dim),
+  static scales calibrated on windows 1000.. (prefill + decode steps); perplexity over the
+  standard 32 windows, and by teacher-forced decode through the cache (the first `--kv-windows`
+  windows: a prefill of 1 token, then one token a step). The cache is quantized as each token is
+  written, so both compute the same thing (the tests check it at 2e-4 on the logits of a small
+  decoder); on SmolLM2 at int4 the float noise between a 1-token and a 256-token run flips a
+  rounding now and then (one code step, 1/7 of a token's range at int4) and the two drift apart
+  by a few percent on one window. The full-window run covers all 32 windows. Cache bytes per
+  token from the present outputs.
+- arm: `--arm-compiled` (an `--target arm-dotprod` compile of the cache graph) packaged with
+  `--genai`; its model.onnx decodes `--arm-tokens` greedy tokens on the aarch64 ONNX Runtime under
+  QEMU (`--arm-cpu`, tools/aarch64_ort.py, set up) and on the host; the tokens are compared.
+
+The speed part also reports the weight bytes each decode step reads (`decode_weight_bytes`: every
+initializer but tables only gathered from, such as an int8 embedding).
 """
 
 from __future__ import annotations
@@ -45,8 +54,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kv_decode as kd  # noqa: E402
-from _common import DEFAULT_SHARED, load_line, run_header  # noqa: E402
+import kv_decode as kd
+from _common import DEFAULT_SHARED, load_line, run_header
 
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
@@ -62,6 +71,18 @@ KV_VARIANTS = {
     "int4-rotated": {"bits": 4, "values": "token", "rotate": True},
     "int4-rotated-centered": {"bits": 4, "values": "token", "rotate": True, "centered": True},
     "int4-channel-centered": {"bits": 4, "values": "channel", "centered": True},
+    # keys per token too (QuaRot: rotated keys quantize well per token); `asym`: a scale and an
+    # offset per token; `gN`: one per N channels of the head dim
+    "int4-token": {"bits": 4, "values": "token", "keys": "token"},
+    "int4-token-rotated": {"bits": 4, "values": "token", "keys": "token", "rotate": True},
+    "int4-token-asym": {"bits": 4, "values": "token", "keys": "token", "asymmetric": True},
+    "int4-token-asym-rotated": {"bits": 4, "values": "token", "keys": "token", "asymmetric": True, "rotate": True},
+    "int4-token-asym-g32": {"bits": 4, "values": "token", "keys": "token", "asymmetric": True, "group": 32},
+    "int4-token-asym-rotated-g32": {"bits": 4, "values": "token", "keys": "token", "asymmetric": True,
+                                    "rotate": True, "group": 32},
+    "int4-token-asym-rotated-g16": {"bits": 4, "values": "token", "keys": "token", "asymmetric": True,
+                                    "rotate": True, "group": 16},
+    "int8-token-asym-rotated": {"bits": 8, "values": "token", "keys": "token", "asymmetric": True, "rotate": True},
 }
 
 
@@ -106,8 +127,8 @@ def part_greedy(args, out: dict, folder: Path) -> None:
     genai = kd.genai_greedy(kd.genai_model(folder, args.threads), prompt, GREEDY_TOKENS).tokens[:GREEDY_TOKENS]
     compiled_full = kd.full_sequence_greedy(_session(args.compiled, args.threads), prompt, GREEDY_TOKENS)
     float_full = kd.full_sequence_greedy(_session(args.float_model, args.threads), prompt, GREEDY_TOKENS)
-    agree = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
-    first_diff = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)  # noqa: E731
+    agree = lambda a, b: sum(x == y for x, y in zip(a, b))
+    first_diff = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     out["greedy"] = {"prompt_tokens": PROMPT_TOKENS, "tokens": GREEDY_TOKENS, "genai": genai,
                      "compiled_full_sequence": compiled_full, "float_full_sequence": float_full,
                      "genai_vs_compiled_full_agree": agree(genai, compiled_full),
@@ -116,14 +137,16 @@ def part_greedy(args, out: dict, folder: Path) -> None:
 
 
 def part_ppl(args, out: dict) -> None:
-    windows = _windows(_ids(args.shared), 0, 32)
+    windows = _windows(_ids(args.shared), 0, args.ppl_windows)
     rows = {}
     for name, path in (("float", args.float_model), ("compiled", args.compiled)):
+        if name not in args.ppl_rows:
+            continue
         t0 = time.perf_counter()
         nll = kd.full_window_nll(_session(path, args.threads), windows)
         rows[name] = {"perplexity": round(float(np.exp(nll.mean())), 3), "seconds": round(time.perf_counter() - t0, 1)}
     for name, folder in (("builder int4", args.builder_int4), ("builder fp32", args.builder_fp32)):
-        if folder is None:
+        if folder is None or name not in args.ppl_rows:
             continue
         import onnx
 
@@ -135,9 +158,9 @@ def part_ppl(args, out: dict) -> None:
         nll = kd.full_window_nll(_session(path, args.threads), windows, head_size)
         rows[name] = {"perplexity": round(float(np.exp(nll.mean())), 3), "seconds": round(time.perf_counter() - t0, 1)}
     for name, row in rows.items():
-        if name != "float":
+        if name != "float" and "float" in rows:
             row["vs_float"] = round(row["perplexity"] / rows["float"]["perplexity"] - 1, 4)
-    out["ppl"] = rows
+    out["ppl"] = {"windows": args.ppl_windows, **rows}
 
 
 def part_speed(args, out: dict, folder: Path) -> None:
@@ -156,7 +179,12 @@ def part_speed(args, out: dict, folder: Path) -> None:
         rows[name] = {"prefill_tokens_per_s": round(statistics.median(s.prefill_tps for s in speeds), 1),
                       "decode_tokens_per_s": round(statistics.median(s.decode_tps for s in speeds), 2),
                       "weight_bytes": _folder_bytes(Path(candidates[name])),
+                      "decode_weight_bytes": kd.decode_weight_bytes(Path(candidates[name]) / "model.onnx"),
                       "runs": [s.row() for s in speeds]}
+    if "builder int4" in runs:  # interleaved: repeat i of each ran back to back
+        out_ratio = [round(a.decode_tps / b.decode_tps, 3) for a, b in zip(runs["edgeq W4A16 package"], runs["builder int4"])]
+        rows["edgeq W4A16 package"]["decode_vs_builder_int4_per_repeat"] = out_ratio
+        rows["edgeq W4A16 package"]["decode_vs_builder_int4_median"] = statistics.median(out_ratio)
     compiled = _session(args.compiled, 1)
     rows["edgeq W4A16 package"]["cache_bytes_per_token"] = kd.cache_bytes_per_token(compiled)
     out["speed"] = {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": args.threads,
@@ -208,6 +236,27 @@ def part_kv(args, out: dict) -> None:
                  "calibration_windows": args.kv_calib_windows, "rows": rows}
 
 
+def part_arm(args, out: dict) -> None:
+    """The ARM compile's package: its model.onnx decodes greedily on the aarch64 ONNX Runtime under
+    QEMU (tools/aarch64_ort.py) and on the host's x86 ONNX Runtime; the tokens are compared, and with
+    the compiled model's full-sequence argmax chain."""
+    folder = args.out / "genai-arm"
+    cmd = [sys.executable, "-m", "edgeq.cli", "package", str(args.arm_compiled), "-o", str(folder), "--genai",
+           "--tokenizer", str(args.shared / "reference/smollm2_tokenizer.json"), "--overwrite", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    prompt = _ids(args.shared)[:PROMPT_TOKENS]
+    host = kd.ort_greedy(_session(folder / "model.onnx", args.threads), prompt, args.arm_tokens).tokens
+    full = kd.full_sequence_greedy(_session(args.arm_compiled, args.threads), prompt, args.arm_tokens)
+    t0 = time.perf_counter()
+    emulated = kd.emulated_greedy(folder / "model.onnx", prompt, args.arm_tokens, args.arm_cpu)
+    agree = lambda a, b: sum(x == y for x, y in zip(a, b))
+    out["arm"] = {"compiled": str(args.arm_compiled), "package": json.loads(done.stdout), "cpu": args.arm_cpu,
+                  "tokens": args.arm_tokens, "emulated": emulated, "emulated_seconds": round(time.perf_counter() - t0, 1),
+                  "host_x86": host, "compiled_full_sequence": full,
+                  "emulated_vs_host_agree": agree(emulated["tokens"], host),
+                  "emulated_vs_full_sequence_agree": agree(emulated["tokens"], full)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compiled", type=Path, help="edgeq's W4A16 compile of smollm2-kv.onnx")
@@ -222,6 +271,12 @@ def main() -> None:
     parser.add_argument("--kv-calib-windows", type=int, default=16)
     parser.add_argument("--kv-variants", default="int8,int4,int8-channel,int4-channel,int4-centered",
                         help="labels: " + ", ".join(KV_VARIANTS))
+    parser.add_argument("--arm-compiled", type=Path, help="an `--target arm-dotprod` compile of smollm2-kv.onnx")
+    parser.add_argument("--arm-cpu", default="cortex-a76", help="QEMU -cpu for the arm part")
+    parser.add_argument("--arm-tokens", type=int, default=GREEDY_TOKENS)
+    parser.add_argument("--ppl-windows", type=int, default=32, help="the standard protocol's 32, or fewer")
+    parser.add_argument("--ppl-rows", default="float,compiled,builder int4,builder fp32",
+                        help="which models the ppl part measures (comma-separated)")
     parser.add_argument("--parts", default="package,greedy,ppl,speed,kv")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +286,7 @@ def main() -> None:
         args.float_model = cached("smollm2-kv")
     parts = args.parts.split(",")
     args.kv_variants = args.kv_variants.split(",")
+    args.ppl_rows = args.ppl_rows.split(",")
     unknown = [v for v in args.kv_variants if v not in KV_VARIANTS]
     if unknown:
         parser.error(f"unknown --kv-variants {unknown}: pick from {', '.join(KV_VARIANTS)}")
@@ -249,6 +305,8 @@ def main() -> None:
             part_speed(args, out, folder)
         elif part == "kv":
             part_kv(args, out)
+        elif part == "arm":
+            part_arm(args, out)
         else:
             raise SystemExit(f"unknown part {part}")
         out.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)

@@ -91,6 +91,28 @@ def cache_bytes_per_token(session, tokens: int = 8) -> float:
     return sum(v.nbytes for n, v in outputs.items() if n.startswith("present")) / tokens
 
 
+def decode_weight_bytes(model_path: str | Path) -> dict[str, int]:
+    """Weight bytes one decode step reads: every initializer a non-gather op consumes (MatMul,
+    MatMulNBits, norms...), against the tables only gathered from (an embedding: one row a token).
+    A table both gathered from and multiplied with (a tied LM head) counts once, as read."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    read = gathered = 0
+    for tensor in model.graph.initializer:
+        size = len(tensor.raw_data) if tensor.raw_data else onnx.numpy_helper.to_array(tensor).nbytes
+        ops = consumers.get(tensor.name, set())
+        if ops and ops <= {"Gather", "GatherBlockQuantized", "GatherElements"}:
+            gathered += size
+        else:
+            read += size
+    return {"read_per_decode_step": read, "gathered_tables": gathered}
+
+
 @dataclass
 class Speed:
     prefill_tokens: int
@@ -172,3 +194,48 @@ def genai_greedy(model, prompt: np.ndarray, new_tokens: int, *, force_length: bo
         tokens.append(int(generator.get_next_tokens()[0]))
     t2 = time.perf_counter()
     return Speed(len(prompt), max(len(tokens) - 1, 1), t1 - t0, t2 - t1, tokens)
+
+
+def emulated_greedy(model: str | Path, prompt: np.ndarray, new_tokens: int, cpu: str, timeout: float = 3600) -> dict:
+    """`ort_greedy`'s tokens from the aarch64 ONNX Runtime under QEMU (tools/aarch64_ort.py's
+    emulation, set up): this file's `main` run by the emulated Python."""
+    import tempfile
+
+    from aarch64_ort import Emulator
+
+    emulator = Emulator.load()
+    with tempfile.TemporaryDirectory(prefix="edgeq-kv-arm-") as tmp:
+        ids = Path(tmp) / "prompt.npy"
+        np.save(ids, np.asarray(prompt, np.int64))
+        args = [str(Path(model).resolve()), str(ids), str(new_tokens)]
+        script = (f"import sys, runpy; sys.path.insert(0, {str(emulator.site)!r}); sys.argv = {['kv_decode.py', *args]!r}; "
+                  f"runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')")
+        out = emulator.python_call(cpu, "-c", script, timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python kv_decode.py MODEL PROMPT.npy TOKENS [--threads N]`: greedy tokens through the cache
+    with ONNX Runtime (`ort_greedy`), printed as one JSON line. Needs only numpy and onnxruntime,
+    so the emulated aarch64 Python runs it (`emulated_greedy`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("prompt", help=".npy of token ids")
+    parser.add_argument("tokens", type=int)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import platform
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    speed = ort_greedy(session, np.load(args.prompt).astype(np.int64), args.tokens)
+    print(json.dumps({"machine": platform.machine(), "onnxruntime": ort.__version__, "tokens": speed.tokens}))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 
 from edgeq.calibration.float_model import FloatModel, load_model
@@ -132,3 +133,22 @@ def _progress(total: int, show: Any) -> Iterator[Callable[[], None]]:
 
     with tqdm(total=total, desc="calibrating", unit="run", file=sys.stderr) as bar:
         yield lambda: bar.update(1)
+
+
+def channel_absmax(graph, data, names: Sequence[str], *, threads: int = 1, progress: Any = None
+                   ) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named tensor of the float `graph` (an edgeq Graph)
+    over every calibration sample and token. The graph is saved with its weights as external
+    data, which calibration maps instead of copying into a proto."""
+    import tempfile
+    from pathlib import Path
+
+    from edgeq.ir import save
+
+    with tempfile.TemporaryDirectory(prefix="edgeq-channels-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save(graph, path, external_data=True)
+        stats = calibrate(str(path), data, list(names),
+                          CollectionOptions(histogram=False, channel_axis=-1, threads=threads or 1, progress=progress))
+    return {n: np.maximum(np.abs(stats[n].channel_min), np.abs(stats[n].channel_max)) for n in names}
+

@@ -46,7 +46,7 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--activations", type=click.Choice(["int8", "int16", "float", "fp8"]),
               help="Activation precision (fp8: float8 E4M3FN, with --weights fp8).")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-              help="How activation ranges are chosen (default percentile 99.999).")
+              help="How activation ranges are chosen (default percentile 99.999; min/max for 16-bit activations).")
 @click.option("--percentile", type=float, help="Percentile for --calib-method percentile.")
 @click.option("--exclude", multiple=True, help="Keep this node high (name; repeatable).")
 @click.option("--exclude-regex", multiple=True, help="Keep nodes whose name matches high.")
@@ -71,7 +71,17 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--rotate/--no-rotate", default=None,
               help="Hadamard rotation (QuaRot) of the residual stream/linear inputs first "
                    "(default: the target's choice; some targets rotate int4 presets).")
+# An optional value: a bare --decompose-outliers takes LLM.int8's 6.0; the text is parsed by
+# edgeq.options (a bad threshold is a one-line OptionError, not a click usage error).
+@click.option("--decompose-outliers", "decompose_outliers", is_flag=False, flag_value="6.0", default=None,
+              metavar="[THRESHOLD]",
+              help="LLM.int8-style decomposition: input columns of quantized linears with calibrated |x| above "
+                   "THRESHOLD (default 6.0) run in float, the rest in int8; instead of the rotation unless "
+                   "--rotate is given too.")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
+@click.option("--size-budget", metavar="MB|RATIO",
+              help="Compiled model size: megabytes (120) or a ratio of the float model (0.22 or 22%); each "
+                   "linear's weights go to int4, int8 or float to meet it at the least error (with --weights int4).")
 @click.option("--input-shape", multiple=True, metavar="NAME=D0,D1,...",
               help="Fix an input's dynamic dims (repeatable); inputs sharing a dim name follow. Recorded for "
                    "estimates (default: the first calibration sample's shapes).")

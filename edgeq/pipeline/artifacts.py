@@ -44,5 +44,7 @@ ROTATION: ArtifactKey[Any] = ArtifactKey("rotation summary", "hadamard-rotation"
 # Why a rotation the target would have applied to a graph of another structure did not run (a
 # sentence for the report and the summary: what --rotate would do instead, and at what cost).
 ROTATION_DECLINED: ArtifactKey[str] = ArtifactKey("rotation declined", "hadamard-rotation")
+# Linear (op name) -> input columns the LLM.int8-style decomposition runs in float, with the threshold.
+OUTLIER_COLUMNS: ArtifactKey[Any] = ArtifactKey("outlier columns", "decompose-outliers")
 SENSITIVITY: ArtifactKey[list[Any]] = ArtifactKey("sensitivity ranking", "sensitivity")
 INTEGER_PROGRAM: ArtifactKey[IntegerProgram] = ArtifactKey("integer program", "lower-to-integer")

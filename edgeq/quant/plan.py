@@ -94,7 +94,7 @@ def rotates(options: CompileOptions, target: Target | None) -> RotationChoice:
     decoder LLMs, where it costs almost no run time), or not ("no")."""
     if options.rotate is not None:
         return "yes" if options.rotate else "no"
-    if target is None:
+    if target is None or options.decompose_outliers is not None:  # the decomposition handles the outliers
         return "no"
     dtype = Scheme.resolve(target, options).weight_dtype
     if dtype in target.rotate_weights:
