@@ -136,8 +136,13 @@ def _plan_whole_graph_op(graph: Graph, op: Op, scheme: Scheme, head: QSpec | Non
         tensor = graph.constant(value)
         spec = rule.activation(slot)
         if tensor is not None and slot in rule.weight_slots and rule.weight is not None \
-                and _fits_granularity(tensor.dims, rule.weight):
+                and _fits_granularity(tensor.dims, rule.weight) and not _blocks_refused(graph, op, rule):
             plan.weights[slot] = rule.weight
+        elif tensor is not None and slot in rule.weight_slots and rule.weight is not None \
+                and rule.weight.granularity == Granularity.BLOCK and len(tensor.dims) == 2:
+            # shorter along K than one block (a 12-wide Hadamard factor under --group 32), or blocks
+            # the kernel refuses here: per output channel, the spec's unblocked form
+            plan.weights[slot] = rule.weight.replace(granularity=Granularity.CHANNEL, axis=None, block_size=None)
         elif tensor is not None and slot == 2 and rule.bias is not None and rule.weight is not None:
             continue  # planned below, once the weight is
         elif spec is not None:
@@ -171,6 +176,16 @@ def _float_dtype(graph: Graph, op: Op) -> str:
 
 def slot_is_const(graph: Graph, value) -> bool:
     return graph.constant(value) is not None
+
+
+def _blocks_refused(graph: Graph, op: Op, rule) -> bool:
+    """Block-wise weights on a batch of matrices where the kernel takes one matrix only."""
+    if not rule.blocks_need_one_matrix or rule.weight is None or rule.weight.granularity != Granularity.BLOCK:
+        return False
+    shape = graph.inputs_of(op)[0].shape
+    if shape is None:
+        return True
+    return any(d != 1 for d in shape[:-2])
 
 
 def _fits_granularity(dims: tuple[int, ...], spec) -> bool:

@@ -187,6 +187,9 @@ class OpRule:
     # The output carries its input 0's scale and zero point (data movement, max pooling: the kernel
     # moves stored integers and cannot requantize). Read by insert-qdq and validate.
     shared: bool = False
+    # Block-wise weights only where the op's input is one matrix (its leading dims all 1); on a
+    # batch of matrices the weight is per channel instead (QNN's block-quantized MatMul).
+    blocks_need_one_matrix: bool = False
 
     def activation(self, slot: int) -> QSpec | None:
         """The spec of input `slot` when it is an activation (None: not quantized)."""
@@ -267,6 +270,11 @@ class Target:
     # stream the rotation folds into (decoder LLMs: no online transform on the stream, so little
     # run time); other graphs (post-norm encoders) would need online Hadamards and are left alone.
     rotate_stream_weights: frozenset[str] = frozenset()
+    # The op the rotation's online Hadamards are written as: "Einsum", which no target quantizes
+    # (they run in float, where the outliers they spread would otherwise cost range), or
+    # "MatMul" by the factor, quantized like any linear (targets with no float path: the
+    # factors' +-1/sqrt(n) entries are exact at any weight width with per-channel scales).
+    online_rotation_op: str = "Einsum"
     # Symmetric signed weights may map their largest magnitude to qmin (-8 for int4: 16 levels)
     # with a negative scale, as ONNX Runtime's own int4 quantizer does: its CPU kernels accept
     # it; runtimes that require positive scales (WebNN) do not.

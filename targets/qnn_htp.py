@@ -54,6 +54,11 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
 - weights: int8 rounding shifts the mean of every Conv/Gemm output channel, which adds up through
   a CNN; bias-correction moves the shift into the bias (PP-OCRv4 det on the HTP 0.99684 -> 0.99933,
   rec 0.99756 -> 0.99915).
+- int4 presets rotate (hadamard-rotation, QuaRot): the residual stream's rotation folds into the
+  weights; the online Hadamards are MatMuls by their Kronecker factors (Target.online_rotation_op),
+  quantized like the linears (+-1/sqrt(n) entries: exact per channel). A block-quantized MatMul
+  fails to finalize on a batch of matrices (a factor reading [1, S, 12, 128]: QNN_COMMON_ERROR_MEM_ALLOC),
+  so those factors keep per-channel weights under --group (OpRule.blocks_need_one_matrix).
 - htp_arch must be set: without it the simulator targets v68, which loses accuracy (MiniLM
   A16W8 0.9965 against 0.9989 at v73, issue 13). --device picks the generation or SoC.
 """
@@ -103,7 +108,9 @@ def _moving(slots: int = 1) -> OpRule:
 
 OPS: dict[str, OpRule] = {
     # Linear layers and activation x activation products (attention scores and context).
-    "MatMul": OpRule(activations=(A, A), weight=W8, weight_slots=(1,)),
+    # int4 blocks (--group) only on one matrix: a batch of them ([48, 4, 128] x int4 g32, an online
+    # Hadamard's factor) fails to finalize (QNN_COMMON_ERROR_MEM_ALLOC); [1, 192, 128] runs.
+    "MatMul": OpRule(activations=(A, A), weight=W8, weight_slots=(1,), blocks_need_one_matrix=True),
     "Gemm": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
     "Conv": OpRule(activations=(A,), weight=W8, weight_slots=(1,), bias=BIAS),
     # Per tensor: QNN takes a ConvTranspose's per-channel weights only along axis 1 (its output
@@ -176,7 +183,7 @@ HTP = Execution(
 
 _PREPROCESS = ("convert-opset", "identity-elimination", "constant-folding", "canonicalize",
                "canonicalize-shapes", "dead-code-elimination", "shape-inference")
-_PIPELINE = _PREPROCESS + ("fold-batch-norm", "fold-conv-affine", "fuse-rms-norm", "split-norm-affine",
+_PIPELINE = _PREPROCESS + ("hadamard-rotation", "fold-batch-norm", "fold-conv-affine", "fuse-rms-norm", "split-norm-affine",
                            "tile-norm-input-constants", "constant-first-after-conv-transpose",
                            "select-precision", "calibrate",
                            "gptq", "bias-correction", "mixed-precision", "insert-qdq", "dead-code-elimination",
@@ -199,6 +206,11 @@ QNN_HTP = register_target(Target(
     # With 16-bit activations the int8 weights' rounding is most of the error: GPTQ rounds them
     # (MiniLM embedding cosine on the CPU simulation 0.99925 -> 0.99951, BENCHMARKS.md).
     gptq_weights=frozenset({"int8"}),
+    # int4 presets rotate (QuaRot): the stream rotation folds into the weights; the online
+    # Hadamards (before the MLP down-projection and across the attention heads) are quantized
+    # MatMuls by the Hadamard factors, exact in int8/int4, on the HTP like any linear.
+    rotate_weights=frozenset({"int4"}),
+    online_rotation_op="MatMul",
     notes=("whole graph on the NPU: every op quantized (QDQ node units), CPU fallback disabled; the compile's "
            "verification and placement run on the HTP backend (the simulator on x86-64)",
            "--device picks the HTP generation or SoC (htp_arch, soc_model); default v73",),

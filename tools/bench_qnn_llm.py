@@ -57,17 +57,20 @@ def placement_text(path: Path, execution) -> str:
 
 
 def compile_model(source: Path, weights: str, shape_args, calibration, execution, out: Path,
-                  group: int | None = None) -> tuple[Path, dict]:
+                  group: int | None = None, rotate: bool | None = None) -> tuple[Path, dict]:
     import edgeq
     from edgeq.options import CompileOptions
 
     start = time.perf_counter()
     group = group if weights == "int4" else None
     compiled = edgeq.compile(source, "qnn-htp", CompileOptions(verify=False, weights=weights, group=group,
-                                                               input_shapes=shape_args),
+                                                               input_shapes=shape_args, rotate=rotate),
                              calibration=calibration, device=execution.device)
     info = {"compile_s": round(time.perf_counter() - start, 1), "scheme": compiled.report.scheme}
     return compiled.save(out), info
+
+
+ROTATE = {"auto": None, "yes": True, "no": False}
 
 
 def write(out: Path, header: list[str], rows: list[dict]) -> None:
@@ -102,7 +105,8 @@ def smollm2(args, execution, header, rows) -> None:
                 print(f"[{time.strftime('%H:%M:%S')}] SmolLM2 {weights}: compiling", flush=True)
                 path, info = compile_model(source, weights, (("input_ids", (1, SMOLLM2_SEQ)),),
                                            smollm2_calibration_feeds(args.shared, args.calibration), execution,
-                                           args.out / "models" / f"smollm2.{weights}.qnn-htp.onnx", args.group)
+                                           args.out / "models" / f"smollm2.{weights}.qnn-htp.onnx", args.group,
+                                           ROTATE[args.rotate])
                 row.update(info)
             row["compiled"] = str(path)
             row["placement"] = placement_text(path, execution)
@@ -235,6 +239,8 @@ def main() -> None:
     parser.add_argument("--htp-windows", type=int, default=4, help="SmolLM2 windows scored on the HTP simulator")
     parser.add_argument("--compiled", type=Path, help="score this qnn-htp SmolLM2 model instead of compiling")
     parser.add_argument("--device", default="v73", help="qnn-htp device (v73: htp_arch 73)")
+    parser.add_argument("--rotate", choices=sorted(ROTATE), default="auto",
+                        help="Hadamard rotation: the target's choice (int4 rotates), or forced on/off")
     parser.add_argument("--out", type=Path, default=Path("build/bench-qnn-llm"))
     args = parser.parse_args()
 

@@ -142,7 +142,7 @@ class HadamardRotation(Pass):
                  qk: bool = True, random_signs: bool = True, max_factor: int = 128,
                  smooth_grid: tuple[float, ...] = (0.0, 0.5, 0.7, 0.85), smooth_samples: int = 6,
                  activation_spec: QSpec | None = None, weight_spec: QSpec | None = None,
-                 only_with_stream: bool = False):
+                 only_with_stream: bool = False, online_op: Literal["Einsum", "MatMul"] = "Einsum"):
         """mode: 'stream' folds the rotation of a pre-norm residual stream (refuses other graphs),
         'online' rotates every linear input group explicitly, 'auto' tries stream then online.
         online_mlp: online Hadamard before the MLP down-projection (stream mode; online mode
@@ -163,7 +163,9 @@ class HadamardRotation(Pass):
         only_with_stream: rotate only a graph whose residual stream folds (mode 'auto'); any
         other graph is left as it is, with the reason in the stats (`no_stream`) and in
         ctx.artifacts[ROTATION_DECLINED] (the target's default for W8A8 on x86: folding costs
-        almost no run time, online Hadamards before every linear group do)."""
+        almost no run time, online Hadamards before every linear group do).
+        online_op: the op the online Hadamards are written as (Target.online_rotation_op):
+        Einsum stays float on every target; MatMul is quantized like a linear (NPUs)."""
         if mode not in ("auto", "stream", "online"):
             raise ValueError(f"unknown rotation mode {mode!r}")
         if attention not in ("fold", "online", "fold+online", "none"):
@@ -182,6 +184,9 @@ class HadamardRotation(Pass):
         self.random_signs = random_signs
         self.max_factor = max_factor
         self.only_with_stream = only_with_stream
+        if online_op not in ("Einsum", "MatMul"):
+            raise ValueError(f"unknown online rotation op {online_op!r}")
+        self.online_op = online_op
 
     @classmethod
     def from_options(cls, options, target) -> "HadamardRotation":
@@ -193,9 +198,12 @@ class HadamardRotation(Pass):
         rule = Scheme.resolve(target, options).rules.get("MatMul")
         activation = rule.activations[0] if rule is not None and rule.activations else None
         weight = rule.weight if rule is not None else None
+        # q/k rotations only change the scores' quantization: they pay where q and k are 8-bit,
+        # and under float or 16-bit activations are two products per layer for nothing.
+        eight_bit = activation is not None and not activation.is_float and activation.bits <= 8
         return cls(enabled=True, activation_spec=activation, weight_spec=weight,
                    smooth_grid=(0.0, 0.5, 0.7, 0.85) if activation is not None else (),
-                   only_with_stream=rotate == "if-stream")
+                   only_with_stream=rotate == "if-stream", qk=eight_bit, online_op=target.online_rotation_op)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:
@@ -275,16 +283,17 @@ class HadamardRotation(Pass):
             for norm in stream.norms:
                 make_scale_free(graph, norm)
         for fold in self._cache_folds:
-            context = insert_cache_fold(graph, fold.context, fold.o_proj, fold.caches, fold.block, fold.rows)
+            context = insert_cache_fold(graph, fold.context, fold.o_proj, fold.caches, fold.block, fold.rows,
+                                        self.online_op)
             for entry in online:
                 if entry.x is fold.context:
                     entry.x = context
         self._cache_folds.clear()
         for entry in online:
             scale = None if entry.smooth is None or entry.fold is not None else 1.0 / entry.smooth
-            insert_online(graph, entry.x, entry.ops, entry.rotation, inv_scale=scale)
+            insert_online(graph, entry.x, entry.ops, entry.rotation, inv_scale=scale, op_type=self.online_op)
         for op, head_dim in qk_rotations:
-            insert_qk(graph, op, head_dim)
+            insert_qk(graph, op, head_dim, self.online_op)
         ctx.artifacts[ROTATION] = summary
         stats = {"rotated": 1, "stream": int(stream is not None),
                  "hidden": stream.width if stream else 0,

@@ -33,12 +33,18 @@ def make_scale_free(graph: Graph, norm: Norm) -> None:
         graph.remove_value(norm.gamma)
 
 
+def _last_axis_product(graph: Graph, x: Value, matrix: Value, name: str, op_type: str, before: Op) -> Op:
+    """x M on x's last axis, as `Einsum("...a,az->...z")` or as `MatMul(x, M)` (the same product)."""
+    attrs = {"equation": "...a,az->...z"} if op_type == "Einsum" else None
+    return graph.add_op(op_type, [x, matrix], [name], attrs=attrs, before=before)
+
+
 def insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation,
-                  inv_scale: np.ndarray | None = None) -> Value:
-    """x -> Reshape [.., f1, .., fk] -> (Einsum on the last axis, Transpose it to the front of
-    the factor axes)* -> Einsum -> Reshape [.., n]: x K P with K = kron(normalised factors) and P
+                  inv_scale: np.ndarray | None = None, op_type: str = "Einsum") -> Value:
+    """x -> Reshape [.., f1, .., fk] -> (product on the last axis, Transpose it to the front of
+    the factor axes)* -> product -> Reshape [.., n]: x K P with K = kron(normalised factors) and P
     the axis cycle (`Rotation.last_axis_form`); ORT's Einsum is several times slower on any other
-    axis. The readers read the result."""
+    axis. The products are `op_type` ops (Einsum or MatMul). The readers read the result."""
     orders = [f.shape[0] for f in rotation.factors]
     width = rotation.order
     first = min(readers, key=lambda op: op.order)
@@ -72,9 +78,8 @@ def insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation,
     for step, i in enumerate(reversed(range(len(factors)))):
         factor = factors[i]
         matrix = graph.add_constant(f"{base}_factor{i}_{factor.shape[0]}", factor)
-        einsum = graph.add_op("Einsum", [y, matrix], [f"{base}_{step}"], attrs={"equation": "...a,az->...z"},
-                              before=first)
-        y = graph.outputs_of(einsum)[0]
+        product = _last_axis_product(graph, y, matrix, f"{base}_{step}", op_type, first)
+        y = graph.outputs_of(product)[0]
         y.set_type(elem, None if lead is None else lead + layout)
         if i > 0:   # bring the next factor's axis last: move the contracted one to the front
             k = len(layout)
@@ -94,10 +99,12 @@ def insert_online(graph: Graph, x: Value, readers: list[Op], rotation: Rotation,
     return y
 
 
-def insert_qk(graph: Graph, op: Op, head_dim: int) -> None:
-    """q -> q H (last axis) and k^T -> H^T k^T (second-to-last axis): scores unchanged."""
+def insert_qk(graph: Graph, op: Op, head_dim: int, op_type: str = "Einsum") -> None:
+    """q -> q H (last axis) and k^T -> H^T k^T (second-to-last axis): scores unchanged. As
+    Einsums, or as MatMuls (`MatMul(H^T, k^T)` for the second)."""
     q, kt = graph.inputs_of(op)
-    h = graph.add_constant(f"{op.name}_qk_hadamard", Rotation.of_order(head_dim).dense().astype(np.float32))
+    dense = Rotation.of_order(head_dim).dense().astype(np.float32)
+    h = graph.add_constant(f"{op.name}_qk_hadamard", dense)
     targets = [(op, 0, q, "...a,az->...z"), (op, 1, kt, "...dt,dz->...zt")]
     transpose = graph.producer(kt)
     if transpose is not None and transpose.op_type == "Transpose" and not transpose.domain:
@@ -109,15 +116,21 @@ def insert_qk(graph: Graph, op: Op, head_dim: int) -> None:
             # rotate k on its last axis before the transpose: ORT's Einsum is slow on axis -2
             targets[1] = (transpose, 0, k, "...a,az->...z")
     for reader, slot, value, equation in targets:
-        einsum = graph.add_op("Einsum", [value, h], [f"{value.name}_hadamard"], attrs={"equation": equation},
-                              before=reader)
-        out = graph.outputs_of(einsum)[0]
+        if op_type == "Einsum":
+            product = graph.add_op("Einsum", [value, h], [f"{value.name}_hadamard"], attrs={"equation": equation},
+                                   before=reader)
+        elif equation == "...a,az->...z":
+            product = graph.add_op("MatMul", [value, h], [f"{value.name}_hadamard"], before=reader)
+        else:   # H^T k^T
+            h_t = graph.add_constant(f"{op.name}_qk_hadamard_t", np.ascontiguousarray(dense.T))
+            product = graph.add_op("MatMul", [h_t, value], [f"{value.name}_hadamard"], before=reader)
+        out = graph.outputs_of(product)[0]
         out.set_type(value.elem_type or onnx.TensorProto.FLOAT, value.shape)
         graph.set_input(reader, slot, out)
 
 
 def insert_cache_fold(graph: Graph, context: Value, o_proj: Op, caches: list[Op], block: np.ndarray,
-                      rows: int) -> Value:
+                      rows: int, op_type: str = "Einsum") -> Value:
     """A per-head fold (W_v (I (x) H), (I (x) H)^T W_o) whose values pass a KV cache: the new
     values [B, kv, S, d] are rotated back (x H^T) before each `Concat(past, new)`, so the cache
     holds the float values, and the attention output [B, S, rows] is rotated per head
@@ -127,16 +140,14 @@ def insert_cache_fold(graph: Graph, context: Value, o_proj: Op, caches: list[Op]
     h_t = graph.add_constant(f"{o_proj.name}_cache_fold_h_t", np.ascontiguousarray(block.T).astype(np.float32))
     for concat in caches:
         new = graph.inputs_of(concat)[1]
-        back = graph.outputs_of(graph.add_op("Einsum", [new, h_t], [f"{new.name}_unrotated"],
-                                             attrs={"equation": "...a,az->...z"}, before=concat))[0]
+        back = graph.outputs_of(_last_axis_product(graph, new, h_t, f"{new.name}_unrotated", op_type, concat))[0]
         back.set_type(new.elem_type or onnx.TensorProto.FLOAT, new.shape)
         graph.set_input(concat, 1, back)
     base = f"{context.name}_cache_fold"
     split = graph.add_constant(f"{base}_split", np.array([0, 0, rows // head_dim, head_dim], np.int64))
     merge = graph.add_constant(f"{base}_merge", np.array([0, 0, rows], np.int64))
     heads = graph.outputs_of(graph.add_op("Reshape", [context, split], [f"{base}_heads"], before=o_proj))[0]
-    rotated = graph.outputs_of(graph.add_op("Einsum", [heads, h], [f"{base}_rotated"],
-                                            attrs={"equation": "...a,az->...z"}, before=o_proj))[0]
+    rotated = graph.outputs_of(_last_axis_product(graph, heads, h, f"{base}_rotated", op_type, o_proj))[0]
     merged = graph.outputs_of(graph.add_op("Reshape", [rotated, merge], [f"{base}_out"], before=o_proj))[0]
     elem = context.elem_type or onnx.TensorProto.FLOAT
     for value in (heads, rotated):

@@ -74,9 +74,12 @@ def _weights(graph: Graph) -> dict[str, np.ndarray]:
 # ---- float equivalence ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which, mode", [("llama", "auto"), ("llama", "online"), ("llama-kv", "auto"),
-                                         ("bert", "auto"), ("bert", "online")])
-def test_rotated_float_model_computes_the_same_function(which, mode, synthetic_llama, synthetic_bert,
+@pytest.mark.parametrize("which, mode, online_op", [
+    ("llama", "auto", "Einsum"), ("llama", "online", "Einsum"), ("llama-kv", "auto", "Einsum"),
+    ("bert", "auto", "Einsum"), ("bert", "online", "Einsum"),
+    # the NPU form: every online product a MatMul by a constant (H^T on the left for k^T)
+    ("llama", "auto", "MatMul"), ("llama-kv", "auto", "MatMul"), ("bert", "online", "MatMul")])
+def test_rotated_float_model_computes_the_same_function(which, mode, online_op, synthetic_llama, synthetic_bert,
                                                          llama_feeds, bert_feeds, tmp_path):
     if which == "bert":
         path, feeds = synthetic_bert, bert_feeds
@@ -88,8 +91,10 @@ def test_rotated_float_model_computes_the_same_function(which, mode, synthetic_l
         past = _run_prefix(path)   # a second step with a non-empty cache
         feeds.append({"input_ids": feeds[0]["input_ids"][:, :5],
                       "attention_mask": np.ones((1, 17), np.int64), **past})
-    graph, ctx = _rotate(path, HadamardRotation(mode=mode))
+    graph, ctx = _rotate(path, HadamardRotation(mode=mode, online_op=online_op))
     assert_valid(graph)    # IR invariants, onnx full check, ORT load
+    kinds = {op.op_type for op in graph.ops()}
+    assert ("Einsum" in kinds) == (online_op == "Einsum")
     stats = _stats(ctx)
     assert stats["stream"] == (mode == "auto" and which != "bert")
     _assert_same_function(onnx.load(str(path)), graph, feeds)

@@ -104,9 +104,10 @@ def test_the_ep_context_model_reloads_and_gives_the_qdq_models_outputs(compiled,
 
 
 # W4A16 (int4 weights, per channel or in blocks of 32 along K) on both Llama exports: whole on the
-# HTP, logits cosine with float measured there (onnxruntime-qnn 2.7, v73, these samples): per
-# channel 0.9774, blocks of 32 0.9816, both exports (random weights: int4 costs more than on a
-# trained model); floors with margin.
+# HTP, rotated (the online Hadamards as quantized MatMuls), logits cosine with float measured there
+# (onnxruntime-qnn 2.7, v73, these samples): before the rotation per channel 0.9774, blocks of 32
+# 0.9816, both exports (random weights: int4 costs more than on a trained model, and a rotation
+# gains little on weights without outliers); floors with margin.
 W4_FLOORS = {None: 0.97, 32: 0.975}
 
 
@@ -119,7 +120,15 @@ def test_llama_w4a16_runs_whole_on_the_htp(name, group, shared_dir, tmp_path):
     fusion = result.report.fusion
     assert fusion is not None and fusion.unfused == [] and set(fusion.nodes_by_provider) == {"QNNExecutionProvider"}
     assert result.report.scheme == ("W4A16" if group is None else f"W4A16 g{group}")
+    rotation = next(row.stats for row in result.report.passes if row.name == "hadamard-rotation")
+    assert rotation["stream"] == 1 and rotation["online_hadamards"] == 4 and rotation["qk_rotations"] == 0
     path = result.save(tmp_path / "w4.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    assert not [n for n in nodes if n.op_type == "Einsum"]
+    # the factors' MatMuls read a batch of [.., f1, f2] matrices: per-channel weights even under
+    # --group (QNN's block-quantized MatMul takes one matrix), every weight DQ int4 or int8
+    factors = [n for n in nodes if n.op_type == "DequantizeLinear" and "hadamard_factor" in n.input[0]]
+    assert factors and all(not any(a.name == "block_size" and a.i for a in n.attribute) for n in factors)
     htp, reference = make_session(path, execution=HTP), make_session(source)
     cosines = [_cosine(reference.run(None, s)[0], htp.run(None, s)[0]).mean() for s in _samples("llama", 4, seed=1)]
     assert float(np.mean(cosines)) > W4_FLOORS[group], cosines
