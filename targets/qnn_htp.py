@@ -210,6 +210,9 @@ QNN_HTP = register_target(Target(
     # Hadamards (before the MLP down-projection and across the attention heads) are quantized
     # MatMuls by the Hadamard factors, exact in int8/int4, on the HTP like any linear.
     rotate_weights=frozenset({"int4"}),
+    # int8 (W8A16) rotates where a pre-norm residual stream folds it (decoders): SmolLM2 on the
+    # CPU simulation, windows 0-7, +2.08% -> -0.07% (BENCHMARKS.md); encoders and CNNs are left as they are.
+    rotate_stream_weights=frozenset({"int8"}),
     online_rotation_op="MatMul",
     notes=("whole graph on the NPU: every op quantized (QDQ node units), CPU fallback disabled; the compile's "
            "verification and placement run on the HTP backend (the simulator on x86-64)",
