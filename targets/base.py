@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -274,7 +274,7 @@ class Target:
     # (they run in float, where the outliers they spread would otherwise cost range), or
     # "MatMul" by the factor, quantized like any linear (targets with no float path: the
     # factors' +-1/sqrt(n) entries are exact at any weight width with per-channel scales).
-    online_rotation_op: str = "Einsum"
+    online_rotation_op: Literal["Einsum", "MatMul"] = "Einsum"
     # Symmetric signed weights may map their largest magnitude to qmin (-8 for int4: 16 levels)
     # with a negative scale, as ONNX Runtime's own int4 quantizer does: its CPU kernels accept
     # it; runtimes that require positive scales (WebNN) do not.

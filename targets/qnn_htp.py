@@ -54,7 +54,8 @@ op -> QuantizeLinear on every float output), so the target quantizes every tenso
 - weights: int8 rounding shifts the mean of every Conv/Gemm output channel, which adds up through
   a CNN; bias-correction moves the shift into the bias (PP-OCRv4 det on the HTP 0.99684 -> 0.99933,
   rec 0.99756 -> 0.99915).
-- int4 presets rotate (hadamard-rotation, QuaRot): the residual stream's rotation folds into the
+- int4 presets rotate (hadamard-rotation, QuaRot), and int8 ones where a pre-norm residual stream
+  folds it (decoders; SmolLM2 W8A16 +2.72% -> -0.11% on the HTP): the stream's rotation folds into the
   weights; the online Hadamards are MatMuls by their Kronecker factors (Target.online_rotation_op),
   quantized like the linears (+-1/sqrt(n) entries: exact per channel). A block-quantized MatMul
   fails to finalize on a batch of matrices (a factor reading [1, S, 12, 128]: QNN_COMMON_ERROR_MEM_ALLOC),
