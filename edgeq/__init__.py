@@ -15,9 +15,9 @@ __all__ = ["EdgeqError", "Graph", "Op", "Tensor", "Value", "compile", "load", "s
 
 
 def compile(model, target, options=None, *, calibration=None, instruments=(), provider=None,
-            device=None) -> "Compiled":  # noqa: A001
+            device=None, cost_device=None) -> "Compiled":  # noqa: A001
     """Quantize `model` for `target` (see `edgeq.compiler.compile`)."""
     from edgeq.compiler import compile as compile_model
 
     return compile_model(model, target, options, calibration=calibration, instruments=instruments,
-                         provider=provider, device=device)
+                         provider=provider, device=device, cost_device=cost_device)

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +19,9 @@ from edgeq.errors import CalibrationError, OptionError
 from edgeq.frontend.functions import inline_functions
 from edgeq.frontend.shapes import (first_sample_shapes, fix_input_shapes, inputs_model, record_input_shapes,
                                    resolve_input_shapes)
-from edgeq.ir import Graph, clone_graph, load, save
+from edgeq.ir import Graph, clone_graph, load, save, to_model_proto
 from edgeq.options import CompileOptions
-from edgeq.quant.budget import FLOAT_FILE_BYTES, SIZE_BUDGET
+from edgeq.quant.budget import FLOAT_FILE_BYTES, LATENCY_BUDGET, LINEAR_LATENCIES, SIZE_BUDGET, offered_dtypes
 from edgeq.quant.plan import Scheme
 from edgeq.pipeline import Instrument, Pass, PassContext, PassManager, ReleasePagesInstrument, TimingInstrument
 from edgeq.pipeline.artifacts import (CALIBRATION_DATA, OUTLIER_COLUMNS, QUANT_PLAN, ROTATION, ROTATION_DECLINED,
@@ -53,9 +53,11 @@ def build_pipeline(target: Target, options: CompileOptions) -> PassManager:
     """The target's default pipeline, each pass built from the typed options."""
     passes: list[Pass] = []
     names = list(target.default_pipeline)
-    if options.size_budget is not None and "select-precision" in names:
+    if "select-precision" in names:
         # the per-layer widths are chosen right after the plan is made, before any weight is rounded
-        names.insert(names.index("select-precision") + 1, "size-budget")
+        for budget, pass_name in ((options.size_budget, "size-budget"), (options.latency_budget, "latency-budget")):
+            if budget is not None:
+                names.insert(names.index("select-precision") + 1, pass_name)
     for name in names:
         cls = get_pass(name)
         factory = getattr(cls, "from_options", None)
@@ -66,14 +68,15 @@ def build_pipeline(target: Target, options: CompileOptions) -> PassManager:
 def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Target,
             options: CompileOptions | None = None, *, calibration: Any = None,
             instruments: Sequence[Instrument] = (), provider: str | None = None,
-            device: str | None = None) -> Compiled:
+            device: str | None = None, cost_device: str | None = None) -> Compiled:
     """Quantize `model` for `target`. `calibration`: a path (.npz dir/file), a text-window spec,
     an iterable of feed dicts, or an ORT CalibrationDataReader. `instruments` observe the
     pipeline (edgeq.pipeline.instruments); the compile adds its own timing and page release.
     `provider` names one of the target's executions (default: the first that runs here); the
     output follows its QDQ layout, and calibration, verification and the placement check run on it.
     `device` names one of that execution's devices (an NPU generation or SoC; default: its first).
-    The input is never modified."""
+    `cost_device` names the part or board a device cost model prices (the fpga target's), which
+    --latency-budget needs. The input is never modified."""
     from edgeq.calibration.sources import open_source, split
 
     started = time.perf_counter()
@@ -82,6 +85,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
     target = get_target(target) if isinstance(target, str) else target
     target = target.on(for_device(resolve_execution(target, provider), device))
     scheme = Scheme.resolve(target, options)  # options the target cannot take fail before any work
+    if options.latency_budget is not None:
+        _check_latency_budget(target, scheme, cost_device)
     if options.decompose_outliers is not None and "decompose-outliers" not in target.default_pipeline:
         raise OptionError(f"{target.name} does not take --decompose-outliers (its pipeline has no float side path)",
                           fix="compile without it, or for a target whose pipeline has it (`edgeq targets show T`)")
@@ -124,6 +129,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
         if calib is not None:
             ctx.artifacts[CALIBRATION_DATA] = calib
         ctx.artifacts[FLOAT_FILE_BYTES] = _model_bytes(float_path)  # what a --size-budget ratio is of
+        if options.latency_budget is not None:
+            with progress.task("latency of each width"), _timed(stages, "latency of each width"):
+                ctx.artifacts[LINEAR_LATENCIES] = _linear_latencies(graph, target, options, calib, cost_device,
+                                                                    shapes.recorded)
         pipeline_start = time.perf_counter()
         result = pipeline(graph, ctx)
         stages["pipeline"] = time.perf_counter() - pipeline_start
@@ -150,6 +159,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
             report.notes.append(f"size budget {budget.budget_bytes / 1e6:.1f} MB: the model is "
                                 f"{report.compiled_bytes / 1e6:.1f} MB ({'within' if report.compiled_bytes <= budget.budget_bytes else 'OVER'}"
                                 f" the budget; {budget.total_bytes / 1e6:.1f} MB estimated)")
+        latency = ctx.artifacts.get(LATENCY_BUDGET)
+        if latency is not None:
+            actual = _estimated_seconds(graph, target, cost_device)
+            report.notes.append(f"latency budget {1e3 * latency.budget_s:g} ms on {latency.device}: the compiled model "
+                                f"is estimated at {1e3 * actual:.3f} ms ({'within' if actual <= latency.budget_s else 'OVER'}"
+                                f" the budget; {1e3 * latency.estimated_s:.3f} ms when the widths were chosen)")
         if options.verify:
             # Synthetic feeds take the compiled model's inputs: the fixed shapes where there are any.
             feeds, synthetic = _verification_feeds(holdout, compiled_path if shapes.fixed else float_path, options)
@@ -162,6 +177,40 @@ def compile(model: str | os.PathLike | onnx.ModelProto | Graph, target: str | Ta
     report.stage_seconds = stages
     report.total_seconds = time.perf_counter() - started
     return Compiled(graph, report, target)
+
+
+def _check_latency_budget(target: Target, scheme: Scheme, cost_device: str | None) -> None:
+    """--latency-budget's preconditions, before any work: a cost model that prices a device, the
+    device, a plan, and more than one weight width to choose from."""
+    if target.cost_model is None or not target.cost_model.needs_device or "select-precision" not in target.default_pipeline:
+        raise OptionError(f"{target.name} does not take --latency-budget: its cost model prices no layer's latency "
+                          "on a device", fix="use a target whose cost model prices a device (fpga), or --size-budget")
+    if cost_device is None:
+        raise OptionError("--latency-budget is a latency on a device", fix="add --device D")
+    dtypes = offered_dtypes(target, scheme.weight_dtype)
+    if len(dtypes) < 2:
+        raise OptionError(f"--latency-budget chooses each linear's weight width, and {scheme.weight_dtype} weights "
+                          f"leave one ({', '.join(dtypes) or 'none'})",
+                          fix="add --weights int4 (linears then take int4 or int8)")
+
+
+def _linear_latencies(graph: Graph, target: Target, options: CompileOptions, calib: Any, device: str,
+                      recorded_shapes: Any):
+    """Each linear's latency at each offered width on `device`: a compile at the preset's widths
+    (round to nearest: the weights' values do not change a latency), priced by the target's cost model."""
+    dtypes = offered_dtypes(target, Scheme.resolve(target, options).weight_dtype)
+    probe_options = replace(options, latency_budget=None, weight_rounding="rtn")
+    ctx = PassContext(target=target, seed=options.calibration.seed)
+    if calib is not None:
+        ctx.artifacts[CALIBRATION_DATA] = calib
+    probe = build_pipeline(target, probe_options)(clone_graph(graph), ctx).graph
+    record_input_shapes(probe, recorded_shapes)  # the estimate's sizes: the shapes the compile records
+    return target.cost_model.linear_latencies(to_model_proto(probe), device=device, dtypes=dtypes)
+
+
+def _estimated_seconds(graph: Graph, target: Target, device: str) -> float:
+    report = target.cost_model.estimate(to_model_proto(graph), device=device)
+    return report.latency_cycles / (report.clock_mhz * 1e6)
 
 
 def check_calibration_needed(graph: Graph, target: Target, options: CompileOptions, scheme: Scheme | None = None) -> None:
@@ -345,9 +394,9 @@ def _report(model, target: Target, options: CompileOptions, ctx: PassContext, ti
         report.quantized_ops = count_kinds(p.op for p in plan.ops)
         report.kept_high = kept_high_by_reason(plan.kept_high)
         report.roles = plan.roles.counts()
-        budget = ctx.artifacts.get(SIZE_BUDGET)
-        for weight, dtype in (budget.widths.items() if budget is not None else ()):
-            report.weight_widths.setdefault(dtype, []).append(weight)
+        for budget in (ctx.artifacts.get(SIZE_BUDGET), ctx.artifacts.get(LATENCY_BUDGET)):
+            for weight, dtype in (budget.widths.items() if budget is not None else ()):
+                report.weight_widths.setdefault(dtype, []).append(weight)
     report.settings = _settings(target, options, ctx)
     declined = ctx.artifacts.get(ROTATION_DECLINED)
     if declined:
@@ -443,6 +492,9 @@ def _settings(target: Target, options: CompileOptions, ctx: PassContext) -> dict
         out["size budget"] = (f"{budget.budget_bytes / 1e6:.1f} MB: weights " + ", ".join(
             f"{dtype} {counts[dtype]}" for dtype in ("int4", "int8", "float") if dtype in counts)
             + f" (reachable {budget.reachable[0] / 1e6:.1f}..{budget.reachable[1] / 1e6:.1f} MB)")
+    latency = ctx.artifacts.get(LATENCY_BUDGET)
+    if latency is not None:
+        out["latency budget"] = latency.describe()
     if options.two_digit:
         out["two-digit activations"] = ", ".join(options.two_digit)
     out["verification"] = "on the held-out samples" if options.verify else "off"

@@ -149,6 +149,19 @@ def parse_size_budget(value: str | float) -> float:
     return number
 
 
+def parse_latency_budget(value: str | float) -> float:
+    """--latency-budget: milliseconds, a positive number (`12.5` or `12.5ms`)."""
+    text = str(value).strip().lower().removesuffix("ms").strip()
+    try:
+        number = float(text) if not isinstance(value, bool) else float("nan")
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise OptionError(f"--latency-budget must be a positive number of milliseconds, not {value!r}",
+                          fix="e.g. --latency-budget 15 (ms on the --device the target's cost model prices)")
+    return number
+
+
 def parse_outlier_threshold(value: str | float) -> float:
     """The --decompose-outliers threshold (|x| above it marks an outlier column): a positive number."""
     try:
@@ -233,6 +246,9 @@ class CompileOptions:
     # quantized linear whose calibrated |x| exceeds the threshold run in float, the rest in int8.
     # An alternative to the rotation: given, the rotation is off unless --rotate asks for both.
     decompose_outliers: float | None = None
+    # Its int8 part: "token" quantizes each token's inlier activations with its own scale at run
+    # time (LLM.int8's vector-wise int8, MatMulInteger); "tensor" keeps the target's static QDQ.
+    decompose_scales: Literal["token", "tensor"] = "token"
     # How weights are rounded: round-to-nearest, GPTQ, AWQ (scaling + clipping), AWQ scaling then
     # GPTQ rounding; "auto": GPTQ for int4 weights when calibration data is given, else
     # round-to-nearest.
@@ -246,6 +262,9 @@ class CompileOptions:
     # --size-budget: the compiled model's bytes at most this ratio of the float model (<= 1) or
     # these megabytes (> 1); each linear's weights go to int4/int8/float (passes/size_budget.py).
     size_budget: float | None = None
+    # Latency budget in milliseconds on the device a target's cost model prices (--latency-budget
+    # MS with --device): each linear's weights go to int4 or int8 (passes/latency_budget.py).
+    latency_budget: float | None = None
     quantize_embeddings: bool = True
     verify: bool = True
     threads: int = 0                     # ORT intra-op threads for calibration/verification (0: default)
@@ -271,8 +290,16 @@ class CompileOptions:
             raise OptionError("--keep-high must be >= 0")
         if self.decompose_outliers is not None:
             object.__setattr__(self, "decompose_outliers", parse_outlier_threshold(self.decompose_outliers))
+        if self.decompose_scales not in ("token", "tensor"):
+            raise OptionError(f"--decompose-scales must be token or tensor, not {self.decompose_scales!r}",
+                              fix="token: per-token int8 activations (LLM.int8's); tensor: the static QDQ")
         if self.size_budget is not None:
             object.__setattr__(self, "size_budget", parse_size_budget(self.size_budget))
+        if self.latency_budget is not None:
+            object.__setattr__(self, "latency_budget", parse_latency_budget(self.latency_budget))
+            if self.size_budget is not None:
+                raise OptionError("give --size-budget or --latency-budget, not both",
+                                  fix="one budget chooses the widths: drop one of them")
         if self.weight_rounding not in ("auto", "rtn", "gptq", "awq", "awq+gptq"):
             raise OptionError(f"--weight-rounding must be auto, rtn, gptq, awq or awq+gptq, "
                               f"not {self.weight_rounding!r}")

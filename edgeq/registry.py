@@ -37,6 +37,7 @@ BUILTIN_PASS_MODULES = (
     "edgeq.passes.mixed_precision",
     "edgeq.passes.select_precision",
     "edgeq.passes.size_budget",
+    "edgeq.passes.latency_budget",
     "edgeq.passes.decompose_outliers",
     "edgeq.passes.smooth_quant",
     "edgeq.passes.hadamard_rotation",

@@ -48,6 +48,7 @@ from edgeq.quant.budget import (
     budget_bytes,
     choose,
     infeasible,
+    offered_dtypes,
     proto_bytes,
     stored_bytes,
 )
@@ -57,8 +58,6 @@ from edgeq.quant.rounding import dequantize_kn, output_errors, quantize_kn
 from edgeq.registry import register_pass
 
 _LINEARS = ("MatMul", "Gemm")
-# Linear widths offered, narrowest first; a preset offers its own width and the wider ones.
-_LINEAR_DTYPES = ("int4", "int8")
 
 
 @register_pass
@@ -89,7 +88,7 @@ class SizeBudget(Pass):
         if self.budget is None:
             return PassResult(graph, False, {"chosen": 0})
         plan: QuantPlan = ctx.artifact(QUANT_PLAN, self.name)
-        units = _units(graph, plan, ctx.target, self.group)
+        units = budget_units(graph, plan, ctx.target, self.group)
         chosen_weights = {u.weight for u in units}
         fixed = _fixed_bytes(graph, chosen_weights)
         float_constants = fixed + sum(u.widths[-1].nbytes for u in units)
@@ -106,7 +105,7 @@ class SizeBudget(Pass):
             raise CalibrationError("--size-budget ranks the layers by their output error on calibration data, "
                                    "and none was given", fix="pass --calib or --calib-text")
         feeds = [dict(f) for _, f in zip(range(self.samples), data)]
-        _measure_errors(graph, plan, units, feeds, _leading_tokens(feeds, self.tokens), self.threads,
+        measure_unit_errors(graph, plan, units, feeds, _leading_tokens(feeds, self.tokens), self.threads,
                         self.hessian_budget, ctx)
         picks, error = choose(units, budget - reachable[0])
         choice = BudgetChoice(budget, base, sum(u.widths[j].nbytes for u, j in zip(units, picks)), reachable, error)
@@ -115,7 +114,7 @@ class SizeBudget(Pass):
             width = unit.widths[j]
             choice.widths[unit.ops[0]] = width.dtype  # by op: exported weight names can be opaque (onnx::MatMul_7)
             for name in unit.ops:
-                _apply(plan, by_name[name], width)
+                apply_width(plan, by_name[name], width)
         ctx.artifacts[SIZE_BUDGET] = choice
         stats = {"budget_mb": round(budget / 1e6, 3), "estimated_mb": round(choice.total_bytes / 1e6, 3),
                  "reachable_mb": f"{reachable[0] / 1e6:.1f}..{reachable[1] / 1e6:.1f}",
@@ -125,7 +124,7 @@ class SizeBudget(Pass):
         return PassResult(graph, True, stats)
 
 
-def _apply(plan: QuantPlan, op_plan: OpPlan, width: Width) -> None:
+def apply_width(plan: QuantPlan, op_plan: OpPlan, width: Width) -> None:
     if width.spec is None:  # float: the op leaves the plan
         plan.ops.remove(op_plan)
         plan.kept_high.append((op_plan.op, "size budget: float weights"))
@@ -138,20 +137,16 @@ def _linear_specs(target: Target, plan: QuantPlan, group: int | None) -> dict[st
     """The linear weight specs offered: the preset's width and the wider ones the target takes
     (int4 with --group's or the target's block size, int8 as the target's int8 preset)."""
     preset = plan.scheme.weight_dtype
-    if preset not in _LINEAR_DTYPES:
-        return {}
     specs = {}
-    for dtype in _LINEAR_DTYPES[_LINEAR_DTYPES.index(preset):]:
+    for dtype in offered_dtypes(target, preset):
         spec = target.weight_spec(dtype)
-        if spec is None:
-            continue
         if group and dtype == preset:
             spec = spec.blocked(group)
         specs[dtype] = spec
     return specs
 
 
-def _units(graph: Graph, plan: QuantPlan, target: Target, group: int | None) -> list[Unit]:
+def budget_units(graph: Graph, plan: QuantPlan, target: Target, group: int | None) -> list[Unit]:
     """One unit per weight tensor of a planned linear (MatMul/Gemm weight in slot 1) or embedding
     table (Gather slot 0), in graph order, with its widths narrowest first."""
     specs = _linear_specs(target, plan, group)
@@ -214,7 +209,7 @@ def _leading_tokens(feeds: list[dict], tokens: int) -> list[dict]:
     return [{k: np.ascontiguousarray(np.asarray(v)[:, :tokens]) for k, v in f.items()} for f in feeds]
 
 
-def _measure_errors(graph: Graph, plan: QuantPlan, units: list[Unit], feeds: list[dict], short: list[dict],
+def measure_unit_errors(graph: Graph, plan: QuantPlan, units: list[Unit], feeds: list[dict], short: list[dict],
                     threads: int, hessian_budget: int, ctx: PassContext) -> None:
     """Fill each width's error: the model's output error power with that unit alone at its
     narrowest width (measured), and for the wider quantized widths that power scaled by the

@@ -224,6 +224,14 @@ class CostModel:
                                  fix="add them to the target's cost model")
         return {k: v * self.prices[k] for k, v in counts.items() if v}
 
+    def linear_latencies(self, model: onnx.ModelProto, *, device: str | None,
+                         dtypes: Sequence[str]) -> LinearLatencies:
+        """Each linear's latency at each weight dtype of `dtypes` on `device` (a device cost
+        model's); work-count models price cycles on no device and refuse."""
+        raise CostModelError("this target's cost model prices work counts, not a layer's latency on a device",
+                             fix="--latency-budget needs a target whose cost model prices a device "
+                                 "(`edgeq targets`: fpga, with --device)")
+
     def estimate(self, model: str | os.PathLike | onnx.ModelProto, *,
                  input_shapes: Mapping[str, Sequence[int]] | None = None, **options: Any) -> CostReport:
         """The work counts of a compiled `model` and their price. Symbolic input dims take
@@ -237,6 +245,19 @@ class CostModel:
                           input_shapes={k: list(v) for k, v in work.input_shapes.items()},
                           shapes_from=work.shapes_from, clock_hz=self.clock_hz,
                           assumptions=self.assumptions, source=self.source)
+
+
+@dataclass(frozen=True)
+class LinearLatencies:
+    """A device cost model's latency of a compiled model's linear layers at each weight dtype
+    (seconds, by the linear's op name) and of everything else (which weight widths do not
+    change), on `device`: what --latency-budget chooses widths from."""
+
+    seconds: Mapping[str, Mapping[str, float]]
+    as_compiled: Mapping[str, float]   # each linear at the width the priced model has
+    other_seconds: float
+    device: str
+    how: str   # the template and array that priced them, for the report
 
 
 @dataclass(frozen=True)

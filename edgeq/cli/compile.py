@@ -78,10 +78,16 @@ def _check_writable(path: Path | None) -> None:
               help="LLM.int8-style decomposition: input columns of quantized linears with calibrated |x| above "
                    "THRESHOLD (default 6.0) run in float, the rest in int8; instead of the rotation unless "
                    "--rotate is given too.")
+@click.option("--decompose-scales", "decompose_scales", type=click.Choice(["token", "tensor"]), default=None,
+              help="With --decompose-outliers: the int8 part's activation scales, per token at run time "
+                   "(token, LLM.int8's vector-wise int8; the default) or the target's static per-tensor QDQ (tensor).")
 @click.option("--accuracy-budget", type=float, help="Max relative L2 error; keeps worst ops high until met.")
 @click.option("--size-budget", metavar="MB|RATIO",
               help="Compiled model size: megabytes (120) or a ratio of the float model (0.22 or 22%); each "
                    "linear's weights go to int4, int8 or float to meet it at the least error (with --weights int4).")
+@click.option("--latency-budget", metavar="MS",
+              help="Latency on --device as the target's cost model estimates it (fpga), in milliseconds; each "
+                   "linear's weights go to int4 or int8 to meet it at the least error (with --weights int4).")
 @click.option("--input-shape", multiple=True, metavar="NAME=D0,D1,...",
               help="Fix an input's dynamic dims (repeatable); inputs sharing a dim name follow. Recorded for "
                    "estimates (default: the first calibration sample's shapes).")
@@ -143,7 +149,8 @@ def compile_command(model: Path, target_name: str, output: Path, *, calibration:
                        + (f" ({provider})" if provider else "") + _calibration_text(spec, options.calibration.holdout))
     try:
         compiled = compile_model(model, target, options, calibration=spec, instruments=instruments,
-                                 provider=provider, device=npu_device)
+                                 provider=provider, device=npu_device,
+                                 cost_device=device.device if name_device is not None else None)
     finally:
         if progress is not None:
             progress.close()

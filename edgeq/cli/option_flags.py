@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edgeq.options import (SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides, parse_input_shape,
-                           parse_outlier_threshold, parse_size_budget)
+                           parse_latency_budget, parse_outlier_threshold, parse_size_budget)
 
 
 def _unchanged(value: Any) -> Any:
@@ -55,6 +55,7 @@ FLAG_FIELDS: tuple[FlagField, ...] = (
     FlagField("keep_high", "keep_high", given=_given_unless_none),
     FlagField("accuracy_budget", "accuracy_budget", given=_given_unless_none),
     FlagField("size_budget", "size_budget", parse_size_budget, given=_given_unless_none),
+    FlagField("latency_budget", "latency_budget", parse_latency_budget, given=_given_unless_none),
     FlagField("threads", "threads"),
     FlagField("sensitivity", "sensitivity"),
     FlagField("smooth_alpha", "smooth_alpha", given=_given_unless_none),
@@ -65,6 +66,7 @@ FLAG_FIELDS: tuple[FlagField, ...] = (
     FlagField("two_digit", "two_digit", tuple),
     FlagField("rotate", "rotate", given=_given_unless_none),   # --no-rotate is given too
     FlagField("decompose_outliers", "decompose_outliers", parse_outlier_threshold, given=_given_unless_none),
+    FlagField("decompose_scales", "decompose_scales"),
     FlagField("no_smooth", "smooth_alpha", _constant(None)),
     FlagField("no_smooth", "smooth_alpha_grid", _constant(())),
     # --input-shape (repeatable) replaces the config's input_shapes.

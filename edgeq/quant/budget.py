@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeq.errors import OptionError
 from edgeq.pipeline.artifacts import ArtifactKey
-from edgeq.targets.base import Granularity, QSpec
+from edgeq.targets.base import Granularity, LinearLatencies, QSpec
 
 # Cells of the knapsack grid: a unit's size is rounded up to a cell, so the bytes left unused
 # are at most one cell per unit (SmolLM2: 212 units, ~7 KB cells, under 1.5 MB of 651 MB).
@@ -74,9 +74,51 @@ class BudgetChoice:
 
 
 SIZE_BUDGET: ArtifactKey[BudgetChoice] = ArtifactKey("size budget choice", "size-budget")
+
+
+@dataclass
+class LatencyChoice:
+    """The outcome, for the report: budget and estimated latency (seconds), each linear's width."""
+
+    budget_s: float
+    estimated_s: float
+    reachable_s: tuple[float, float]   # every priced linear at its narrowest .. at its widest width
+    device: str
+    how: str
+    error: float
+    widths: dict[str, str] = field(default_factory=dict)   # the unit's first op's name -> dtype
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for dtype in self.widths.values():
+            out[dtype] = out.get(dtype, 0) + 1
+        return out
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} {dtype}" for dtype, n in sorted(self.counts().items()))
+        return (f"{1e3 * self.budget_s:g} ms on {self.device}: {1e3 * self.estimated_s:.3f} ms estimated "
+                f"({counts} linears; reachable {1e3 * self.reachable_s[0]:.3f}..{1e3 * self.reachable_s[1]:.3f} ms; "
+                f"{self.how})")
+
+
+LATENCY_BUDGET: ArtifactKey[LatencyChoice] = ArtifactKey("latency budget choice", "latency-budget")
+# Each linear's latency at each width on the device, put in the context by the compile (which
+# prices a compile at the preset's widths) for the latency-budget pass.
+LINEAR_LATENCIES: ArtifactKey[LinearLatencies] = ArtifactKey("linear latencies on the device", "compile")
 # The float model file's bytes (.onnx and external data), put in the context by the compile so a
 # budget given as a ratio is a ratio of the file the user has.
 FLOAT_FILE_BYTES: ArtifactKey[int] = ArtifactKey("float model file bytes", "compile")
+
+
+# Linear widths a budget offers, narrowest first: the preset's width and the wider ones.
+LINEAR_DTYPES = ("int4", "int8")
+
+
+def offered_dtypes(target, weight_dtype: str) -> tuple[str, ...]:
+    """The linear weight dtypes a budget chooses from for a preset of `weight_dtype` on `target`."""
+    if weight_dtype not in LINEAR_DTYPES:
+        return ()
+    return tuple(d for d in LINEAR_DTYPES[LINEAR_DTYPES.index(weight_dtype):] if target.weight_spec(d) is not None)
 
 
 def budget_bytes(budget: float, float_bytes: int) -> int:
@@ -110,14 +152,17 @@ def stored_bytes(dims: tuple[int, ...], spec: QSpec | None, channel_axis: int, *
     return packed(count) + 4 * params + (0 if embedding else packed(params))
 
 
-def choose(units: list[Unit], capacity: int) -> tuple[list[int], float]:
-    """Index of the width of each unit minimising the summed error with the summed bytes beyond
+def choose(units: list[Unit], capacity: int, costs: list[list[int]] | None = None) -> tuple[list[int], float]:
+    """Index of the width of each unit minimising the summed error with the summed cost beyond
     the narrowest widths at most `capacity` (a multiple-choice knapsack, exact on the grid);
-    ties go to the narrower width. Returns (indices, summed error)."""
-    extras = [[w.nbytes - u.widths[0].nbytes for w in u.widths] for u in units]
+    ties go to the narrower width. The cost of a width is its bytes, or `costs[unit][width]`
+    (integers, e.g. nanoseconds of latency). Returns (indices, summed error)."""
+    costs = costs if costs is not None else [[w.nbytes for w in u.widths] for u in units]
+    extras = [[c - unit_costs[0] for c in unit_costs] for unit_costs in costs]
     span = sum(max(e) for e in extras)
     cell = max(1, -(-span // GRID_CELLS))
-    cells = min(capacity // cell, span // cell + 1)
+    # every unit's size is rounded up to whole cells: the widest choice of all takes this many
+    cells = min(capacity // cell, sum(-(-max(e) // cell) for e in extras))
     best = np.zeros(cells + 1)
     picks = np.zeros((len(units), cells + 1), np.uint8)
     for index, (unit, extra) in enumerate(zip(units, extras)):

@@ -16,12 +16,20 @@ from typing import Any
 import onnx
 
 from edgeq.backends.fpga.devices import FpgaDevice, get_device
-from edgeq.backends.fpga.estimate import estimate_onnx
+from edgeq.backends.fpga.estimate import (
+    FINN_UTILISATION_LIMITS,
+    estimate,
+    estimate_onnx,
+)
+from edgeq.backends.fpga.layers import MatVecLayer, layers_from_onnx
 from edgeq.backends.fpga.metadata import PROGRAM_KEY
+from edgeq.backends.fpga.overlay import default_overlay
 from edgeq.backends.fpga.report import EstimateReport
 from edgeq.errors import CostModelError, OptionError
 from edgeq.metadata import recorded_input_shapes
-from edgeq.targets.base import CostModel
+from edgeq.targets.base import CostModel, LinearLatencies
+
+_WEIGHT_BITS = {"int2": 2, "int4": 4, "int8": 8}
 
 # Said in every estimate of a model the lower-to-integer pass produced (its integer program is
 # in the model metadata): how the integer datapath's steps map onto the templates' units.
@@ -50,6 +58,45 @@ class FpgaCostModel(CostModel):
     def device(self, name: str) -> FpgaDevice:
         """The catalog device `name` (a part key or board alias); unknown names raise."""
         return get_device(name)
+
+    def linear_latencies(self, model: onnx.ModelProto, *, device: str | None,
+                         dtypes: Sequence[str]) -> LinearLatencies:
+        """Each matrix-vector layer of a compiled `model` priced at each weight dtype on the
+        overlay array the estimate sizes for `device` (the same array for every dtype: the
+        array's size does not depend on the weights' width, a layer's cycles do: a 4-bit lane
+        takes an 8-bit weight in two products, and its weights stream in twice the bytes); the
+        rest of the estimate (attention products, nonlinear units) as one latency. The overlay
+        runs one layer after another, so a model's latency is the sum of its layers'; the
+        dataflow template pipelines them (latency is not such a sum) and is refused."""
+        if device is None:
+            raise OptionError("--latency-budget prices the model on a device", fix="add --device D")
+        shapes = recorded_input_shapes({p.key: p.value for p in model.metadata_props}) or None
+        layers = layers_from_onnx(model, input_shapes=shapes)
+        chosen = estimate(layers, device)
+        if chosen.template != "overlay":
+            raise CostModelError(f"this model fits {device} as the {chosen.template} template (a unit per layer, its "
+                                 "folding sets its cycles): a weight's width changes its resources, not the latency",
+                                 fix="--latency-budget chooses widths on the overlay template (a device the model "
+                                     "does not fit as dataflow), else use --size-budget")
+        dev = get_device(device)
+        overlay = default_overlay(dev, layers, FINN_UTILISATION_LIMITS, dev.clock_mhz.require("reference clock", dev.key))
+        hz = overlay.clock_mhz * 1e6
+        matvecs = [layer.name for layer in layers if isinstance(layer, MatVecLayer)]  # graph order
+        seconds: dict[str, dict[str, float]] = {name: {} for name in matvecs}
+        as_compiled = {row.name: row.cycles / hz for row in chosen.rows if row.name in seconds}
+        other = sum(row.cycles for row in chosen.rows if row.name not in seconds) / hz
+        for dtype in dtypes:
+            bits = _WEIGHT_BITS.get(dtype)
+            if bits is None:
+                raise OptionError(f"the fpga cost model prices int2/int4/int8 weights, not {dtype}")
+            priced = [replace(layer, weight_bits=bits) if isinstance(layer, MatVecLayer) else layer
+                      for layer in layers]
+            report = estimate(priced, dev, template="overlay", overlay=overlay)
+            for row in report.rows:
+                if row.name in seconds:
+                    seconds[row.name][dtype] = row.cycles / hz
+        return LinearLatencies(seconds, as_compiled, float(other), dev.key,
+                               f"overlay template, {overlay.source}, {overlay.clock_mhz:g} MHz")
 
     def estimate(self, model: str | os.PathLike | onnx.ModelProto, *,
                  input_shapes: Mapping[str, Sequence[int]] | None = None, device: str | None = None,

@@ -95,6 +95,7 @@ from edgeq.ir import Graph
 from edgeq.options import CalibrationOptions
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.pipeline.artifacts import CALIBRATION_DATA, CALIBRATION_STATISTICS, INTEGER_PROGRAM, QUANT_PLAN
+from edgeq.quant.budget import LATENCY_BUDGET
 from edgeq.quant.plan import OpPlan
 from edgeq.registry import register_pass
 from edgeq.targets.base import Granularity, QSpec
@@ -213,7 +214,17 @@ class LowerToInteger(Pass):
     def _options(self, ctx: PassContext) -> LoweringOptions:
         act, weight = self._specs(ctx)
         return LoweringOptions(act, weight, self.first_norm, self.equalization, self.max_channel_shift,
-                               self.probability_bits, self.residual_bits, self.rotate, self.scale_choice)
+                               self.probability_bits, self.residual_bits, self.rotate, self.scale_choice,
+                               self._chosen_widths(ctx, weight))
+
+    @staticmethod
+    def _chosen_widths(ctx: PassContext, weight: QSpec) -> dict[str, QSpec]:
+        """Where --latency-budget chose each linear's width on the plan: the lowering's weight
+        spec with that width's value range, by op name."""
+        plan = ctx.artifacts.get(QUANT_PLAN)
+        if ctx.artifacts.get(LATENCY_BUDGET) is None or plan is None:
+            return {}
+        return {p.op.name: weight.replace(qrange=p.weights[1].qrange) for p in plan.ops if 1 in p.weights}
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         options = self._options(ctx)

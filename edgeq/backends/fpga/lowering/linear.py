@@ -57,7 +57,7 @@ def linear(lowering: Lowering, op: Op) -> None:
             moment = rotation.apply(rotation.apply(moment, 0), 1) * rotation.block_order
     elif x.dtype not in (INT8, UINT8):
         x = lowering.int8(x_name)
-    weight_spec = lowering.options.weight
+    weight_spec = lowering.options.weight_for(op.name)
     if moment is None:
         q, w_scale = pow2_weight(w, weight_spec)
     else:  # GPTQ against the second moments of the layer's input

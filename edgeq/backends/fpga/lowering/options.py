@@ -3,7 +3,8 @@ power-of-two and symmetric, and the lower-to-integer pass's options (checked by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from edgeq.targets.base import QSpec
 
@@ -16,7 +17,8 @@ class LoweringOptions:
     capped at 2^-max_channel_shift.
     probability_bits: 8 or 16 (softmax output). residual_bits: 8 or 16 (LayerNorm outputs).
     rotate: online Walsh-Hadamard transforms before linear layers' int8 requantization.
-    scale_choice: "cover" (range rounded up to a power of two) or "mse" (least expected error)."""
+    scale_choice: "cover" (range rounded up to a power of two) or "mse" (least expected error).
+    weights_by_op: a linear's own weight spec where a budget chose its width (by op name)."""
 
     act: QSpec
     weight: QSpec
@@ -27,3 +29,7 @@ class LoweringOptions:
     residual_bits: int
     rotate: bool
     scale_choice: str
+    weights_by_op: Mapping[str, QSpec] = field(default_factory=dict)
+
+    def weight_for(self, op_name: str) -> QSpec:
+        return self.weights_by_op.get(op_name, self.weight)
