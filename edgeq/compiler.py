@@ -20,7 +20,7 @@ from edgeq.frontend.functions import inline_functions
 from edgeq.frontend.shapes import (first_sample_shapes, fix_input_shapes, inputs_model, record_input_shapes,
                                    resolve_input_shapes)
 from edgeq.ir import Graph, clone_graph, load, save, to_model_proto
-from edgeq.options import CompileOptions
+from edgeq.options import CompileOptions, range_method
 from edgeq.quant.budget import FLOAT_FILE_BYTES, LATENCY_BUDGET, LINEAR_LATENCIES, SIZE_BUDGET, offered_dtypes
 from edgeq.quant.plan import Scheme
 from edgeq.pipeline import Instrument, Pass, PassContext, PassManager, ReleasePagesInstrument, TimingInstrument
@@ -445,8 +445,10 @@ def _settings(target: Target, options: CompileOptions, ctx: PassContext) -> dict
     acts = linear.activations if linear is not None else ()
     out["activations"] = (acts[0].describe() if acts and acts[0] is not None else "float (weight-only)")
     if acts:
-        method = options.calibration.method
-        out["activation ranges"] = method + (f" {options.calibration.percentile}" if method == "percentile" else "")
+        method, bits = options.calibration.method, acts[0].bits if acts[0] is not None else 8
+        chosen = range_method(method, bits)
+        out["activation ranges"] = (chosen + (f" {options.calibration.percentile}" if chosen == "percentile" else "")
+                                    + (f" (auto: {bits}-bit activations)" if method == "auto" else ""))
     rotation, declined = ctx.artifacts.get(ROTATION), ctx.artifacts.get(ROTATION_DECLINED)
     asked = {True: " (--rotate)", False: " (--no-rotate)", None: " (the target's default)"}[options.rotate]
     if options.rotate is None and options.decompose_outliers is not None:

@@ -9,7 +9,7 @@ from edgeq.calibration.collection import CollectionOptions, calibrate
 from edgeq.calibration.statistics import CalibrationResult
 from edgeq.errors import CalibrationError
 from edgeq.ir import Graph, save
-from edgeq.options import CalibrationOptions
+from edgeq.options import CalibrationOptions, range_method
 from edgeq.pipeline import Pass, PassContext, PassResult
 from edgeq.pipeline.artifacts import ACTIVATION_RANGES, CALIBRATION_DATA, CALIBRATION_STATISTICS, QUANT_PLAN
 from edgeq.registry import register_pass
@@ -58,13 +58,7 @@ class Calibrate(Pass):
         ranges = {}
         for name, uses in sources.items():
             spec = uses[0][2]
-            method = self.options.method
-            # Percentile clips the tails whatever the bit width; on a 16-bit grid (256x finer than
-            # 8 bits) the clipping costs far more than the resolution it buys: the rare outliers
-            # of an LLM's MLP and residual stream (SmolLM2 A16W8: perplexity +7.1% with
-            # percentile ranges, +2.1% with min/max on the CPU simulation, issue 13).
-            if method == "percentile" and spec.bits > 8:
-                method = "minmax"
+            method = range_method(self.options.method, spec.bits)
             # A spec stored unsigned when the tensor is non-negative takes that tensor's own range.
             symmetric = spec.symmetric and not (spec.unsigned_when_nonnegative and stats[name].min >= 0)
             ranges[name] = stats[name].range(method, symmetric=symmetric,

@@ -45,8 +45,9 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--group", type=int, help="Block size for block-wise weights (int4 default 128).")
 @click.option("--activations", type=click.Choice(["int8", "int16", "float", "fp8"]),
               help="Activation precision (fp8: float8 E4M3FN, with --weights fp8).")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-              help="How activation ranges are chosen (default percentile 99.999; min/max for 16-bit activations).")
+@click.option("--calib-method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
+              help="How activation ranges are chosen (default auto: percentile 99.999 for 8-bit activations, "
+                   "min/max for 16-bit ones; a method named here is used at every width).")
 @click.option("--percentile", type=float, help="Percentile for --calib-method percentile.")
 @click.option("--exclude", multiple=True, help="Keep this node high (name; repeatable).")
 @click.option("--exclude-regex", multiple=True, help="Keep nodes whose name matches high.")

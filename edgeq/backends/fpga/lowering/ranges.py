@@ -21,7 +21,7 @@ from edgeq.calibration.collection import CollectionOptions, calibrate
 from edgeq.calibration.layer_inputs import ActivationStream, input_statistics
 from edgeq.errors import CalibrationError, OptionError
 from edgeq.ir import Graph, clone_graph, save
-from edgeq.options import CalibrationOptions
+from edgeq.options import CalibrationOptions, range_method
 from edgeq.quant.hadamard import sylvester
 from edgeq.targets.base import QSpec
 
@@ -45,8 +45,8 @@ class CalibratedRanges:
         return self.moments.get(name)
 
     def act(self, name: str) -> tuple[float, float]:
-        return self.stats[name].range(self.options.method, symmetric=True, percentile=self.options.percentile,
-                                      num_bits=8)
+        return self.stats[name].range(range_method(self.options.method, 8), symmetric=True,
+                                      percentile=self.options.percentile, num_bits=8)
 
     def pow2_mse(self, name: str, scale: float, spec: QSpec) -> float:
         """Of scale * 2^j, j = 1, 0, -1, -2, -3, the one with the least expected squared error on
