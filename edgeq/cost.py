@@ -59,7 +59,7 @@ if hasattr(TensorProto, "INT2"):
 _MAC_OPS = {
     ("", "MatMul"): (0, 1, "matmul"), ("", "MatMulInteger"): (0, 1, "matmul"),
     ("", "QLinearMatMul"): (0, 3, "matmul"), ("com.microsoft", "MatMulIntegerToFloat"): (0, 1, "matmul"),
-    ("com.microsoft", "MatMulNBits"): (0, 1, "nbits"),
+    ("com.microsoft", "MatMulNBits"): (0, 1, "nbits"), ("com.microsoft", "MatMulBnb4"): (0, 1, "bnb4"),
     ("", "Gemm"): (0, 1, "gemm"), ("com.microsoft", "QGemm"): (0, 3, "gemm"),
     ("", "Conv"): (0, 1, "conv"), ("", "ConvInteger"): (0, 1, "conv"), ("", "QLinearConv"): (0, 3, "conv"),
 }
@@ -198,6 +198,7 @@ def static_types(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     """Element types and dims of every value, by ONNX shape inference on a weight-less copy of
     `model` with `input_shapes` set and shape arithmetic folded into constants."""
     lean = weightless_copy(model, input_shapes)
+    _as_plain_matmuls(lean)
     for _ in range(8):  # each round folds what the previous inference made static
         inferred = _infer(lean)
         lean, folded = _fold_shape_arithmetic(lean, inferred)
@@ -315,6 +316,28 @@ def _fold_shape_arithmetic(lean: onnx.ModelProto, inferred: onnx.ModelProto) -> 
     return out, True
 
 
+# com.microsoft linears with a packed weight, which ONNX shape inference does not know: for
+# inference alone they stand in `lean` as a MatMul of A by a weightless [K, N] input.
+_PACKED_LINEARS = frozenset({"MatMulBnb4", "MatMulNBits"})
+
+
+def _as_plain_matmuls(lean: onnx.ModelProto) -> None:
+    """Replace (in place) each packed-weight linear of `lean` by MatMul(A, W) with W a typed
+    [K, N] graph input (no data): the same output shape, which inference then carries on."""
+    nodes = list(lean.graph.node)
+    for index, node in enumerate(nodes):
+        if node.domain != "com.microsoft" or node.op_type not in _PACKED_LINEARS or not node.output:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
+        if set(attrs) != {"K", "N"}:
+            continue
+        weight = f"{node.output[0]}__shape_of_packed_weight"
+        lean.graph.input.append(onnx.helper.make_tensor_value_info(weight, TensorProto.FLOAT, [attrs["K"], attrs["N"]]))
+        nodes[index] = onnx.helper.make_node("MatMul", [node.input[0], weight], [node.output[0]], name=node.name)
+    del lean.graph.node[:]
+    lean.graph.node.extend(nodes)
+
+
 class _Counter:
     """Adds up the counts node by node."""
 
@@ -362,7 +385,10 @@ class _Counter:
             else:
                 k = a_dims[-1]
             macs = math.prod(out) * k
-        if kind == "nbits":
+        if kind == "bnb4":  # 4-bit NormalFloat (quant_type 1) or FP4 (0) codes, float activations
+            attrs = {a.name: a.i for a in node.attribute}
+            w_dtype = "nf4" if attrs.get("quant_type", 1) == 1 else "fp4"
+        elif kind == "nbits":
             attrs = {a.name: a.i for a in node.attribute}
             w_dtype = f"uint{attrs.get('bits', 4)}"
             if attrs.get("accuracy_level", 0) == ORT_MATMULNBITS_ACCURACY_LEVEL:

@@ -142,6 +142,8 @@ def cost_model(core: str) -> CostModel:
                "op_mac_uint16_int8": rates.get("nbits_int8", nbits),
                "op_mac_float32_float32": fp32, "op_mac_uint8_int4": fp32, "op_mac_uint16_uint16": fp32,
                "op_mac_float32_int8": fp32, "op_mac_float32_int4": fp32,
+               # MatMulBnb4 (--weights nf4): the weight dequantized, an fp32 GEMM
+               "op_mac_float32_nf4": fp32, "op_mac_float32_fp4": fp32,
                # float8 QDQ (an x86-compiled accuracy study): no float8 kernel, dequantized to fp32
                **{f"op_mac_{a}_{w}": fp32 for a, w in (("float8e4m3fn", "float8e4m3fn"), ("float8e4m3fn", "float32"),
                                                        ("float32", "float8e4m3fn"), ("uint8", "float8e4m3fn"))}}

@@ -88,6 +88,8 @@ def _cost_model(qgemm_rate: float, nbits_rate: float, fp32_rate: float, source: 
              "op_mac_int8_int8": nbits_rate, "op_mac_int8_int4": nbits_rate, "op_mac_uint16_int8": nbits_rate,
              "op_mac_float32_float32": fp32_rate, "op_mac_uint8_int4": fp32_rate, "op_mac_uint16_uint16": fp32_rate,
              "op_mac_float32_int8": fp32_rate, "op_mac_float32_int4": fp32_rate,
+             # MatMulBnb4 (--weights nf4): the CPU kernel dequantizes the weight and runs an fp32 GEMM
+             "op_mac_float32_nf4": fp32_rate, "op_mac_float32_fp4": fp32_rate,
              # float8 (--weights/--activations fp8): no x86 float8 kernel, both sides dequantized to fp32
              **{f"op_mac_{a}_{w}": fp32_rate for a, w in (("float8e4m3fn", "float8e4m3fn"), ("float8e4m3fn", "float32"),
                                                           ("float32", "float8e4m3fn"), ("uint8", "float8e4m3fn"))},

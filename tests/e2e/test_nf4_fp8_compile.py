@@ -57,6 +57,17 @@ def test_nf4_g64_compiles_verifies_and_is_deterministic(llama_export, calib_dir,
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["block_size"] == 64 and attrs["quant_type"] == 1
     assert {o.domain: o.version for o in model.opset_import}.get("com.microsoft") == 1
+    # `edgeq estimate` counts the NF4 linears (shape inference does not know MatMulBnb4): K x N per token
+    from edgeq.cost import count_work
+
+    work = count_work(model)
+    tokens = int(np.prod(work.input_shapes["input_ids"]))
+    expected = tokens * sum(next(a.i for a in n.attribute if a.name == "K") * next(a.i for a in n.attribute if a.name == "N")
+                            for n in bnb)
+    assert work.counts["op_mac_float32_nf4"] == expected
+    assert work.counts["weight_bytes_nf4"] == expected // tokens // 2  # two 4-bit codes a byte
+    result = CliRunner().invoke(cli, ["estimate", str(tmp_path / "a.onnx"), "-t", "x86-vnni"])
+    assert result.exit_code == 0 and "op_mac_float32_nf4" in result.output, result.output
 
 
 def test_fp8_w8a8_compiles_and_verifies(llama_export, calib_dir, tmp_path):
