@@ -16,19 +16,14 @@ datapath) keeps the preset's width. The pass runs right after select-precision.
 
 from __future__ import annotations
 
-from edgeq.passes.size_budget import (
-    _leading_tokens,
-    apply_width,
-    budget_units,
-    measure_unit_errors,
-)
+from edgeq.passes.size_budget import WidthErrors, apply_width, budget_units
 from edgeq.targets.base import LinearLatencies, Target
 
-from edgeq.errors import CalibrationError, OptionError
+from edgeq.errors import OptionError
 from edgeq.ir import Graph
 from edgeq.options import CompileOptions
 from edgeq.pipeline import Pass, PassContext, PassResult
-from edgeq.pipeline.artifacts import CALIBRATION_DATA, QUANT_PLAN
+from edgeq.pipeline.artifacts import QUANT_PLAN
 from edgeq.quant.budget import (
     LATENCY_BUDGET,
     LINEAR_LATENCIES,
@@ -49,10 +44,7 @@ class LatencyBudget(Pass):
                  tokens: int = 64, threads: int = 0, hessian_budget_mb: int = 256):
         self.budget_ms = budget_ms
         self.group = group
-        self.samples = samples
-        self.tokens = tokens
-        self.threads = threads
-        self.hessian_budget = hessian_budget_mb * 2**20
+        self.errors = WidthErrors(samples, tokens, threads, hessian_budget_mb)
 
     @classmethod
     def from_options(cls, options: CompileOptions, target: Target) -> LatencyBudget:
@@ -76,13 +68,7 @@ class LatencyBudget(Pass):
                               f"reach on {latencies.device}: {1e3 * low:.3f} ms (every linear at "
                               f"{units[0].widths[0].dtype}; {1e3 * high:.3f} ms at {units[0].widths[-2].dtype})",
                               fix="give a larger budget or a larger device")
-        data = ctx.artifacts.get(CALIBRATION_DATA)
-        if data is None:
-            raise CalibrationError("--latency-budget ranks the layers by their output error on calibration data, "
-                                   "and none was given", fix="pass --calib or --calib-text")
-        feeds = [dict(f) for _, f in zip(range(self.samples), data)]
-        measure_unit_errors(graph, plan, units, feeds, _leading_tokens(feeds, self.tokens), self.threads,
-                            self.hessian_budget, ctx)
+        self.errors.measure(graph, plan, units, ctx, "--latency-budget")
         for unit in units:  # measured with the float width last (as the size budget's); a device datapath has none
             unit.widths = [w for w in unit.widths if w.spec is not None]
         capacity = int((budget - low) * 1e9)

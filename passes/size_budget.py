@@ -27,6 +27,7 @@ given); later passes see only the plan's per-op weight specs.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,7 @@ class SizeBudget(Pass):
         self.budget = budget
         self.given = given or (f"{budget}" if budget is not None else "")
         self.group = group
-        self.samples = samples
-        self.tokens = tokens
-        self.threads = threads
-        self.hessian_budget = hessian_budget_mb * 2**20
+        self.errors = WidthErrors(samples, tokens, threads, hessian_budget_mb)
 
     @classmethod
     def from_options(cls, options: CompileOptions, target: Target) -> SizeBudget:
@@ -100,13 +98,7 @@ class SizeBudget(Pass):
         narrowest = min((u.widths[0].dtype for u in units if u.kind == "linear"), default="float")
         if not units or not reachable[0] <= budget < min(reachable[1], float_file):
             raise infeasible(budget, reachable, float_file, self.given, narrowest)
-        data = ctx.artifacts.get(CALIBRATION_DATA)
-        if data is None:
-            raise CalibrationError("--size-budget ranks the layers by their output error on calibration data, "
-                                   "and none was given", fix="pass --calib or --calib-text")
-        feeds = [dict(f) for _, f in zip(range(self.samples), data)]
-        measure_unit_errors(graph, plan, units, feeds, _leading_tokens(feeds, self.tokens), self.threads,
-                        self.hessian_budget, ctx)
+        samples = self.errors.measure(graph, plan, units, ctx, "--size-budget")
         picks, error = choose(units, budget - reachable[0])
         choice = BudgetChoice(budget, base, sum(u.widths[j].nbytes for u, j in zip(units, picks)), reachable, error)
         by_name = {p.op.name: p for p in plan.ops}
@@ -118,10 +110,33 @@ class SizeBudget(Pass):
         ctx.artifacts[SIZE_BUDGET] = choice
         stats = {"budget_mb": round(budget / 1e6, 3), "estimated_mb": round(choice.total_bytes / 1e6, 3),
                  "reachable_mb": f"{reachable[0] / 1e6:.1f}..{reachable[1] / 1e6:.1f}",
-                 "error_estimate": round(error, 6), "samples": len(feeds),
+                 "error_estimate": round(error, 6), "samples": samples,
                  "quantized_bytes": sum(u.widths[j].nbytes for u, j in zip(units, picks) if u.widths[j].spec)}
         stats.update({f"{dtype}_weights": n for dtype, n in sorted(choice.counts().items())})
         return PassResult(graph, True, stats)
+
+
+@dataclass(frozen=True)
+class WidthErrors:
+    """How a budget measures each unit's widths' errors (`measure_unit_errors`): on the first
+    `samples` calibration samples, output errors on their first `tokens` positions, the layers'
+    Hessians in chunks of at most `hessian_budget_mb`."""
+
+    samples: int = 1
+    tokens: int = 64
+    threads: int = 0
+    hessian_budget_mb: int = 256
+
+    def measure(self, graph: Graph, plan: QuantPlan, units: list[Unit], ctx: PassContext, flag: str) -> int:
+        """Fill every unit's width errors; the number of samples measured on."""
+        data = ctx.artifacts.get(CALIBRATION_DATA)
+        if data is None:
+            raise CalibrationError(f"{flag} ranks the layers by their output error on calibration data, "
+                                   "and none was given", fix="pass --calib or --calib-text")
+        feeds = [dict(f) for _, f in zip(range(self.samples), data)]
+        measure_unit_errors(graph, plan, units, feeds, _leading_tokens(feeds, self.tokens), self.threads,
+                            self.hessian_budget_mb * 2**20, ctx)
+        return len(feeds)
 
 
 def apply_width(plan: QuantPlan, op_plan: OpPlan, width: Width) -> None:
