@@ -9,8 +9,13 @@ fused ops onnxruntime-genai's own graphs use; `fuse=False` keeps the canonical f
 file, sizes and input/output names, token ids, search defaults, session options with the
 provider) and, with a tokenizer, `tokenizer.json` + `tokenizer_config.json`.
 
-The cache grows by concatenation (present = past + new tokens), so the loop runs without a
-shared past/present buffer (`past_present_share_buffer` false). The provider is the one the
+Where every cache tensor is read and written only by fused `GroupQueryAttention` ops (a float
+cache), the loop shares one past/present buffer of `context_length` tokens per tensor
+(`past_present_share_buffer` true, as onnxruntime-genai's builder writes it): the op appends the
+new tokens in place, where otherwise each step copies the whole cache into a new present tensor
+(SmolLM2 W4A16: +11% decode tokens/s). Any other reader or writer (canonical attention with
+`present = Concat(past, new)`, a quantized cache) keeps the cache growing by concatenation, without
+a shared buffer. The provider is the one the
 model was compiled for (recorded in its metadata) unless `GenaiOptions.provider` names another;
 `PROVIDERS` maps ONNX Runtime's provider names to the loop's.
 """
@@ -88,8 +93,9 @@ def package_genai(model: str | os.PathLike[str], output: str | os.PathLike[str],
                            fix="give --num-attention-heads")
     provider = _provider(skeleton, options.provider)
     fusion = fuse_for_onnxruntime(graph, options.context_length) if options.fuse else None
+    share_buffer = _cache_in_place(graph, layout)
     decoder_io.rename(graph, layout.standard_names())
-    config = genai_config(layout, options, tokens, heads, provider)
+    config = genai_config(layout, options, tokens, heads, provider, share_buffer=share_buffer)
     with package_folder(output, overwrite=options.overwrite) as folder:
         save(graph, folder / MODEL_FILE)
         weights = sorted(p.name for p in folder.iterdir() if p.name != MODEL_FILE)
@@ -104,6 +110,8 @@ def package_genai(model: str | os.PathLike[str], output: str | os.PathLike[str],
         package.add(name, "tokenizer")
     if fusion is not None:
         package.notes += fusion.notes()
+    package.notes.append("the loop shares one past/present buffer per cache tensor (GroupQueryAttention appends in place)"
+                         if share_buffer else "the cache grows by concatenation (no shared past/present buffer)")
     if not tokenizer:
         package.notes.append("no tokenizer: the folder generates from token ids (give --tokenizer for text)")
     if provider != "CPUExecutionProvider":
@@ -119,9 +127,36 @@ def _skeleton(graph: Graph) -> onnx.ModelProto:
     return model
 
 
+def _cache_in_place(graph: Graph, layout: decoder_io.DecoderLayout) -> bool:
+    """Whether each past tensor is read only as a GroupQueryAttention's past input and each present
+    one is that op's present output (what a shared past/present buffer needs: the op writes the new
+    tokens at their positions in a buffer of the context length)."""
+    slots = {"key": (3, 1), "value": (4, 2)}  # GroupQueryAttention: past_key/past_value in, present out
+    for layer in layout.layers:
+        for kind, entry in (("key", layer.key), ("value", layer.value)):
+            past_slot, present_slot = slots[kind]
+            past, present = graph.value(entry.past), graph.value(entry.present)
+            consumers = graph.consumers(past)
+            producer = graph.producer(present)
+            if not consumers or producer is None or any(not _is_gqa(op) for op in (*consumers, producer)):
+                return False
+            if any(graph.inputs_of(op)[past_slot] is not past for op in consumers):
+                return False
+            if graph.outputs_of(producer)[present_slot] is not present or consumers != [producer]:
+                return False
+            if graph.consumers(present):  # it would read the whole buffer, unwritten tokens too
+                return False
+    return bool(layout.layers)
+
+
+def _is_gqa(op) -> bool:
+    return op.op_type == "GroupQueryAttention" and op.domain == "com.microsoft"
+
+
 def genai_config(layout: decoder_io.DecoderLayout, options: GenaiOptions, tokens: tokenizers.SpecialTokens,
-                 heads: int, provider: str) -> dict:
-    """genai_config.json as onnxruntime-genai's builder writes it for a decoder-only model."""
+                 heads: int, provider: str, *, share_buffer: bool = False) -> dict:
+    """genai_config.json as onnxruntime-genai's builder writes it for a decoder-only model;
+    `share_buffer`: the graph appends to its cache in place (see `_cache_in_place`)."""
     inputs = {"input_ids": "input_ids",
               "past_key_names": decoder_io.PAST.format(layer="%d", kind="key"),
               "past_value_names": decoder_io.PAST.format(layer="%d", kind="value")}
@@ -157,7 +192,7 @@ def genai_config(layout: decoder_io.DecoderLayout, options: GenaiOptions, tokens
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": options.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 50, "top_p": 1.0,
         },
     }

@@ -90,6 +90,8 @@ def test_config_says_what_the_graph_has(llama_kv, tmp_path):
             decoder["head_size"]) == (cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert config["model"]["vocab_size"] == cfg.vocab_size
+    # The export's attention stays as it is (its mask is not the canonical one until a compile
+    # rewrites it): present = Concat(past, new), so no shared past/present buffer.
     assert config["search"]["past_present_share_buffer"] is False
     assert config["model"]["eos_token_id"] == 3
 
@@ -207,6 +209,11 @@ def test_fused_layout_generates_what_the_compiled_model_computes(compiled_w4a16_
     assert all(list(n.input[1:3]) == ["", ""] for n in attention)
     assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node) == 4
     assert sum(n.op_type == "Add" for n in model.graph.node) == 0
+    # Every cache tensor is GroupQueryAttention's alone: the loop shares one buffer per tensor (the
+    # generation below runs so).
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert "shares one past/present buffer" in fused + " ".join(package.notes)
     # The loop reproduces the packaged graph run on the whole sequence (its cache path), and that
     # graph computes what the compiled one does (float rounding apart).
     generated = _genai_greedy(tmp_path / "pkg", PROMPT, NEW)
@@ -232,4 +239,7 @@ def test_unfused_layout_keeps_the_canonical_forms(compiled_w4a16_rotated, tmp_pa
     assert not any("fused" in note for note in package.notes)
     kinds = {n.op_type for n in onnx.load(tmp_path / "pkg" / "model.onnx").graph.node}
     assert "Softmax" in kinds and "GroupQueryAttention" not in kinds
+    # present = Concat(past, new): the cache grows, no shared past/present buffer
+    config = json.loads((tmp_path / "pkg" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
     assert _genai_greedy(tmp_path / "pkg", PROMPT, NEW) == _full_sequence_greedy(compiled_w4a16_rotated, PROMPT, NEW)
