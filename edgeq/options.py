@@ -188,6 +188,44 @@ def parse_outlier_threshold(value: str | float) -> float:
     return threshold
 
 
+def parse_weight_group(text: str) -> tuple[str, int, bool | None]:
+    """One `--weight-group REGEX=N[:asym|:sym]` as (regex, N, zero points: True/False, None: as
+    --weight-zero-points says)."""
+    pattern, _, rest = text.rpartition("=")
+    block, _, kind = rest.partition(":")
+    try:
+        size = int(block) if pattern else None
+    except ValueError:
+        size = None
+    if size is None or kind not in ("", "asym", "sym"):
+        raise OptionError(f"--weight-group {text!r} is not REGEX=BLOCK[:asym|:sym]",
+                          fix="e.g. --weight-group 'down_proj|lm_head=32:asym'")
+    return pattern, size, {"": None, "asym": True, "sym": False}[kind]
+
+
+def _typed_weight_groups(value) -> tuple[tuple[str, int, bool | None], ...]:
+    """weight_groups as ((regex, block, zero points), ...), from that form, (regex, block) pairs, a
+    {regex: block or "block:asym"} table or REGEX=N[:asym|:sym] texts."""
+    items = value.items() if isinstance(value, dict) else value
+    out: list[tuple[str, int, bool | None]] = []
+    for item in items:
+        if isinstance(item, str):
+            entry = parse_weight_group(item)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str):
+            entry = parse_weight_group(f"{item[0]}={item[1]}")
+        else:
+            entry = (*item, None) if len(item) == 2 else tuple(item)
+        pattern, block, zero_points = entry
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise OptionError(f"invalid --weight-group regex {pattern!r}: {err}") from None
+        if not isinstance(block, int) or block < 1:
+            raise OptionError(f"--weight-group {pattern}={block}: the block size must be a positive integer")
+        out.append((pattern, block, zero_points))
+    return tuple(out)
+
+
 def _typed_input_shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """input_shapes as ((name, dims), ...), from that form, a {name: dims} table or NAME=D0,.. texts."""
     items = value.items() if isinstance(value, dict) else value
@@ -245,6 +283,11 @@ class CompileOptions:
     # nf4: 4-bit NormalFloat codes with block absmax scales; fp8: float8 E4M3FN. None: the target's default.
     weights: Literal["int8", "int4", "nf4", "fp8"] | None = None
     group: int | None = None                                # block size for int4 (and int8 if set)
+    # Per-linear block sizes (--weight-group REGEX=N[:asym|:sym], repeatable): a quantized op whose
+    # name matches REGEX (the first that does) takes block-wise weights in blocks of N instead of
+    # --group's, with zero points (asym), without (sym) or as --weight-zero-points says (finer
+    # blocks where a layer needs them: an LM head, an unrotated down_proj).
+    weight_groups: tuple[tuple[str, int, bool | None], ...] = ()
     activations: Literal["int8", "int16", "float", "fp8"] | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     overrides: PrecisionOverrides = field(default_factory=PrecisionOverrides)
@@ -261,6 +304,11 @@ class CompileOptions:
     smooth_alpha: float | None = None
     smooth_alpha_grid: tuple[float, ...] | None = None
     rotate: bool | None = None            # Hadamard rotation (QuaRot); None: the target's choice
+    # False: the rotation only folds into weights (a pre-norm residual stream, the per-head V/O
+    # fold) and adds no online Hadamard (before o_proj/down_proj, on q/k): no kernel a decode step
+    # launches, at some accuracy (SmolLM2 W4A16 g128: 47.38 -> 48.66). Graphs without a stream
+    # to fold into are left unrotated.
+    online_rotations: bool = True
     # LLM.int8-style decomposition (--decompose-outliers [THRESHOLD]): the input columns of a
     # quantized linear whose calibrated |x| exceeds the threshold run in float, the rest in int8.
     # An alternative to the rotation: given, the rotation is off unless --rotate asks for both.
@@ -277,6 +325,10 @@ class CompileOptions:
     # presets, as llama.cpp (Q6_K output tensor) and GPTQ/AWQ tools (lm_head unquantized) do:
     # its error reaches every logit directly. "int4" quantizes it like the other linears.
     head_weights: Literal["int8", "int4"] = "int8"
+    # Weights with a zero point per block (asymmetric: 16 levels over each block's [min, max])
+    # where the target's runtime takes them (Target.zero_point_weights: int4 on x86/ARM), as
+    # onnxruntime-genai's builder and llama.cpp's Q4_1 store them; default symmetric.
+    weight_zero_points: bool = False
     accuracy_budget: float | None = None  # max relative output error; keeps worst ops high until met
     # --size-budget: the compiled model's bytes at most this ratio of the float model (<= 1) or
     # these megabytes (> 1); each linear's weights go to int4/int8/float (passes/size_budget.py).
@@ -294,6 +346,7 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shapes", _typed_input_shapes(self.input_shapes))
+        object.__setattr__(self, "weight_groups", _typed_weight_groups(self.weight_groups))
         if self.weights not in (None, "int8", "int4", "nf4", "fp8"):
             raise OptionError(f"--weights must be int8, int4, nf4 or fp8, not {self.weights!r}")
         if self.activations not in (None, "int8", "int16", "float", "fp8"):

@@ -45,6 +45,7 @@ class SelectPrecision(Pass):
         roles = find_roles(graph)
         plan = QuantPlan(scheme=scheme, roles=roles, whole_graph=target.whole_graph)
         heads = set(lm_heads(graph, roles)) if scheme.head_weight is not None else set()
+        regrouped: dict[str, int] = {}
         for op in graph.topo_order():
             if not op.name:
                 op.name = graph.unique_op_name(op.op_type)
@@ -54,6 +55,7 @@ class SelectPrecision(Pass):
                 op_plan = (_plan_whole_graph_op(graph, op, scheme, head) if target.whole_graph
                            else self._plan_op(graph, op, scheme, head))
                 op_plan.two_digit = self._two_digit(op, op_plan)
+                self._regroup(op, op_plan, regrouped)
                 if op_plan.activations or op_plan.weights:
                     plan.ops.append(op_plan)
                     continue
@@ -64,6 +66,9 @@ class SelectPrecision(Pass):
         stats = {"ops_quantized": len(plan.ops), "ops_kept_high": len(plan.kept_high)}
         if heads:
             stats["lm_head_weights"] = f"{scheme.head_weight.dtype} ({', '.join(sorted(op.name for op in heads))})"
+        for pattern, block, zero_points in self.options.weight_groups:
+            kind = {None: "", True: " with zero points", False: " without zero points"}[zero_points]
+            stats[f"weights in blocks of {block}{kind} (/{pattern}/)"] = regrouped.get(pattern, 0)
         return PassResult(graph, False, stats)
 
     def _reason_kept_high(self, graph: Graph, op: Op, role: Role | None, scheme: Scheme, target: Target,
@@ -80,6 +85,20 @@ class SelectPrecision(Pass):
                 role != Role.EMBEDDING or not self.options.quantize_embeddings):
             return "not an embedding table"
         return None
+
+    def _regroup(self, op: Op, plan: OpPlan, counts: dict[str, int]) -> None:
+        """--weight-group: the first pattern matching the op's name sets its weights' block size
+        (and zero points, where it says)."""
+        import re
+
+        for pattern, block, zero_points in self.options.weight_groups:
+            if re.search(pattern, op.name):
+                blocked = {slot: spec for slot, spec in plan.weights.items() if spec.granularity == Granularity.BLOCK}
+                for slot, spec in blocked.items():
+                    spec = spec.blocked(block)
+                    plan.weights[slot] = spec if zero_points is None else spec.replace(symmetric=not zero_points)
+                counts[pattern] = counts.get(pattern, 0) + bool(blocked)
+                return
 
     def _two_digit(self, op: Op, plan: OpPlan) -> bool:
         import re

@@ -168,7 +168,7 @@ def _arm_target(name: str, description: str, weight: QSpec, core: str, notes: tu
         # int4 presets rotate; W8A8 where the graph has a pre-norm residual stream to fold it into.
         default_pipeline=X86_VNNI.default_pipeline, rotate_weights=X86_VNNI.rotate_weights,
         rotate_stream_weights=X86_VNNI.rotate_stream_weights, signed_weight_scales=True,
-        cost_model=cost_model(core), notes=notes))
+        zero_point_weights=X86_VNNI.zero_point_weights, cost_model=cost_model(core), notes=notes))
 
 
 ARM_NEON = _arm_target(

@@ -314,6 +314,10 @@ class Target:
     # data is given (int8 weights where their rounding dominates the error, as on an NPU with
     # 16-bit activations).
     gptq_weights: frozenset[str] = frozenset()
+    # Weight dtypes the runtime also takes with a zero point per block (--weight-zero-points:
+    # asymmetric blocks, 16 levels over each block's [min, max]; ONNX Runtime's MatMulNBits and
+    # OpenVINO's compressed weights read them). Not declared: symmetric only.
+    zero_point_weights: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.weight.dtype in self.weight_specs:
@@ -422,6 +426,9 @@ def _qdq_problems(graph: "Graph", op, target: Target) -> list[str]:
     problems: list[str] = []
     for role, spec in dict.fromkeys(demands):
         candidates, problem = _stored_specs(role, spec, dtype, target)
+        if role == _WEIGHT:  # weights the target also takes with zero points
+            candidates += [c.replace(symmetric=False) for c in candidates
+                           if c.symmetric and c.dtype in target.zero_point_weights]
         if problem:
             found = [problem]
         else:  # accepted when one of the specs the target takes for this dtype holds

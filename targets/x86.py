@@ -174,7 +174,7 @@ def _x86_target(name: str, description: str, weight: QSpec, cost_model: CostMode
         weight_specs={"int4": W_S4_BLOCK, "nf4": W_NF4_BLOCK, "float8e4m3fn": W_FP8_CHANNEL},
         activation_dtypes=frozenset({"uint8", "int8", "int16", "uint16", "float8e4m3fn"}),
         default_pipeline=_PTQ, rotate_weights=_ROTATE_WEIGHTS, rotate_stream_weights=_ROTATE_STREAM_WEIGHTS,
-        signed_weight_scales=True, cost_model=cost_model,
+        signed_weight_scales=True, zero_point_weights=frozenset({"int4"}), cost_model=cost_model,
         **fields))
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edgeq.options import (SMOOTH_SEARCH_GRID, CompileOptions, PrecisionOverrides, parse_input_shape,
-                           parse_latency_budget, parse_outlier_threshold, parse_size_budget)
+                           parse_latency_budget, parse_outlier_threshold, parse_size_budget,
+                           parse_weight_group)
 
 
 def _unchanged(value: Any) -> Any:
@@ -62,9 +63,12 @@ FLAG_FIELDS: tuple[FlagField, ...] = (
     FlagField("weight_rounding", "weight_rounding"),
     FlagField("act_order", "act_order"),
     FlagField("head_weights", "head_weights"),
+    FlagField("weight_group", "weight_groups", lambda texts: tuple(parse_weight_group(t) for t in texts), append=True),
+    FlagField("weight_zero_points", "weight_zero_points"),
     FlagField("smooth_search", "smooth_alpha_grid", _constant(SMOOTH_SEARCH_GRID)),
     FlagField("two_digit", "two_digit", tuple),
     FlagField("rotate", "rotate", given=_given_unless_none),   # --no-rotate is given too
+    FlagField("no_online_rotations", "online_rotations", _constant(False)),
     FlagField("decompose_outliers", "decompose_outliers", parse_outlier_threshold, given=_given_unless_none),
     FlagField("decompose_scales", "decompose_scales"),
     FlagField("no_smooth", "smooth_alpha", _constant(None)),

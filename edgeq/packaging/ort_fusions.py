@@ -151,8 +151,14 @@ def _dense_chains(graph: Graph) -> int:
     return count
 
 
+# A merged product this close to the identity (float32 Hadamards times their transposes: ~1e-7)
+# is dropped.
+IDENTITY_TOLERANCE = 1e-5
+
+
 def _merge_products(graph: Graph) -> int:
-    """MatMul(MatMul(x, A), B) with constant square A, B (the dense chains) -> MatMul(x, A B)."""
+    """MatMul(MatMul(x, A), B) with constant square A, B (the dense chains) -> MatMul(x, A B), or x
+    where A B is the identity."""
     count = 0
     shared: dict[tuple[int, int], Value] = {}
     for op in [op for op in graph.topo_order() if op.op_type == "MatMul" and not op.domain]:
@@ -166,10 +172,19 @@ def _merge_products(graph: Graph) -> int:
                 or b.shape[0] != b.shape[1] or a.shape[0] > DENSE_CHAIN_MAX or _only_consumer(graph, x, "MatMul") is not op:
             continue
         key = (id(graph.inputs_of(first)[1]), id(b_value))
-        if key not in shared:
-            product = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
-            shared[key] = graph.add_constant(graph.unique_name(f"{op.name}/merged_rotation"), product)
         source = graph.inputs_of(first)[0]
+        product = (a.astype(np.float64) @ b.astype(np.float64))
+        if np.abs(product - np.eye(len(product))).max() < IDENTITY_TOLERANCE \
+                and not graph.is_graph_output(graph.outputs_of(op)[0]):
+            # A rotation and its inverse (a value rotation moved past the attention, where no
+            # online Hadamard follows): nothing left to compute.
+            graph.replace_all_uses(graph.outputs_of(op)[0], source)
+            graph.remove_op(op)
+            graph.remove_op(first)
+            count += 1
+            continue
+        if key not in shared:
+            shared[key] = graph.add_constant(graph.unique_name(f"{op.name}/merged_rotation"), product.astype(np.float32))
         graph.set_input(op, 0, source)
         graph.set_input(op, 1, shared[key])
         graph.remove_op(first)

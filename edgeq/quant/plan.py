@@ -12,7 +12,7 @@ from edgeq.errors import OptionError
 from edgeq.ir import Graph, Op, Value
 from edgeq.options import CompileOptions
 from edgeq.frontend.patterns import DATA_MOVEMENT, Roles
-from edgeq.targets.base import OpRule, QSpec, Target
+from edgeq.targets.base import Granularity, OpRule, QSpec, Target
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -37,6 +37,25 @@ class Scheme:
                               fix=f"use one of {', '.join(sorted(target.weight_dtypes))}")
         if options.group:
             weight = weight.blocked(options.group)
+        for pattern, block, zero_points in options.weight_groups:  # what the kernel rejects fails before any work
+            if weight.granularity != Granularity.BLOCK:
+                raise OptionError(f"--weight-group {pattern}={block}: {dtype} weights are "
+                                  f"{weight.granularity.value}-wise on target {target.name}, not blocks",
+                                  fix="use it with block-wise weights (--weights int4)")
+            if block not in weight.accepted_block_sizes:
+                raise OptionError(f"--weight-group {pattern}={block}: {dtype} weights take no block size {block} "
+                                  f"on target {target.name}",
+                                  fix=f"use one of {', '.join(map(str, weight.accepted_block_sizes))}")
+            if zero_points and weight.dtype not in target.zero_point_weights:
+                raise OptionError(f"--weight-group {pattern}={block}:asym: target {target.name} takes {dtype} "
+                                  "weights without zero points", fix="drop :asym")
+        if options.weight_zero_points:
+            if weight.dtype not in target.zero_point_weights:
+                raise OptionError(f"target {target.name} takes {dtype} weights without zero points",
+                                  fix="drop --weight-zero-points" + (
+                                      f" (or use --weights {' / '.join(sorted(target.zero_point_weights))})"
+                                      if target.zero_point_weights else ""))
+            weight = weight.replace(symmetric=False)
         if weight.dtype in _WEIGHT_ONLY and options.activations != "float":
             raise OptionError(f"{dtype} weights are weight-only (MatMulBnb4 computes with float activations)",
                               fix="add --activations float")
@@ -46,6 +65,8 @@ class Scheme:
         # The LM head keeps `head_weights` where that spec is wider than the other linears'.
         head = target.weight_spec(options.head_weights)
         head_weight = head if head is not None and head.bits > weight.bits else None
+        if head_weight is not None and options.weight_zero_points and head_weight.dtype in target.zero_point_weights:
+            head_weight = head_weight.replace(symmetric=False)
         act_label = options.activations or ("int16" if target.activation.bits == 16 else "int8")
         rules = {}
         for kind, rule in target.ops.items():
@@ -70,6 +91,8 @@ class Scheme:
             rules[kind] = replace(rule, activations=acts, weight=rule_weight)
         activation_bits = {"int8": "A8", "int16": "A16", "float": " weight-only", "fp8": "A8"}[act_label]
         label = f"W{weight.bits}{activation_bits}" + (f" g{weight.block_size}" if weight.block_size else "")
+        if options.weight_zero_points:
+            label += " zero points"
         if weight.dtype in _LABELS:  # not integer: say which format
             label += f" {_LABELS[weight.dtype]}"
         return cls(rules, label, head_weight, dtype)

@@ -201,9 +201,12 @@ class HadamardRotation(Pass):
         # q/k rotations only change the scores' quantization: they pay where q and k are 8-bit,
         # and under float or 16-bit activations are two products per layer for nothing.
         eight_bit = activation is not None and not activation.is_float and activation.bits <= 8
+        online = options.online_rotations
         return cls(enabled=True, activation_spec=activation, weight_spec=weight,
                    smooth_grid=(0.0, 0.5, 0.7, 0.85) if activation is not None else (),
-                   only_with_stream=rotate == "if-stream", qk=eight_bit, online_op=target.online_rotation_op)
+                   only_with_stream=rotate == "if-stream" or not online, qk=eight_bit and online,
+                   online_op=target.online_rotation_op,
+                   online_mlp=online, attention="fold+online" if online else "fold")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.enabled:

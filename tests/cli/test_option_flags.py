@@ -149,12 +149,15 @@ def test_no_smooth_wins_over_smooth_and_the_config(capsys, monkeypatch, tmp_path
 def test_every_field_flag(capsys, monkeypatch, tmp_path, files):
     argv = ["--weights", "int8", "--group", "32", "--activations", "int16", "--calib-method", "percentile",
             "--percentile", "99.9", "--keep-high", "3", "--sensitivity", "--smooth", "0.6",
-            "--weight-rounding", "gptq", "--act-order", "--head-weights", "int4", "--rotate",
+            "--weight-rounding", "gptq", "--act-order", "--head-weights", "int4", "--weight-zero-points", "--weight-group", "down_proj|lm_head=32",
+            "--weight-group", "o_proj=64:sym", "--no-online-rotations", "--rotate",
             "--accuracy-budget", "0.05", "--threads", "2", "--tensor-overrides", files["overrides"],
             "--nodes-to-exclude", files["exclude_txt"]]
     expected = CompileOptions(
         weights="int8", group=32, activations="int16", keep_high=3, sensitivity=True, smooth_alpha=0.6,
-        weight_rounding="gptq", act_order=True, head_weights="int4", rotate=True, accuracy_budget=0.05, threads=2,
+        weight_rounding="gptq", act_order=True, head_weights="int4", weight_zero_points=True, rotate=True,
+        weight_groups=(("down_proj|lm_head", 32, None), ("o_proj", 64, False)), online_rotations=False,
+        accuracy_budget=0.05, threads=2,
         calibration=CalibrationOptions(method="percentile", percentile=99.9),
         overrides=PrecisionOverrides(
             exclude_nodes=("n5", "n6"),

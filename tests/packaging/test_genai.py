@@ -234,6 +234,29 @@ def test_fused_layout_generates_what_the_compiled_model_computes(compiled_w4a16_
     assert error < 1e-3, error
 
 
+def test_folded_rotation_packages_without_any_online_rotation(llama_kv, tmp_path):
+    """--no-online-rotations with zero points (the decode-speed layout): the residual stream and the
+    per-head V/O fold are in the weights; the fold's rotation and its inverse around the cache
+    cancel in the package, so every MatMul left is a quantized linear."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, 2000)
+    options = CompileOptions(weights="int4", group=16, activations="float", rotate=True, online_rotations=False,
+                             weight_zero_points=True, head_weights="int4")
+    compiled = compile(llama_kv, "x86-vnni", options, calibration=TokenWindows(ids, 24, 4, decode_steps=2))
+    path = compiled.save(tmp_path / "folded.onnx")
+    assert "zero points" in compiled.report.scheme
+    package = package_genai(path, tmp_path / "pkg", GenaiOptions(eos_token_id=0, context_length=64))
+    notes = " ".join(package.notes)
+    assert "2 attention -> GroupQueryAttention" in notes and "consecutive rotations" in notes
+    model = onnx.load(tmp_path / "pkg" / "model.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in matmuls)
+    assert not any(n.op_type in ("Einsum", "Reshape", "Transpose") for n in model.graph.node)
+    assert json.loads((tmp_path / "pkg" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    generated = _genai_greedy(tmp_path / "pkg", PROMPT, NEW)
+    assert generated == _full_sequence_greedy(path, PROMPT, NEW)
+
+
 def test_unfused_layout_keeps_the_canonical_forms(compiled_w4a16_rotated, tmp_path):
     package = package_genai(compiled_w4a16_rotated, tmp_path / "pkg", GenaiOptions(eos_token_id=0, fuse=False))
     assert not any("fused" in note for note in package.notes)

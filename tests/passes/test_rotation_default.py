@@ -64,6 +64,22 @@ def test_w8a8_leaves_an_encoder_unrotated_and_says_what_rotate_would_cost(synthe
     assert rotated.graph.ops_of_type("Einsum")
 
 
+def test_no_online_rotations_folds_the_stream_and_adds_no_op(synthetic_llama, synthetic_bert, llama_samples,
+                                                            bert_samples):
+    """--no-online-rotations: a decoder's stream (and per-head V/O) rotation folds into the weights and
+    no Einsum is added; an encoder, which only online Hadamards would rotate, is left as it is."""
+    options = dict(weights="int4", activations="float", weight_rounding="rtn", rotate=True, online_rotations=False)
+    folded = _compile(synthetic_llama, llama_samples, **options)
+    stats = {p.name: p.stats for p in folded.report.passes}
+    assert stats["hadamard-rotation"]["stream"] == 1 and not folded.graph.ops_of_type("Einsum")
+    assert folded.report.settings["Hadamard rotation"].startswith("stream")
+    online = _compile(synthetic_llama, llama_samples, **{**options, "online_rotations": True})
+    assert online.graph.ops_of_type("Einsum")  # the default: online Hadamards before o_proj/down_proj
+    encoder = _compile(synthetic_bert, bert_samples, **options)
+    assert {p.name: p.stats for p in encoder.report.passes}["hadamard-rotation"] == {"rotated": 0, "no_stream": 1}
+    assert not encoder.graph.ops_of_type("Einsum")
+
+
 @pytest.mark.parametrize("name", ["llama_tiny_torchscript", "llama_tiny_dynamo"])
 def test_torch_exports_rotate_too(name, shared_dir, tmp_path):
     """torch.onnx reads the embedding's shape for the mask (a Shape reader of the stream) and
