@@ -18,7 +18,7 @@ prefill and decode steps). The builder folders: `python -m onnxruntime_genai.mod
 - speed: 128 new tokens after a 64-token prompt at batch 1, `--threads` threads, through
   onnxruntime-genai for the edgeq package and both builder outputs, interleaved, median of
   `--repeats`; prefill and decode tokens/s, the weight bytes each decode step reads (model files)
-  and the cache bytes per token;
+  and the cache bytes per token (the packages take turns within each repeat, the order rotated);
 - kv: the float cache model with its cache quantized by the `quantize-kv-cache` pass (int8 and int4;
   values per token, and per channel as onnxruntime-genai can carry them; `-rotated`: keys and values
   multiplied by a head-dim Hadamard before they are quantized, and back after; `-centered`: static
@@ -171,9 +171,10 @@ def part_speed(args, out: dict, folder: Path) -> None:
     runs: dict[str, list] = {name: [] for name in models}
     for name, model in models.items():  # warm-up
         kd.genai_greedy(model, prompt, 8, force_length=True)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            runs[name].append(kd.genai_greedy(model, prompt, NEW_TOKENS, force_length=True))
+    names = list(models)
+    for repeat in range(args.repeats):  # interleaved, the order rotated each repeat (no seat favoured)
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            runs[name].append(kd.genai_greedy(models[name], prompt, NEW_TOKENS, force_length=True))
     rows = {}
     for name, speeds in runs.items():
         rows[name] = {"prefill_tokens_per_s": round(statistics.median(s.prefill_tps for s in speeds), 1),
@@ -181,7 +182,7 @@ def part_speed(args, out: dict, folder: Path) -> None:
                       "weight_bytes": _folder_bytes(Path(candidates[name])),
                       "decode_weight_bytes": kd.decode_weight_bytes(Path(candidates[name]) / "model.onnx"),
                       "runs": [s.row() for s in speeds]}
-    if "builder int4" in runs:  # interleaved: repeat i of each ran back to back
+    if "builder int4" in runs:  # interleaved: repeat i of each ran in the same round
         out_ratio = [round(a.decode_tps / b.decode_tps, 3) for a, b in zip(runs["edgeq W4A16 package"], runs["builder int4"])]
         rows["edgeq W4A16 package"]["decode_vs_builder_int4_per_repeat"] = out_ratio
         rows["edgeq W4A16 package"]["decode_vs_builder_int4_median"] = statistics.median(out_ratio)

@@ -73,7 +73,9 @@ def fuse_for_onnxruntime(graph: Graph, context_length: int) -> FusionReport:
     report.fused["RMSNorm -> SimplifiedLayerNormalization"] = _rms_norms(graph)
     report.fused["residual Add + RMSNorm -> SkipSimplifiedLayerNormalization"] = _skip_norms(graph)
     report.fused["rotation chain -> one MatMul"] = _dense_chains(graph)
-    report.fused["consecutive rotations -> one MatMul"] = _merge_products(graph)
+    merged, cancelled = _merge_products(graph)
+    report.fused["consecutive rotations -> one MatMul"] = merged
+    report.fused["a rotation and its inverse -> nothing"] = cancelled
     sweep_dead(graph)
     for value in list(graph.initializers):  # constants only the replaced ops read
         if not graph.consumers(value) and not graph.is_graph_output(value) and value not in graph.inputs:
@@ -156,10 +158,10 @@ def _dense_chains(graph: Graph) -> int:
 IDENTITY_TOLERANCE = 1e-5
 
 
-def _merge_products(graph: Graph) -> int:
+def _merge_products(graph: Graph) -> tuple[int, int]:
     """MatMul(MatMul(x, A), B) with constant square A, B (the dense chains) -> MatMul(x, A B), or x
-    where A B is the identity."""
-    count = 0
+    where A B is the identity. Returns (merged, cancelled)."""
+    count = cancelled = 0
     shared: dict[tuple[int, int], Value] = {}
     for op in [op for op in graph.topo_order() if op.op_type == "MatMul" and not op.domain]:
         if op not in set(graph.ops()):
@@ -181,7 +183,7 @@ def _merge_products(graph: Graph) -> int:
             graph.replace_all_uses(graph.outputs_of(op)[0], source)
             graph.remove_op(op)
             graph.remove_op(first)
-            count += 1
+            cancelled += 1
             continue
         if key not in shared:
             shared[key] = graph.add_constant(graph.unique_name(f"{op.name}/merged_rotation"), product.astype(np.float32))
@@ -189,7 +191,7 @@ def _merge_products(graph: Graph) -> int:
         graph.set_input(op, 1, shared[key])
         graph.remove_op(first)
         count += 1
-    return count
+    return count, cancelled
 
 
 def _chain_from(graph: Graph, start: Op) -> tuple[Value, list[Op], np.ndarray] | None:

@@ -246,7 +246,7 @@ def test_folded_rotation_packages_without_any_online_rotation(llama_kv, tmp_path
     assert "zero points" in compiled.report.scheme
     package = package_genai(path, tmp_path / "pkg", GenaiOptions(eos_token_id=0, context_length=64))
     notes = " ".join(package.notes)
-    assert "2 attention -> GroupQueryAttention" in notes and "consecutive rotations" in notes
+    assert "2 attention -> GroupQueryAttention" in notes and "2 a rotation and its inverse -> nothing" in notes
     model = onnx.load(tmp_path / "pkg" / "model.onnx")
     producers = {o: n for n in model.graph.node for o in n.output}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
