@@ -69,9 +69,10 @@ def _check_writable(path: Path | None) -> None:
 @click.option("--act-order", is_flag=True, help="GPTQ: round input channels by decreasing Hessian diagonal.")
 @click.option("--head-weights", type=click.Choice(["int8", "int4"]),
               help="LM head weight precision (default int8, also under --weights int4).")
-@click.option("--weight-group", multiple=True, metavar="REGEX=N",
-              help="Linears whose name matches REGEX take block-wise weights in blocks of N instead of --group's "
-                   "(repeatable; the first match wins), e.g. 'down_proj|lm_head=32'.")
+@click.option("--weight-group", multiple=True, metavar="REGEX=N[:asym|:sym]",
+              help="Linears whose name matches REGEX take block-wise weights in blocks of N instead of --group's, "
+                   "with zero points (:asym) or without (:sym) (repeatable; the first match wins), "
+                   "e.g. 'down_proj|lm_head=32:asym'.")
 @click.option("--weight-zero-points", is_flag=True,
               help="Weights with a zero point per block (asymmetric int4, as llama.cpp's Q4_1), where the "
                    "target's runtime takes them (x86, ARM: int4).")
