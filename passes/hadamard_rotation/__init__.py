@@ -378,6 +378,9 @@ class HadamardRotation(Pass):
                 if self.attention == "fold":
                     return
             except (Refuse, HadamardOrderError) as err:
+                if self.attention == "fold":  # fold only: no online Hadamard in its place
+                    summary.skipped.append((x.name, f"per-head fold refused ({err})"))
+                    return
                 summary.notes.append(f"{x.name}: per-head fold refused ({err}); online Hadamard instead")
         self._plan_online(x, ops, plan, summary, online, attention=True)
 

@@ -81,6 +81,19 @@ def test_no_online_rotations_folds_the_stream_and_adds_no_op(synthetic_llama, sy
 
 
 @pytest.mark.parametrize("name", ["llama_tiny_torchscript", "llama_tiny_dynamo"])
+def test_no_online_rotations_on_exports(name, shared_dir, tmp_path):
+    """Where the per-head V/O fold is refused (the TorchScript export's value path), no online
+    Hadamard takes its place under --no-online-rotations."""
+    path = shared_dir / "fixtures" / "exports" / f"{name}.onnx"
+    calib = calibration_dir(tmp_path / "calib", fixture_inputs(shared_dir, name))
+    result = compile_model(path, "x86-vnni", CompileOptions(threads=1, weights="int4", group=32, activations="float",
+                                                             online_rotations=False), calibration=calib)
+    assert result.report.settings["Hadamard rotation"].startswith("stream")
+    assert not result.graph.ops_of_type("Einsum")
+    assert result.report.verification.worst_relative_l2 < 0.3
+
+
+@pytest.mark.parametrize("name", ["llama_tiny_torchscript", "llama_tiny_dynamo"])
 def test_torch_exports_rotate_too(name, shared_dir, tmp_path):
     """torch.onnx reads the embedding's shape for the mask (a Shape reader of the stream) and
     merges equal initializers (one all-ones RMSNorm gain for every layer): neither stops the
