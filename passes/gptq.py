@@ -19,6 +19,10 @@ chunk of layers is rounded before the next chunk's inputs are measured, with the
 weights fed to the model, so later layers compensate the error of earlier ones (GPTQ's
 sequential mode, at the granularity of the Hessian chunks).
 
+Once a layer's codes are final, its scales are solved again by least squares on the same
+Hessian (`refit_rounds`, `edgeq.quant.rounding.refit_scales`): GPTQ picks each group's scale
+before it rounds the group, so the codes it ends with are rarely best served by that scale.
+
 The rounded weights (q, scale, zero point) are stored under `weight_key(...)` in
 `ctx.artifacts[WEIGHT_ROUNDING]`; insert-qdq emits exactly those. The pass changes no graph
 node. Stats: the mean relative layer-output error on the calibration data with
@@ -48,6 +52,11 @@ from edgeq.registry import register_pass
 # from 16 (BENCHMARKS.md, issue 16). The compile draws more windows of the same text up to this
 # many tokens, or says how many samples to give (edgeq.compiler).
 WANTED_TOKENS = 64 * 256
+# Least-squares refits of the scales once the codes are final (`gptq_quantize`'s refit_rounds):
+# SmolLM2 W4A16 without online Hadamards, 47.80 -> 47.70 perplexity (o/down/head g32 with zero
+# points, the rest g128) and 47.50 -> 47.15 (g32 with zero points everywhere); four rounds give
+# no more than one (47.70). BENCHMARKS.md, issue 15.
+REFIT_ROUNDS = 1
 
 
 @register_pass
@@ -58,7 +67,7 @@ class GPTQ(Pass):
     def __init__(self, enabled: bool = True, *, act_order: bool = False, damp: float = 0.01, block: int = 128,
                  clip_ratios: tuple[float, ...] = CLIP_RATIOS, signed_scales: bool = False,
                  sequential: bool = False, required: bool = True, hessian_budget_mb: int = 256,
-                 threads: int = 0):
+                 threads: int = 0, refit_rounds: int = REFIT_ROUNDS):
         """enabled False: the pass does nothing. required False (the target's automatic choice):
         without calibration data the weights keep round-to-nearest instead of failing.
         clip_ratios: each group's range is the min/max shrunk by the ratio whose rounding error,
@@ -70,7 +79,10 @@ class GPTQ(Pass):
         sequential: after each chunk of layers is rounded, the float model runs with those
         layers' rounded weights, so later layers' Hessians include the earlier layers' error
         (GPTQ's sequential mode at the granularity of the Hessian chunks; a smaller
-        hessian_budget_mb makes it finer and costs one more pass over the data per chunk)."""
+        hessian_budget_mb makes it finer and costs one more pass over the data per chunk).
+        refit_rounds: R > 0: once a layer's codes are final, its scales are solved again by least
+        squares on the same Hessian, R times, GPTQ rounding the rows again on the refit scales in
+        between (`edgeq.quant.rounding.gptq_quantize`); 0: GPTQ's own scales."""
         if not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios):
             raise ValueError("clip_ratios: give ratios in (0, 1]")
         if not 0 <= damp < 1:
@@ -85,6 +97,7 @@ class GPTQ(Pass):
         self.required = required
         self.hessian_budget = hessian_budget_mb * 2**20
         self.threads = threads
+        self.refit_rounds = refit_rounds
         # What the compile should give this pass: calibration tokens (0: no wish).
         self.wanted_tokens = WANTED_TOKENS if enabled else 0
 
@@ -152,7 +165,7 @@ class GPTQ(Pass):
                 w = np.concatenate(part, axis=1) if len(part) > 1 else part[0]
                 q, scale, zero = gptq_quantize(w, hessian, spec, damp=self.damp, act_order=self.act_order,
                                                block=self.block, clip_ratios=self.clip_ratios,
-                                               full_range=self.signed_scales)
+                                               full_range=self.signed_scales, refit_rounds=self.refit_rounds)
                 outputs += _split_columns(q, scale, zero, [p.shape[1] for p in part])
             for lin, w, (q, scale, zero) in zip(linears, weights, outputs):
                 rounding[weight_key(graph, lin.op, 1, spec)] = lin.to_stored(q, scale, zero)
