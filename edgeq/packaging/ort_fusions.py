@@ -26,6 +26,9 @@ against 300 in onnxruntime-genai's own graph).
 - The q, k and v projections of one input (MatMul by int4 DequantizeLinear weights) become one
   MatMul by the weights, scales and zero points concatenated along the output axis, the packed
   input GroupQueryAttention takes (one MatMulNBits instead of three).
+- Other MatMuls of one input by weights of one format (a SwiGLU's gate and up projections) become
+  one MatMul by the concatenated weights and a Split: one MatMulNBits instead of two a decode step,
+  each output column computed as before.
 - `SimplifiedLayerNormalization(Add(a, b))` becomes com.microsoft
   `SkipSimplifiedLayerNormalization(a, b, gamma)`, its 4th output the sum (the residual stream).
 
@@ -72,6 +75,7 @@ def fuse_for_onnxruntime(graph: Graph, context_length: int) -> FusionReport:
     attention.run()
     report.fused["RMSNorm -> SimplifiedLayerNormalization"] = _rms_norms(graph)
     report.fused["residual Add + RMSNorm -> SkipSimplifiedLayerNormalization"] = _skip_norms(graph)
+    report.fused["MatMuls of one input (gate, up) -> one packed MatMul + Split"] = _pack_siblings(graph)
     report.fused["rotation chain -> one MatMul"] = _dense_chains(graph)
     merged, cancelled = _merge_products(graph)
     report.fused["consecutive rotations -> one MatMul"] = merged
@@ -333,60 +337,111 @@ def _pack_projections(graph: Graph, gqa: Op) -> bool:
     producers = [_producer(graph, v, "MatMul") for v in values]
     if any(p is None or graph.consumers(v) != [gqa] or graph.is_graph_output(v) for p, v in zip(producers, values)):
         return False
+    packed = _packed_matmul(graph, producers, "/gqa/packed_qkv", keep_outputs=True)
+    if packed is None:
+        return False
+    graph.set_input(gqa, 0, packed)
+    graph.set_input(gqa, 1, None)
+    graph.set_input(gqa, 2, None)
+    for value in values:
+        graph.remove_value(value)
+    return True
+
+
+def _pack_siblings(graph: Graph) -> int:
+    """MatMuls of one input by weights of one format (a SwiGLU's gate and up projections) become
+    one MatMul by the concatenated weights and a Split along the last axis: one MatMulNBits
+    instead of several. Each output column is computed as before (same input blocks, same
+    weights), so the outputs are the same."""
+    groups: dict[str, list[Op]] = {}
+    for op in graph.ops_of_type("MatMul"):
+        x = graph.inputs_of(op)[0]
+        if not op.domain and x is not None:
+            groups.setdefault(x.name, []).append(op)
+    packed = 0
+    for siblings in groups.values():
+        if len(siblings) < 2:
+            continue
+        widths = [_output_width(graph, op) for op in siblings]
+        if any(w is None for w in widths):
+            continue
+        outputs = [graph.outputs_of(op)[0] for op in siblings]
+        value = _packed_matmul(graph, sorted(siblings, key=lambda op: op.order), "/packed_siblings",
+                               keep_outputs=True)
+        if value is None:
+            continue
+        split = graph.add_constant(graph.unique_name("/packed_siblings/split"), np.asarray(widths, np.int64))
+        graph.add_op("Split", [value, split], outputs, name=graph.unique_op_name("/packed_siblings/Split"),
+                     attrs={"axis": -1}, after=graph.producer(value))
+        packed += 1
+    return packed
+
+
+def _output_width(graph: Graph, matmul: Op) -> int | None:
+    """The output width of MatMul(x, W) with W [K, N] constant or DequantizeLinear of a constant."""
+    weight = graph.inputs_of(matmul)[1]
+    dequantize = _producer(graph, weight, "DequantizeLinear")
+    array = _const(graph, graph.inputs_of(dequantize)[0] if dequantize is not None else weight)
+    return int(array.shape[1]) if array is not None and array.ndim == 2 else None
+
+
+def _packed_matmul(graph: Graph, producers: list[Op], label: str, *, keep_outputs: bool = False) -> Value | None:
+    """One MatMul(x, W_1 | W_2 | ...) for MatMul(x, W_i) of the same x, with each W_i constant or
+    DequantizeLinear of constants with the same attributes (blocks along the input axis, or per
+    output channel), read by nothing else: the weights, scales and zero points concatenated along
+    the output axis. The MatMuls are removed (their outputs too unless `keep_outputs`); the
+    packed product is returned, or None (graph unchanged) where the weights do not pack."""
     sources = {id(graph.inputs_of(p)[0]) for p in producers}
     if len(sources) != 1:
-        return False
+        return None
     x = graph.inputs_of(producers[0])[0]
     weights = [graph.inputs_of(p)[1] for p in producers]
     dequantize = [_producer(graph, w, "DequantizeLinear") for w in weights]
     if all(d is None for d in dequantize):
         arrays = [_const(graph, w) for w in weights]
         if any(a is None or a.ndim != 2 for a in arrays) or len({a.shape[0] for a in arrays}) != 1 \
-                or len({a.dtype for a in arrays}) != 1:
-            return False
-        packed_weight = graph.add_constant(graph.unique_name(f"{weights[0].name}/packed_qkv"),
+                or len({a.dtype for a in arrays}) != 1 or any(len(graph.consumers(w)) != 1 for w in weights):
+            return None
+        packed_weight = graph.add_constant(graph.unique_name(f"{weights[0].name}{label}"),
                                            np.concatenate(arrays, axis=1))
     elif all(d is not None for d in dequantize):
         attrs = [(d.attr("axis", 1), d.attr("block_size", 0), d.attr("output_dtype", 0)) for d in dequantize]
         inputs = [graph.inputs_of(d) for d in dequantize]
         if len(set(attrs)) != 1 or len({len(i) for i in inputs}) != 1 or \
                 any(len(graph.consumers(w)) != 1 for w in weights):
-            return False
+            return None
         axis, block = attrs[0][:2]
         if axis not in ((0, -2) if block else (1, -1)):  # blocks along the input axis, or per output channel
-            return False
+            return None
         parts = []
         for slot in range(len(inputs[0])):
             arrays = [_const(graph, i[slot]) if i[slot] is not None else None for i in inputs]
             if any(a is None for a in arrays) or len({(a.dtype, a.ndim) for a in arrays}) != 1:
-                return False
+                return None
             ndim = arrays[0].ndim
-            if ndim == 0 and slot > 0:  # one scale/zero point for all: the same for the three
+            if ndim == 0 and slot > 0:  # one scale/zero point for all: the same for every part
                 if len({a.tobytes() for a in arrays}) != 1:
-                    return False
+                    return None
                 parts.append(arrays[0])
                 continue
             if ndim not in (1, 2) or (ndim == 1 and (slot == 0 or block)) or \
                     (ndim == 2 and len({a.shape[0] for a in arrays}) != 1):
-                return False
+                return None
             parts.append(np.concatenate(arrays, axis=ndim - 1))  # along the output axis
-        consts = [graph.add_constant(graph.unique_name(f"{inputs[0][slot].name}/packed_qkv"), a)
+        consts = [graph.add_constant(graph.unique_name(f"{inputs[0][slot].name}{label}"), a)
                   for slot, a in enumerate(parts)]
-        node = graph.add_op("DequantizeLinear", consts, 1, name=graph.unique_op_name("/gqa/packed_qkv/DequantizeLinear"),
+        node = graph.add_op("DequantizeLinear", consts, 1, name=graph.unique_op_name(f"{label}/DequantizeLinear"),
                             attrs={k: v for k, v in (("axis", axis), ("block_size", block),
                                                      ("output_dtype", attrs[0][2])) if v or k == "axis"})
         packed_weight = graph.outputs_of(node)[0]
     else:
-        return False
-    node = graph.add_op("MatMul", [x, packed_weight], 1, name=graph.unique_op_name("/gqa/packed_qkv/MatMul"),
+        return None
+    node = graph.add_op("MatMul", [x, packed_weight], 1, name=graph.unique_op_name(f"{label}/MatMul"),
                         before=producers[0])
-    graph.set_input(gqa, 0, graph.outputs_of(node)[0])
-    graph.set_input(gqa, 1, None)
-    graph.set_input(gqa, 2, None)
     for p in producers:
-        graph.remove_op(p)
+        graph.remove_op(p, remove_outputs=not keep_outputs)
     sweep(graph, [d for d in dequantize if d is not None])
-    return True
+    return graph.outputs_of(node)[0]
 
 
 def _reduce_axes(graph: Graph, op: Op) -> list[int] | None:

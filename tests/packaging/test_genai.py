@@ -205,6 +205,12 @@ def test_fused_layout_generates_what_the_compiled_model_computes(compiled_w4a16_
     # onnxruntime-genai's builder layout: q, k, v in one packed projection, residual Adds in the norms.
     assert "2 q, k, v projections -> one packed MatMul" in fused and "2 value rotations moved past" in fused
     assert "4 residual Add + RMSNorm -> SkipSimplifiedLayerNormalization" in fused
+    # gate and up (one input, one weight format) as one MatMul and a Split: one MatMulNBits a layer
+    assert "2 MatMuls of one input (gate, up) -> one packed MatMul + Split" in fused
+    producers = {o: n for n in model.graph.node for o in n.output}
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert len(splits) == 2 and all(producers[n.input[0]].op_type == "MatMul" for n in splits)
+    assert all(producers[producers[n.input[0]].input[1]].op_type == "DequantizeLinear" for n in splits)
     attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert all(list(n.input[1:3]) == ["", ""] for n in attention)
     assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node) == 4
