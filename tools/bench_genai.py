@@ -6,7 +6,7 @@ the genai builder's own int4 and fp32 outputs, and the KV cache quantized to int
 `--compiled`: `edgeq compile smollm2-kv.onnx -t x86-vnni --weights int4 --group 128 --activations float
 --calib-text ... --samples 18` (the README's W4A16 preset on the cache graph; calibration windows give
 prefill and decode steps), or its decode-speed layout (`--head-weights int4 --no-online-rotations
---weight-group 'down_proj|o_proj|lm_head=32:asym'`). The builder folders: `python -m onnxruntime_genai.models.builder -i HF -o DIR
+--weight-group 'o_proj|down_proj|gate_proj|up_proj|lm_head=32:asym'`). The builder folders: `python -m onnxruntime_genai.models.builder -i HF -o DIR
 -p int4|fp32 -e cpu` on the same GGUF weights saved as a Hugging Face folder. Parts (`--parts`):
 
 - package: `edgeq package COMPILED -o OUT/genai --genai --tokenizer ...` (the CLI, a child process); the
