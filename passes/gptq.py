@@ -52,10 +52,11 @@ from edgeq.registry import register_pass
 # from 16 (BENCHMARKS.md, issue 16). The compile draws more windows of the same text up to this
 # many tokens, or says how many samples to give (edgeq.compiler).
 WANTED_TOKENS = 64 * 256
-# Least-squares refits of the scales once the codes are final (`gptq_quantize`'s refit_rounds):
-# SmolLM2 W4A16 without online Hadamards, 47.80 -> 47.70 perplexity (o/down/head g32 with zero
-# points, the rest g128) and 47.50 -> 47.15 (g32 with zero points everywhere); four rounds give
-# no more than one (47.70). BENCHMARKS.md, issue 15.
+# Least-squares refits of the scales once the codes are final (`gptq_quantize`'s refit_rounds),
+# SmolLM2 W4A16 perplexity, paired: 47.80 -> 47.69 (no online Hadamards; o/down/head g32 with zero
+# points), 47.50 -> 47.12 (g32 with zero points everywhere), 46.98 -> 46.88 (all but q/k/v), the
+# preset 47.46 -> 47.49; lower held-out error in all four. More rounds gave no more. BENCHMARKS.md,
+# issue 15.
 REFIT_ROUNDS = 1
 
 
