@@ -7,6 +7,7 @@ user override excludes it. Everything else stays high, with the reason recorded 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import onnx
@@ -89,8 +90,6 @@ class SelectPrecision(Pass):
     def _regroup(self, op: Op, plan: OpPlan, counts: dict[str, int]) -> None:
         """--weight-group: the first pattern matching the op's name sets its weights' block size
         (and zero points, where it says)."""
-        import re
-
         for pattern, block, zero_points in self.options.weight_groups:
             if re.search(pattern, op.name):
                 blocked = {slot: spec for slot, spec in plan.weights.items() if spec.granularity == Granularity.BLOCK}
@@ -101,8 +100,6 @@ class SelectPrecision(Pass):
                 return
 
     def _two_digit(self, op: Op, plan: OpPlan) -> bool:
-        import re
-
         if 0 not in plan.activations or 1 not in plan.weights or op.op_type != "MatMul":
             return False
         return any(re.search(pattern, op.name) for pattern in self.options.two_digit)

@@ -106,7 +106,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, spec: QSpec, *, damp: floa
 
     best = (error(q, scale, zero), q, scale, zero)
     for round_ in range(refit_rounds):
-        scale = refit_scales(w, hessian, q, scale, zero, spec, damp)
+        scale = refit_scales(w, damped, q, scale, zero, spec, damp=0.0)  # already dampened
         best = min(best, (error(q, scale, zero), q, scale, zero), key=lambda r: r[0])
         if round_ + 1 < refit_rounds:
             q = _gptq_rows(w, hessian, spec, damp, act_order, block, clip_ratios, full_range, given=(scale, zero))[0]
